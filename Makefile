@@ -1,0 +1,37 @@
+# The two commands a fresh machine needs: `make demo` and `make test`.
+# Both create .venv on first use (torch pinned to the build on these machines' disk).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.dmdr-installed
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test test-fast lint profile bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) recipes/tiny_dmdr.py --train.output_dir runs/tiny-demo
+
+test: $(STAMP)
+	$(PY) -m ruff check dmdr kernels recipes tools tests benchmarks
+	$(VENV)/bin/pytest tests -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest tests -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check dmdr kernels recipes tools tests benchmarks
+
+profile: $(STAMP)
+	$(PY) tools/profile.py
+
+clean-venv:
+	rm -rf $(VENV)

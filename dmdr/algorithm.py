@@ -1,0 +1,112 @@
+"""One DMDR iteration's math at the level of model calls, shared by the trainer and the toy worlds.
+
+Networks enter as plain functions, so the same code runs a diffusers transformer under FSDP2
+and a 2-D MLP in a unit test:
+
+* ``generator_fn(x_t, t, cond) -> prediction`` (the trainable generator);
+* ``critic_fn(x_t, t, cond, lora_scale) -> prediction``: the frozen teacher plus the critic LoRA at a
+  runtime scale (a float or a per-sample ``(B,)`` tensor). At ``s_r(k)`` with CFG it is the real
+  score, at ``s_f`` the fake score.
+
+Randomness comes only from the ``torch.Generator`` arguments, so a resumed run redraws the same
+levels and noise. See ALGORITHM.md for every formula; the arithmetic itself lives in
+:mod:`dmdr.parameterization`, :mod:`dmdr.schedules` and :mod:`dmdr.losses.dmd`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from dmdr.losses.dmd import critic_loss, dmd_loss, score_difference
+from dmdr.parameterization import Parameterization
+from dmdr.sampling import _default_cat, few_step_sample, randn_like
+
+GeneratorFn = Callable[[Tensor, Tensor, Any], Tensor]
+CriticFn = Callable[[Tensor, Tensor, Any, "float | Tensor"], Tensor]
+
+
+@torch.no_grad()
+def backward_simulate(generator_fn: GeneratorFn, noise: Tensor, cond: Any, timesteps: Tensor,
+                      param: Parameterization, mode: Literal["ode", "sde"] = "ode",
+                      generator: torch.Generator | None = None) -> Tensor:
+    """The generator's own N-step sample ``x0_sim`` (no grad): the training input of this iteration."""
+    return few_step_sample(generator_fn, noise, cond, timesteps, param, mode=mode, generator=generator)
+
+
+def generator_input(x0_sim: Tensor, timesteps: Tensor, param: Parameterization,
+                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Per sample, one level drawn uniformly from the first N few-step levels, and ``x_t`` at it."""
+    n = timesteps.numel() - 1
+    device = generator.device if generator is not None else torch.device("cpu")
+    idx = torch.randint(0, n, (x0_sim.shape[0],), generator=generator, device=device).cpu()
+    t = timesteps[idx].to(x0_sim.device)
+    return param.renoise(x0_sim, randn_like(x0_sim, generator), t), t
+
+
+def draw_guidance(w0: float, jitter: float, generator: torch.Generator | None = None) -> float:
+    """One guidance scale per generator step, ``w ~ U[w0 - jitter, w0 + jitter]``."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand((), generator=generator, device=device).item()
+    return w0 - jitter + 2.0 * jitter * u
+
+
+def critic_step_loss(critic_fn: CriticFn, x0_sim: Tensor, cond: Any, t_g: Tensor, param: Parameterization,
+                     fake_scale: float, generator: torch.Generator | None = None) -> Tensor:
+    """The fake score's denoising loss on the generator's samples at levels ``t_g`` (DynaRS)."""
+    x0_sim = x0_sim.detach()
+    noise = randn_like(x0_sim, generator)
+    x = param.renoise(x0_sim, noise, t_g)
+    pred = critic_fn(x, t_g, cond, fake_scale)
+    return critic_loss(pred, param.target(x0_sim, noise))
+
+
+def generator_clean_estimate(generator_fn: GeneratorFn, x_t: Tensor, t: Tensor, cond: Any,
+                             param: Parameterization) -> Tensor:
+    """Step 1 of the generator update: ``x0 = to_x0(x_t, t, G(x_t, t))`` with grad."""
+    return param.to_x0(x_t, t, generator_fn(x_t, t, cond))
+
+
+@dataclass
+class DMDTerms:
+    """The DMD loss and what the trainer logs about it."""
+
+    loss: Tensor
+    grad: Tensor
+    x_d: Tensor
+
+
+def dmd_generator_loss(
+    x0: Tensor,
+    cond: Any,
+    uncond: Any,
+    critic_fn: CriticFn,
+    param: Parameterization,
+    t_d: Tensor,
+    guidance: float,
+    real_scale: float,
+    fake_scale: float,
+    generator: torch.Generator | None = None,
+    cat_cond: Callable[[list[Any]], Any] | None = None,
+    eps: float = 1e-8,
+) -> DMDTerms:
+    """Steps 2-5 of the generator update: renoise, score difference, the DMD loss.
+
+    The three score evaluations (uncond and cond at ``s_r``, fake at ``s_f``) run as ONE forward of
+    the critic over a 3x batch with per-sample LoRA scales ``(s_r, s_r, s_f)``.
+    """
+    cat_cond = cat_cond or _default_cat
+    batch = x0.shape[0]
+    with torch.no_grad():
+        x_d = param.renoise(x0.detach(), randn_like(x0, generator), t_d)
+        scales = torch.tensor([real_scale] * (2 * batch) + [fake_scale] * batch, device=x0.device,
+                              dtype=torch.float32)
+        preds = critic_fn(torch.cat([x_d, x_d, x_d]), torch.cat([t_d, t_d, t_d]),
+                          cat_cond([uncond, cond, cond]), scales)
+        pred_uncond, pred_cond, pred_fake = preds.chunk(3)
+        grad = score_difference(param, x0, x_d, t_d, pred_uncond, pred_cond, guidance, pred_fake, eps=eps)
+    return DMDTerms(loss=dmd_loss(x0, grad), grad=grad, x_d=x_d)

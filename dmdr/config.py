@@ -1,0 +1,354 @@
+"""Typed configuration: dataclass sections, a recipe is a function returning a :class:`TrainConfig`.
+
+Every field can be overridden from the command line as ``--section.field value`` (or
+``--section.field=value``). Unknown keys and bad values raise :class:`~dmdr.errors.ConfigError`
+with one line naming the field and the closest valid names or the allowed values.
+Defaults are the authors' values from ALGORITHM.md; recipes change what their model needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dmdr.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Which model to distill and how the generator and critic are built."""
+
+    path: str = ""
+    """Local diffusers-format folder of the teacher (``from_pretrained(path, local_files_only=True)``)."""
+    family: Literal["auto", "sd3", "zimage", "sdxl", "tiny"] = "auto"
+    """Model family; ``auto`` reads ``model_index.json``."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Storage dtype of the frozen weights (the teacher, text encoders, VAE)."""
+    generator_mode: Literal["lora", "full"] = "lora"
+    """``lora``: teacher + generator LoRA; ``full``: a trainable full copy of the teacher."""
+    generator_lora_rank: int = 64
+    generator_lora_alpha: float = 128.0
+    critic_lora_rank: int = 32
+    critic_lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = ()
+    """Module-name suffixes (or ``re:`` regexes) that get LoRA; empty = the family's attention projections."""
+    resolution: int = 1024
+    max_sequence_length: int = 256
+    """Text tokens kept per prompt (longer prompts are truncated and counted)."""
+
+
+@dataclass
+class DMDConfig:
+    """Distribution matching: the few-step schedule, the critic cadence, guidance and the fake scale."""
+
+    num_steps: int = 4
+    """Generator sampling steps N (1 to 4 in practice)."""
+    shift: float = 3.0
+    t_min: float = 0.001
+    backward_simulation: Literal["ode", "sde"] = "ode"
+    ratio: int = 5
+    """Critic (fake score) updates per generator update."""
+    guidance: float = 7.0
+    """Real-score CFG scale w0; each generator step draws w ~ U[w0 - jitter, w0 + jitter]."""
+    guidance_jitter: float = 0.5
+    fake_scale: float = 2.0
+    """Critic-LoRA scale s_f of the fake score."""
+    eps: float = 1e-8
+
+
+@dataclass
+class DynamicConfig:
+    """The dynamic cold start: DynaDG (critic LoRA in the real score) and DynaRS (biased renoise levels)."""
+
+    dynadg: bool = True
+    real_scale_init: float = 0.5
+    """s_r0: the real score's critic-LoRA scale at step 0, cosine-decayed to 0."""
+    dynars: bool = True
+    alpha: float = 4.0
+    beta: float = 1.5
+    decay_steps: int = 2000
+    """D, in generator steps, shared by DynaDG and DynaRS."""
+
+
+@dataclass
+class RLConfig:
+    """The reward branch, on from ``start_step`` generator steps."""
+
+    method: Literal["refl", "none"] = "refl"
+    start_step: int = 2000
+    rewards: tuple[str, ...] = ("hps", "clip")
+    weights: tuple[float, ...] = (0.3, 0.3)
+    margin: float = 0.7
+    """ReFL per-reward loss relu(margin - score)."""
+    reward_resolution: int = 224
+    hps_checkpoint: str = ""
+    clip_model: str = ""
+    pickscore_model: str = ""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for both networks; the learning rates switch to the RL stage's at ``rl.start_step``."""
+
+    generator_lr: float = 1e-6
+    critic_lr: float = 5e-7
+    rl_generator_lr: float = 5e-7
+    rl_critic_lr: float = 2e-7
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    generator_weight_decay: float = 0.01
+    critic_weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    """0 turns EMA of the generator off (the default)."""
+
+
+@dataclass
+class DataConfig:
+    """Prompt data: sources, mixture, loader workers; see :mod:`dmdr.data`."""
+
+    sources: tuple[str, ...] = ()
+    """Paths, globs or fsspec URLs of prompt shards (.txt, .jsonl, .parquet)."""
+    weights: tuple[float, ...] = ()
+    """Mixture weight per source (empty = equal)."""
+    format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
+    field: str = "prompt"
+    """JSONL field / Parquet column holding the prompt."""
+    batch_size: int = 4
+    """Prompts per data-parallel rank per iteration."""
+    num_workers: int = 2
+    shuffle_buffer: int = 10_000
+    max_skip_rate: float = 0.1
+    """Stop with an error if more than this fraction of records is skipped as bad."""
+    embedding_cache: str = ""
+    """Folder written by tools/cache_text_embeddings.py; used instead of the text encoders when set."""
+
+
+@dataclass
+class ParallelConfig:
+    """FSDP2 / HSDP layout, activation checkpointing, mixed precision."""
+
+    dp_replicate: int = 1
+    """Replica groups (HSDP across nodes); 1 = plain FSDP."""
+    dp_shard: int = -1
+    """Shard group size; -1 = world_size // dp_replicate."""
+    param_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: Literal["none", "full", "every_k"] = "full"
+    ac_every: int = 2
+    compile: bool = False
+    cpu_offload_teacher: bool = False
+    frozen_encoders: Literal["replicate", "shard"] = "replicate"
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 250
+    """Generator steps between checkpoints (0 = only at the end and on preemption)."""
+    keep_last: int = 3
+    async_save: bool = False
+    resume: str = "auto"
+    """``auto`` (latest complete checkpoint in output_dir), ``never``, or a checkpoint folder."""
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10
+    tensorboard: bool = True
+    sample_interval: int = 250
+    sample_prompts: tuple[str, ...] = ("a photo of a cat", "a red car in the rain", "an astronaut riding a horse")
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/dmdr"
+    max_steps: int = 4000
+    """Generator steps to train for."""
+    seed: int = 0
+    device: str = "auto"
+    max_bad_steps: int = 10
+    """Consecutive non-finite steps tolerated before the run stops."""
+
+
+@dataclass
+class TrainConfig:
+    """The whole run. A recipe is a function that returns one."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Command-line overrides
+# --------------------------------------------------------------------------------------------- #
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def all_keys(cfg: TrainConfig) -> list[str]:
+    """Every overridable key, ``section.field``."""
+    keys = []
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            keys.append(f"{section.name}.{f.name}")
+    return keys
+
+
+def _convert(key: str, raw: str, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if raw not in args and not any(str(a) == raw for a in args):
+            raise ConfigError(f"--{key}: {raw!r} is not one of {', '.join(map(str, args))}")
+        return next(a for a in args if str(a) == raw)
+    if origin in (types.UnionType, typing.Union):
+        non_none = [a for a in args if a is not type(None)]
+        if raw.lower() in {"none", "null"} and type(None) in args:
+            return None
+        return _convert(key, raw, non_none[0])
+    if origin is tuple:
+        parts = [p.strip() for p in raw.split(",")] if raw.strip() else []
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(key, p, args[0]) for p in parts)
+        if len(parts) != len(args):
+            raise ConfigError(f"--{key}: expected {len(args)} comma-separated values, got {raw!r}")
+        return tuple(_convert(key, p, a) for p, a in zip(parts, args))
+    if tp is bool:
+        low = raw.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"--{key}: {raw!r} is not a boolean (use true/false)")
+    if tp in (int, float, str):
+        try:
+            if tp is int:
+                value = float(raw)
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return tp(raw)
+        except ValueError:
+            raise ConfigError(f"--{key}: {raw!r} is not a valid {tp.__name__}") from None
+    raise ConfigError(f"--{key}: unsupported field type {tp}")
+
+
+def set_value(cfg: TrainConfig, key: str, raw: str) -> None:
+    """Set ``section.field`` from its string form, with type conversion and a clear error."""
+    section, _, name = key.partition(".")
+    if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)) or not name:
+        close = difflib.get_close_matches(key, all_keys(cfg), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+        raise ConfigError(f"unknown config key --{key}{hint}")
+    sub = getattr(cfg, section)
+    types_ = _field_types(sub)
+    if name not in types_:
+        close = difflib.get_close_matches(key, all_keys(cfg), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+        raise ConfigError(f"unknown config key --{key}{hint}")
+    setattr(sub, name, _convert(key, raw, types_[name]))
+
+
+def apply_overrides(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
+    """Apply ``--section.field value`` pairs from ``argv`` to ``cfg`` (in place) and validate."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.field value")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            raw = argv[i + 1]
+            i += 2
+        set_value(cfg, key, raw)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{key}: {message}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    _require(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
+    _require(cfg.dmd.num_steps >= 1, "dmd.num_steps", "must be >= 1")
+    _require(cfg.dmd.ratio >= 1, "dmd.ratio", "must be >= 1")
+    _require(cfg.dmd.shift > 0, "dmd.shift", "must be > 0")
+    _require(0 <= cfg.dmd.t_min < 1, "dmd.t_min", "must be in [0, 1)")
+    _require(cfg.dmd.guidance_jitter >= 0, "dmd.guidance_jitter", "must be >= 0")
+    _require(cfg.dynamic.decay_steps >= 0, "dynamic.decay_steps", "must be >= 0")
+    _require(cfg.dynamic.alpha > 0 and cfg.dynamic.beta > 0, "dynamic.alpha", "alpha and beta must be > 0")
+    _require(cfg.model.critic_lora_rank >= 1, "model.critic_lora_rank", "must be >= 1")
+    _require(cfg.model.generator_lora_rank >= 1, "model.generator_lora_rank", "must be >= 1")
+    _require(cfg.model.resolution % 16 == 0, "model.resolution", "must be a multiple of 16")
+    if cfg.rl.method != "none":
+        _require(len(cfg.rl.rewards) > 0, "rl.rewards", "at least one reward when rl.method is not none")
+        _require(len(cfg.rl.weights) == len(cfg.rl.rewards), "rl.weights",
+                 f"{len(cfg.rl.weights)} weights for {len(cfg.rl.rewards)} rewards")
+    _require(cfg.rl.start_step >= 0, "rl.start_step", "must be >= 0")
+    for name in ("generator_lr", "critic_lr", "rl_generator_lr", "rl_critic_lr"):
+        _require(getattr(cfg.optim, name) >= 0, f"optim.{name}", "must be >= 0")
+    _require(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _require(0 <= cfg.optim.ema_decay < 1, "optim.ema_decay", "must be in [0, 1)")
+    _require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(0 <= cfg.data.max_skip_rate <= 1, "data.max_skip_rate", "must be in [0, 1]")
+    _require(not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.sources), "data.weights",
+             f"{len(cfg.data.weights)} weights for {len(cfg.data.sources)} sources")
+    _require(cfg.parallel.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1")
+    _require(cfg.parallel.dp_shard == -1 or cfg.parallel.dp_shard >= 1, "parallel.dp_shard", "must be -1 or >= 1")
+    _require(cfg.parallel.ac_every >= 1, "parallel.ac_every", "must be >= 1")
+    _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
+    _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _require(cfg.log.interval >= 1, "log.interval", "must be >= 1")
+    _require(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config from :func:`to_dict` output (e.g. a run's ``config.json``)."""
+    cfg = TrainConfig()
+    for section, values in data.items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            raw = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+            set_value(cfg, key, raw)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: TrainConfig, output_dir: str | Path) -> Path:
+    """Write the resolved config to ``<output_dir>/config.json``."""
+    path = Path(output_dir) / "config.json"
+    path.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    return path

@@ -1,0 +1,25 @@
+"""User-facing errors: one clear line that names the culprit and the fix.
+
+Anything raised as a :class:`UserError` is printed by the recipe launcher as a single line
+(``error: ...``) and exits with status 2, before any training work starts where possible.
+"""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, paths, data, checkpoints), not a bug in dmdr."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad config key or value."""
+
+
+class ModelLoadError(UserError):
+    """A model folder that is missing, incomplete or of another family."""
+
+
+class DataError(UserError):
+    """Prompt data that cannot be read or is mostly garbage."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is corrupt, truncated or incompatible."""

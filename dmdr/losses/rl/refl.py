@@ -1,0 +1,32 @@
+"""ReFL: reward feedback on the generator's one-step clean estimate (differentiable rewards).
+
+``L_rl = sum_r w_r relu(margin - score_r).mean()`` (ALGORITHM.md, RL branch); the images are the
+decoded clean estimate ``x0`` of the generator step, inside the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from dmdr.rewards.base import Reward
+
+
+def refl_loss(images: Tensor, prompts: list[str], rewards: Sequence[tuple[Reward, float]],
+              margin: float) -> tuple[Tensor, dict[str, float]]:
+    """The weighted ReFL loss and per-reward stats (``reward/<name>`` mean and ``reward/<name>_std``)."""
+    if not rewards:
+        raise ValueError("refl_loss needs at least one (reward, weight) pair")
+    total = images.new_zeros((), dtype=torch.float32)
+    stats: dict[str, float] = {}
+    for reward, weight in rewards:
+        scores = reward(images, prompts).float()
+        if scores.ndim != 1 or scores.shape[0] != images.shape[0]:
+            raise ValueError(f"reward {reward.name!r} returned shape {tuple(scores.shape)}, expected ({images.shape[0]},)")
+        total = total + weight * torch.relu(margin - scores).mean()
+        detached = scores.detach()
+        stats[f"reward/{reward.name}"] = detached.mean().item()
+        stats[f"reward/{reward.name}_std"] = detached.std(unbiased=False).item() if detached.numel() > 1 else 0.0
+    return total, stats

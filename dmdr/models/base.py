@@ -1,0 +1,157 @@
+"""The Backbone protocol: what the trainer needs from a model family, and nothing more.
+
+The trainer knows roles (generator, teacher with the critic LoRA), never families. A family is
+one adapter file in this package that provides:
+
+* a :class:`Denoiser` subclass: ``forward(x_t, t, cond, lora_scales=None) -> prediction`` with
+  ``t`` in ``[0, 1]`` (per sample) and the prediction in its :class:`Parameterization`'s convention
+  (velocity ``eps - x0`` for flows, ``eps`` for epsilon models), whatever the diffusers model's own
+  calling convention is;
+* a :class:`TextEncoder`: prompts to a :data:`Conditioning` (batch-first tensors), with the
+  empty-prompt negative computed once;
+* a :class:`LatentCodec`: differentiable ``decode`` to ``[0, 1]`` RGB (ReFL) and ``encode``;
+* a loader returning a :class:`Backbone` bundle from a local diffusers folder.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from dmdr.models.lora import LoRAScales, find_scales
+from dmdr.parameterization import Parameterization
+
+Conditioning = dict[str, Tensor]
+"""Text conditioning: named tensors, all batch-first, concatenable along dim 0."""
+
+
+def cat_conditioning(conds: list[Conditioning]) -> Conditioning:
+    """Concatenate conditionings along the batch (same keys in every one)."""
+    keys = conds[0].keys()
+    for c in conds[1:]:
+        if c.keys() != keys:
+            raise ValueError(f"conditionings have different keys: {sorted(keys)} vs {sorted(c.keys())}")
+    return {k: torch.cat([c[k] for c in conds], dim=0) for k in keys}
+
+
+def repeat_conditioning(cond: Conditioning, batch_size: int) -> Conditioning:
+    """A batch-1 conditioning (e.g. the empty-prompt negative) repeated ``batch_size`` times."""
+    out = {}
+    for k, v in cond.items():
+        if v.shape[0] != 1:
+            raise ValueError(f"repeat_conditioning expects batch 1, {k!r} has {v.shape[0]}")
+        out[k] = v.expand(batch_size, *v.shape[1:])
+    return out
+
+
+def index_conditioning(cond: Conditioning, index: Tensor | slice) -> Conditioning:
+    return {k: v[index] for k, v in cond.items()}
+
+
+def conditioning_to(cond: Conditioning, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
+    out = {}
+    for k, v in cond.items():
+        out[k] = v.to(device=device, dtype=dtype) if (dtype is not None and v.is_floating_point()) else v.to(device)
+    return out
+
+
+class Denoiser(nn.Module):
+    """A diffusion network behind the family-agnostic call ``(x_t, t, cond, lora_scales) -> prediction``.
+
+    Subclasses implement :meth:`predict`; :meth:`forward` sets the runtime LoRA scales first.
+    ``lora_scales`` maps adapter name to a float or a per-sample ``(B,)`` tensor; adapters not named
+    keep their last value, so callers name every adapter the model carries (see :meth:`call_with`).
+    """
+
+    parameterization: Parameterization
+
+    def __init__(self, net: nn.Module, parameterization: Parameterization):
+        super().__init__()
+        self.net = net
+        self.parameterization = parameterization
+
+    @property
+    def lora_scales(self) -> LoRAScales | None:
+        return find_scales(self.net)
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning,
+                lora_scales: dict[str, float | Tensor] | None = None) -> Tensor:
+        if lora_scales:
+            scales = self.lora_scales
+            if scales is None:
+                raise ValueError(f"lora_scales {sorted(lora_scales)} given but the network has no LoRA")
+            scales.set(**lora_scales)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        return self.predict(x_t, t, cond)
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated transformer blocks (the FSDP2 / activation-checkpointing units)."""
+        return []
+
+    def frozen_copy_base(self) -> Denoiser:
+        """A deep copy (used for the full fine-tune generator, made before any LoRA is added)."""
+        return copy.deepcopy(self)
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Frozen text encoder(s) of a family."""
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Encode a batch of prompts (no grad)."""
+
+    def negative(self) -> Conditioning:
+        """The empty-prompt conditioning, batch 1, computed once and cached."""
+
+
+@runtime_checkable
+class LatentCodec(Protocol):
+    """The frozen VAE of a family, in the trainer's latent convention."""
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents (already scaled for the denoiser) to RGB in [0, 1]; differentiable."""
+
+    def encode(self, images: Tensor) -> Tensor:
+        """RGB in [0, 1] to denoiser latents."""
+
+
+@dataclass
+class Backbone:
+    """A loaded model family: everything the trainer uses, by role.
+
+    Attributes:
+        family: ``sd3``, ``zimage``, ...
+        teacher: the frozen denoiser; the critic LoRA is injected into it by the trainer.
+        text_encoder: frozen text encoder(s) (``None`` when embeddings come from a cache).
+        codec: the frozen VAE.
+        latent_channels: channels of the denoiser's latent space.
+        vae_scale_factor: pixels per latent cell.
+        lora_targets: the family's default attention-projection names for LoRA.
+        path: the folder it was loaded from.
+    """
+
+    family: str
+    teacher: Denoiser
+    text_encoder: TextEncoder | None
+    codec: LatentCodec
+    latent_channels: int
+    vae_scale_factor: int
+    lora_targets: tuple[str, ...]
+    path: str = ""
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def parameterization(self) -> Parameterization:
+        return self.teacher.parameterization
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        side = resolution // self.vae_scale_factor
+        return (self.latent_channels, side, side)

@@ -1,0 +1,215 @@
+"""LoRA with runtime scales: one frozen base, named adapters, scales read at call time.
+
+Why not peft's layers: peft keeps one float scale per adapter and changes it by mutating every
+layer, so the DMDR trick (real score at ``s_r``, fake score at ``s_f``, and the unconditional branch,
+as ONE batched forward with a per-sample scale) cannot be expressed. Here every wrapped linear
+reads its adapters' scales from a shared :class:`LoRAScales` object, which holds a float or a
+per-sample ``(B,)`` tensor per adapter. Changing a scale re-wraps, recompiles and copies nothing.
+
+The matmul goes through :func:`dmdr.kernels.lora_linear` (fused Triton on GPU, torch reference on CPU).
+
+Ownership rule for activation checkpointing: recomputation in backward reads the scales again, so
+a backward must run before the next ``set`` on the same model (the trainer's critic step does).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmdr import kernels
+from dmdr.parameterization import expand_like
+
+
+class LoRAScales:
+    """The runtime scales of one model's adapters (the multiplier on top of ``alpha / rank``)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, float | Tensor] = {}
+
+    def set(self, **values: float | Tensor) -> None:
+        for name, value in values.items():
+            if isinstance(value, Tensor) and value.ndim > 1:
+                raise ValueError(f"LoRA scale for {name!r} must be a float or a (B,) tensor")
+            self._values[name] = value
+
+    def get(self, name: str) -> float | Tensor:
+        return self._values.get(name, 0.0)
+
+    def __repr__(self) -> str:
+        return f"LoRAScales({self._values})"
+
+
+def _is_zero(scale: float | Tensor) -> bool:
+    return not isinstance(scale, Tensor) and scale == 0.0
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus named low-rank adapters ``B A`` at runtime scales."""
+
+    def __init__(self, base: nn.Linear, scales: LoRAScales):
+        super().__init__()
+        self.base = base
+        self.scales = scales
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_scaling: dict[str, float] = {}
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> Tensor:  # some diffusers code reads .weight.dtype of projections
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    def add_adapter(self, name: str, rank: int, alpha: float) -> None:
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists")
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        w = self.base.weight
+        a = torch.empty(rank, self.in_features, device=w.device, dtype=torch.float32)
+        # peft's default init: A like nn.Linear's kaiming-uniform, B zero -> the adapter starts as a no-op.
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(a.to(w.dtype))
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        self.lora_scaling[name] = alpha / rank
+
+    def _active(self) -> list[tuple[str, float | Tensor]]:
+        out = []
+        for name in self.lora_A:
+            scale = self.scales.get(name)
+            if not _is_zero(scale):
+                out.append((name, scale * self.lora_scaling[name]))
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        active = self._active()
+        if not active:
+            return F.linear(x, self.base.weight, self.base.bias)
+        name, scale = active[0]
+        out = kernels.lora_linear(x, self.base.weight, self.base.bias, self.lora_A[name], self.lora_B[name], scale)
+        for name, scale in active[1:]:  # two adapters live at once: rare, so unfused
+            delta = F.linear(F.linear(x, self.lora_A[name]), self.lora_B[name])
+            out = out + (expand_like(scale, delta) if isinstance(scale, Tensor) else scale) * delta
+        return out
+
+    def extra_repr(self) -> str:
+        ranks = {n: p.shape[0] for n, p in self.lora_A.items()}
+        return f"adapters={ranks}"
+
+
+def _matches(qualified_name: str, targets: Iterable[str]) -> bool:
+    for target in targets:
+        if target.startswith("re:"):
+            if re.fullmatch(target[3:], qualified_name):
+                return True
+        elif qualified_name == target or qualified_name.endswith("." + target):
+            return True
+    return False
+
+
+def inject_lora(model: nn.Module, adapter: str, rank: int, alpha: float, targets: Iterable[str],
+                scales: LoRAScales | None = None) -> LoRAScales:
+    """Add adapter ``adapter`` to every linear of ``model`` whose name matches one of ``targets``.
+
+    A target is a module-name suffix (``"attn.to_q"`` matches ``"blocks.3.attn.to_q"``) or a regex
+    prefixed ``re:``. Linears already wrapped get one more adapter. Returns the model's scales
+    object (created on first injection, found on the model's wrapped layers after that).
+
+    Raises:
+        ValueError: when no module matches (a typo in the targets must not train nothing).
+    """
+    targets = list(targets)
+    existing = find_scales(model)
+    if scales is None:
+        scales = existing or LoRAScales()
+    elif existing is not None and existing is not scales:
+        raise ValueError("model already has LoRA layers bound to another LoRAScales")
+    wrapped = 0
+    for qualified, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            if _matches(qualified, targets):
+                module.add_adapter(adapter, rank, alpha)
+                wrapped += 1
+            continue
+        if not isinstance(module, nn.Linear) or not _matches(qualified, targets):
+            continue
+        if qualified.endswith(".base") and isinstance(_parent(model, qualified), LoRALinear):
+            continue
+        layer = LoRALinear(module, scales)
+        layer.add_adapter(adapter, rank, alpha)
+        _set_submodule(model, qualified, layer)
+        wrapped += 1
+    if wrapped == 0:
+        raise ValueError(f"LoRA targets {targets} match no nn.Linear in {type(model).__name__}")
+    return scales
+
+
+def _parent(model: nn.Module, qualified: str) -> nn.Module:
+    parent_name = qualified.rpartition(".")[0]
+    return model.get_submodule(parent_name) if parent_name else model
+
+
+def _set_submodule(model: nn.Module, qualified: str, new: nn.Module) -> None:
+    parent = _parent(model, qualified)
+    setattr(parent, qualified.rpartition(".")[2], new)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def find_scales(model: nn.Module) -> LoRAScales | None:
+    for _, layer in lora_layers(model):
+        return layer.scales
+    return None
+
+
+def lora_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
+    """The trainable parameters of one adapter, in a stable order."""
+    params = []
+    for _, layer in lora_layers(model):
+        if adapter in layer.lora_A:
+            params += [layer.lora_A[adapter], layer.lora_B[adapter]]
+    if not params:
+        raise ValueError(f"model has no LoRA adapter named {adapter!r}")
+    return params
+
+
+def lora_state_dict(model: nn.Module, adapter: str) -> dict[str, Tensor]:
+    """One adapter's weights keyed ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` (peft naming)."""
+    out = {}
+    for name, layer in lora_layers(model):
+        if adapter in layer.lora_A:
+            out[f"{name}.lora_A.weight"] = layer.lora_A[adapter].detach()
+            out[f"{name}.lora_B.weight"] = layer.lora_B[adapter].detach()
+    return out
+
+
+@torch.no_grad()
+def merge_adapter(model: nn.Module, adapter: str, scale: float = 1.0) -> None:
+    """Fold ``scale * alpha/r * B A`` into the base weights (for export); the adapter is then zeroed."""
+    for _, layer in lora_layers(model):
+        if adapter not in layer.lora_A:
+            continue
+        a, b = layer.lora_A[adapter].float(), layer.lora_B[adapter].float()
+        delta = (b @ a) * (scale * layer.lora_scaling[adapter])
+        layer.base.weight.add_(delta.to(layer.base.weight.dtype))
+        layer.lora_B[adapter].zero_()

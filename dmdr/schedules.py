@@ -1,0 +1,95 @@
+"""Schedules as pure functions of the step: the few-step timesteps, DynaDG and DynaRS.
+
+``k`` (``step``) always counts *generator* steps (ALGORITHM.md). Nothing here keeps state: a
+resumed run recomputes every value from the restored step counter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def shift_timesteps(t: Tensor, shift: float) -> Tensor:
+    """The SD3 resolution shift ``t <- s t / (1 + (s - 1) t)``."""
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def few_step_timesteps(num_steps: int, shift: float = 1.0, t_min: float = 0.001) -> Tensor:
+    """The generator's few-step levels: ``num_steps + 1`` values from 1 down to ``t_min``.
+
+    ``linspace(1, t_min, N + 1)``, shifted, with the last entry forced to ``t_min`` (float32).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    t = torch.linspace(1.0, t_min, num_steps + 1, dtype=torch.float64)
+    t = shift_timesteps(t, shift)
+    t[-1] = t_min
+    return t.to(torch.float32)
+
+
+def cosine_decay(step: int, decay_steps: int) -> float:
+    """``1/2 (1 + cos(pi min(step / D, 1)))``: 1 at step 0, 0 from step ``D`` on."""
+    if decay_steps <= 0:
+        return 0.0
+    frac = min(max(step, 0) / decay_steps, 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def dynadg_real_scale(step: int, s0: float, decay_steps: int) -> float:
+    """DynaDG: the critic-LoRA scale of the real score, ``s_r(k) = s0 c(k)``, exactly 0 from ``D`` on."""
+    if step >= decay_steps:
+        return 0.0
+    return s0 * cosine_decay(step, decay_steps)
+
+
+def dynars_beta(step: int, alpha: float, beta: float, decay_steps: int) -> tuple[float, float]:
+    """DynaRS: the Beta parameters ``(alpha_k, beta_k)`` at generator step ``step``.
+
+    ``alpha_k = 1 + (alpha - 1) c(k)``, ``beta_k = 1 + (beta - 1) c(k)``: the biased Beta(alpha, beta)
+    at step 0, the uniform Beta(1, 1) from step ``D`` on.
+    """
+    c = cosine_decay(step, decay_steps)
+    return 1.0 + (alpha - 1.0) * c, 1.0 + (beta - 1.0) * c
+
+
+def beta_mean(a: float, b: float) -> float:
+    return a / (a + b)
+
+
+class DynaRSSampler:
+    """Draws renoise levels ``t ~ Beta(alpha_k, beta_k)`` clipped to ``[t_min, 1)``.
+
+    With ``enabled=False`` it draws from the uniform distribution at every step (vanilla DMD).
+    Sampling goes through a ``torch.Generator`` so a resumed run draws the same levels.
+    """
+
+    def __init__(self, alpha: float = 4.0, beta: float = 1.5, decay_steps: int = 2000,
+                 t_min: float = 0.001, enabled: bool = True):
+        if alpha <= 0 or beta <= 0:
+            raise ValueError(f"DynaRS alpha and beta must be > 0, got {alpha}, {beta}")
+        self.alpha, self.beta, self.decay_steps = alpha, beta, decay_steps
+        self.t_min, self.enabled = t_min, enabled
+
+    def params(self, step: int) -> tuple[float, float]:
+        if not self.enabled:
+            return 1.0, 1.0
+        return dynars_beta(step, self.alpha, self.beta, self.decay_steps)
+
+    def mean(self, step: int) -> float:
+        return beta_mean(*self.params(step))
+
+    def sample(self, step: int, n: int, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> Tensor:
+        """``n`` levels in ``[t_min, 1)`` as float32 on ``device``."""
+        a, b = self.params(step)
+        # Beta via two Gammas drawn from our generator (torch.distributions has no generator arg).
+        ga = torch._standard_gamma(torch.full((n,), a, dtype=torch.float64), generator=generator)
+        gb = torch._standard_gamma(torch.full((n,), b, dtype=torch.float64), generator=generator)
+        t = ga / (ga + gb)
+        upper = math.nextafter(1.0, 0.0)
+        return t.clamp(self.t_min, upper).to(device=device, dtype=torch.float32)

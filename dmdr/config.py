@@ -253,19 +253,24 @@ def _convert(key: str, raw: str, tp: Any) -> Any:
     raise ConfigError(f"--{key}: unsupported field type {tp}")
 
 
+def _suggest(cfg: TrainConfig, key: str) -> str:
+    """``; did you mean ...?`` with the closest valid keys (same-section substring matches first)."""
+    keys = all_keys(cfg)
+    section, _, name = key.partition(".")
+    close = [k for k in keys if name and k.startswith(section + ".") and name in k.partition(".")[2]]
+    close += [k for k in difflib.get_close_matches(key, keys, n=4, cutoff=0.5) if k not in close]
+    return f"; did you mean {', '.join('--' + c for c in close[:4])}?" if close else ""
+
+
 def set_value(cfg: TrainConfig, key: str, raw: str) -> None:
     """Set ``section.field`` from its string form, with type conversion and a clear error."""
     section, _, name = key.partition(".")
     if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)) or not name:
-        close = difflib.get_close_matches(key, all_keys(cfg), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-        raise ConfigError(f"unknown config key --{key}{hint}")
+        raise ConfigError(f"unknown config key --{key}{_suggest(cfg, key)}")
     sub = getattr(cfg, section)
     types_ = _field_types(sub)
     if name not in types_:
-        close = difflib.get_close_matches(key, all_keys(cfg), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-        raise ConfigError(f"unknown config key --{key}{hint}")
+        raise ConfigError(f"unknown config key --{key}{_suggest(cfg, key)}")
     setattr(sub, name, _convert(key, raw, types_[name]))
 
 

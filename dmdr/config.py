@@ -26,7 +26,7 @@ class ModelConfig:
 
     path: str = ""
     """Local diffusers-format folder of the teacher (``from_pretrained(path, local_files_only=True)``)."""
-    family: Literal["auto", "sd3", "zimage", "sdxl", "tiny"] = "auto"
+    family: Literal["auto", "sd3", "zimage"] = "auto"
     """Model family; ``auto`` reads ``model_index.json``."""
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Storage dtype of the frozen weights (the teacher, text encoders, VAE)."""
@@ -123,11 +123,25 @@ class DataConfig:
     batch_size: int = 4
     """Prompts per data-parallel rank per iteration."""
     num_workers: int = 2
+    """Loader worker processes per rank (0 = read in the training process)."""
     shuffle_buffer: int = 10_000
+    """Records per shuffle block, per source and worker (memory and resume re-read are bounded by it)."""
     max_skip_rate: float = 0.1
     """Stop with an error if more than this fraction of records is skipped as bad."""
     embedding_cache: str = ""
     """Folder written by tools/cache_text_embeddings.py; used instead of the text encoders when set."""
+    skip_check_after: int = 1000
+    """Records read (per rank) before ``max_skip_rate`` is enforced (one bad first line cannot stop a run)."""
+    max_prompt_chars: int = 2048
+    """Prompts longer than this many characters are cut (or skipped, see ``long_prompts``) and counted."""
+    long_prompts: Literal["truncate", "skip"] = "truncate"
+    """What happens to a prompt longer than ``max_prompt_chars``."""
+    cache_miss: Literal["error", "skip", "encode"] = "error"
+    """A prompt missing from ``embedding_cache``: stop, skip it (counted), or leave it to the text encoder."""
+    on_layout_change: Literal["reshuffle", "error"] = "reshuffle"
+    """Resume with other ranks/workers/sources than the checkpoint's: a fresh seeded order, or stop."""
+    prefetch_factor: int = 2
+    """Batches each loader worker prepares ahead."""
 
 
 @dataclass
@@ -327,6 +341,13 @@ def validate(cfg: TrainConfig) -> None:
     _require(0 <= cfg.data.max_skip_rate <= 1, "data.max_skip_rate", "must be in [0, 1]")
     _require(not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.sources), "data.weights",
              f"{len(cfg.data.weights)} weights for {len(cfg.data.sources)} sources")
+    _require(all(w >= 0 for w in cfg.data.weights) and (not cfg.data.weights or sum(cfg.data.weights) > 0),
+             "data.weights", "must be >= 0 with a positive sum")
+    _require(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0 or 1 = no shuffle buffer)")
+    _require(cfg.data.skip_check_after >= 0, "data.skip_check_after", "must be >= 0")
+    _require(cfg.data.max_prompt_chars >= 1, "data.max_prompt_chars", "must be >= 1")
+    _require(cfg.data.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+    _require(bool(cfg.data.field.strip()), "data.field", "must name a JSONL field / Parquet column")
     _require(cfg.parallel.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1")
     _require(cfg.parallel.dp_shard == -1 or cfg.parallel.dp_shard >= 1, "parallel.dp_shard", "must be -1 or >= 1")
     _require(cfg.parallel.ac_every >= 1, "parallel.ac_every", "must be >= 1")

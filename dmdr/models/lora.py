@@ -82,11 +82,13 @@ class LoRALinear(nn.Module):
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         w = self.base.weight
+        # fp32 master weights whatever the base dtype: a bf16 adapter would round away the tiny
+        # AdamW updates of DMDR's learning rates (1e-6 .. 5e-9); forward casts to the input dtype.
         a = torch.empty(rank, self.in_features, device=w.device, dtype=torch.float32)
         # peft's default init: A like nn.Linear's kaiming-uniform, B zero -> the adapter starts as a no-op.
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.lora_A[name] = nn.Parameter(a.to(w.dtype))
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=torch.float32))
         self.lora_scaling[name] = alpha / rank
 
     def _active(self) -> list[tuple[str, float | Tensor]]:
@@ -102,11 +104,17 @@ class LoRALinear(nn.Module):
         if not active:
             return F.linear(x, self.base.weight, self.base.bias)
         name, scale = active[0]
-        out = kernels.lora_linear(x, self.base.weight, self.base.bias, self.lora_A[name], self.lora_B[name], scale)
+        out = kernels.lora_linear(x, self.base.weight, self.base.bias, self._adapter(self.lora_A, name, x),
+                                  self._adapter(self.lora_B, name, x), scale)
         for name, scale in active[1:]:  # two adapters live at once: rare, so unfused
-            delta = F.linear(F.linear(x, self.lora_A[name]), self.lora_B[name])
+            delta = F.linear(F.linear(x, self._adapter(self.lora_A, name, x)), self._adapter(self.lora_B, name, x))
             out = out + (expand_like(scale, delta) if isinstance(scale, Tensor) else scale) * delta
         return out
+
+    @staticmethod
+    def _adapter(params: nn.ParameterDict, name: str, x: Tensor) -> Tensor:
+        p = params[name]
+        return p if p.dtype == x.dtype else p.to(x.dtype)  # differentiable cast: grads land in fp32
 
     def extra_repr(self) -> str:
         ranks = {n: p.shape[0] for n, p in self.lora_A.items()}

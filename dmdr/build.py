@@ -1,0 +1,152 @@
+"""Build a run from a resolved config: environment, models by role, rewards, data, trainer, checkpoints.
+
+Data flows one way: ``config -> build_run -> Session.train -> checkpoints / logs``. Every check
+that can fail on user input (model folder, data sources, reward paths, checkpoint) runs here,
+before the first training step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dmdr.config import TrainConfig
+from dmdr.errors import ConfigError
+from dmdr.models.base import Backbone, Denoiser
+from dmdr.observability import MetricsLogger
+from dmdr.rewards.base import Reward
+from dmdr.trainer import DMDRTrainer, Roles
+
+log = logging.getLogger("dmdr")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--train.device: {name!r} is not a device (use auto, cpu, cuda, cuda:N)") from None
+
+
+def build_roles(cfg: TrainConfig, backbone: Backbone) -> tuple[Denoiser, str | None]:
+    """Critic LoRA into the teacher; the generator as a full fp32 copy or the teacher + generator LoRA.
+
+    Returns ``(generator, generator_adapter)``. Parameter lists are taken later, after sharding
+    (``fully_shard`` replaces parameters with DTensors).
+    """
+    from dmdr.models import add_critic_lora, make_generator
+
+    m = cfg.model
+    targets = m.lora_targets or None
+    # The full copy must be taken before the critic LoRA exists (it is the teacher's weights only);
+    # fp32 master weights: DMDR's learning rates vanish in bf16.
+    generator, adapter = make_generator(backbone, m.generator_mode, rank=m.generator_lora_rank,
+                                        alpha=m.generator_lora_alpha, targets=targets, dtype=torch.float32)
+    add_critic_lora(backbone, rank=m.critic_lora_rank, alpha=m.critic_lora_alpha, targets=targets)
+    return generator, adapter
+
+
+def collect_roles(generator: Denoiser, teacher: Denoiser, adapter: str | None) -> Roles:
+    from dmdr.models import CRITIC
+    from dmdr.models.lora import lora_parameters
+
+    if adapter is not None:
+        generator_params = lora_parameters(generator.net, adapter)
+    else:
+        generator_params = [p for p in generator.parameters() if p.requires_grad]
+    return Roles(generator=generator, teacher=teacher, generator_params=generator_params,
+                 critic_params=lora_parameters(teacher.net, CRITIC), shared_base=adapter is not None)
+
+
+def build_rewards(cfg: TrainConfig, device: torch.device) -> list[tuple[Reward, float]]:
+    """The ReFL rewards named in ``rl.rewards`` with their weights (empty when RL is off)."""
+    if cfg.rl.method == "none":
+        return []
+    from dmdr.rewards import build_reward
+
+    return [(build_reward(name, cfg.rl, device), float(w)) for name, w in zip(cfg.rl.rewards, cfg.rl.weights)]
+
+
+@dataclass
+class Session:
+    """A built run: call :meth:`train`, then :meth:`close`."""
+
+    cfg: TrainConfig
+    trainer: DMDRTrainer
+    logger: MetricsLogger
+    checkpoints: Any
+    dist: Any
+    preemption: Any
+    resumed_from: int | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    def train(self) -> int:
+        with self.preemption:
+            step = self.trainer.train(self.logger, checkpoint=self._save, should_stop=self.preemption.should_stop)
+        if self.preemption.requested or self.trainer.stopped_early:
+            log.warning("stopped at generator step %d after a preemption signal; checkpoint written", step)
+        return step
+
+    def _save(self, step: int, final: bool) -> None:
+        self.checkpoints.save(step, self.trainer.app_state(), final=final)
+
+    def close(self) -> None:
+        self.checkpoints.close()
+        self.logger.close()
+        self.dist.destroy()
+
+
+def build_run(cfg: TrainConfig) -> Session:
+    """Everything a run needs, checked before the first step; resumes when a checkpoint exists."""
+    from dmdr.data import EmbeddingCache, SkipMonitor, build_prompt_loader
+    from dmdr.distributed import (
+        CheckpointManager,
+        PreemptionHandler,
+        build_mesh,
+        init_distributed,
+        parallelize_denoiser,
+    )
+    from dmdr.models import load_backbone
+
+    env = init_distributed(device=cfg.train.device)
+    mesh = build_mesh(cfg.parallel, env.world_size, env.device.type) if env.world_size > 1 else None
+    # Data first: a bad source should fail in a second, not after loading 8B parameters.
+    cache = EmbeddingCache(cfg.data.embedding_cache) if cfg.data.embedding_cache else None
+    loader = build_prompt_loader(cfg.data, dp_rank=env.dp_rank, dp_world=env.dp_world_size, seed=cfg.train.seed,
+                                 embedding_cache=cache)
+    rewards = build_rewards(cfg, env.device)
+    need_encoder = cache is None or cfg.data.cache_miss == "encode"
+    backbone = load_backbone(cfg.model.path, family=cfg.model.family, dtype=DTYPES[cfg.model.dtype],
+                             device=env.device, load_text_encoder=need_encoder, t_min=cfg.dmd.t_min,
+                             max_sequence_length=cfg.model.max_sequence_length)
+    if cache is not None:
+        backbone.extras["negative"] = cache.negative()
+        sample_cond = cache.lookup(list(cfg.log.sample_prompts)) if cfg.log.sample_prompts else None
+        if sample_cond is not None:
+            backbone.extras["sample_cond"] = sample_cond
+    # Same seed on every rank: LoRA initialisations must agree before sharding.
+    torch.manual_seed(cfg.train.seed)
+    generator, adapter = build_roles(cfg, backbone)
+    if adapter is None:
+        parallelize_denoiser(generator, mesh, cfg.parallel, trainable=True)
+    parallelize_denoiser(backbone.teacher, mesh, cfg.parallel, trainable=False)
+    roles = collect_roles(generator, backbone.teacher, adapter)
+    trainer = DMDRTrainer(cfg, backbone, roles, rewards, loader, env.device, dist=env,
+                          skip_monitor=SkipMonitor.from_config(cfg.data),
+                          compute_dtype=None if mesh is not None else DTYPES[cfg.parallel.param_dtype])
+    checkpoints = CheckpointManager.from_config(cfg, env)
+    resumed = checkpoints.resume(trainer.app_state(), cfg.checkpoint.resume)
+    if resumed is not None:
+        log.info("resumed from generator step %d", resumed)
+    logger = MetricsLogger(cfg.train.output_dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard,
+                           resume_step=resumed)
+    return Session(cfg, trainer, logger, checkpoints, env, PreemptionHandler(env), resumed)

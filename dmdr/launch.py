@@ -1,0 +1,82 @@
+"""The recipe entry point: recipe -> config -> build -> resume -> train -> checkpoint, with one-line errors.
+
+A recipe file ends with ``sys.exit(main(my_recipe))``; ``main`` parses ``--section.field value``
+overrides, checks the output folder and the model before any work, writes the resolved config to
+``<output_dir>/config.json``, resumes from the latest complete checkpoint (``checkpoint.resume=auto``)
+and trains. A :class:`~dmdr.errors.UserError` anywhere prints ``error: <one line>`` and exits 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from dmdr.config import TrainConfig, apply_overrides, save_config
+from dmdr.errors import ConfigError, UserError
+
+log = logging.getLogger("dmdr")
+
+
+def check_output_dir(path: str) -> Path:
+    """Create ``path`` if needed and prove it is writable (one clear line if not)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--train.output_dir {path!r} is not writable: {err.strerror or err}") from None
+    return out
+
+
+def main(recipe: Callable[[], TrainConfig], argv: list[str] | None = None,
+         prepare: Callable[[TrainConfig], None] | None = None) -> int:
+    """Run a recipe with command-line overrides; returns the process exit code.
+
+    ``prepare(cfg)`` runs after the overrides and before the build (the tiny recipe uses it to
+    create its own model folder and prompt file on first use).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s dmdr %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(_help(recipe))
+        return 0
+    try:
+        cfg = apply_overrides(recipe(), argv)
+        if prepare is not None:
+            check_output_dir(cfg.train.output_dir)
+            prepare(cfg)
+        return run(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(cfg: TrainConfig) -> int:
+    """Build everything from a resolved config and train; the library-level entry point."""
+    from dmdr.build import build_run
+
+    check_output_dir(cfg.train.output_dir)
+    session = build_run(cfg)
+    try:
+        if session.is_main:
+            save_config(cfg, cfg.train.output_dir)
+        session.train()
+    finally:
+        session.close()
+    return 0
+
+
+def _help(recipe: Callable[[], TrainConfig]) -> str:
+    from dmdr.config import all_keys
+
+    cfg = recipe()
+    lines = [f"{recipe.__name__}: override any field with --section.field value", ""]
+    for key in all_keys(cfg):
+        section, _, name = key.partition(".")
+        lines.append(f"  --{key} {getattr(getattr(cfg, section), name)!r}")
+    return "\n".join(lines)

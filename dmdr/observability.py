@@ -1,0 +1,152 @@
+"""Metrics to ``metrics.jsonl`` and TensorBoard, image grids, throughput, memory, a progress bar.
+
+Only the main rank writes; every rank may call (calls on other ranks are no-ops), so the
+trainer needs no ``if rank == 0`` around logging.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to ``<output_dir>/metrics.jsonl`` and mirrors to TensorBoard.
+
+    On resume the file is first truncated to the records with ``step <= resume_step``, so a run that
+    died after logging but before checkpointing never leaves duplicate or stale records behind.
+    """
+
+    def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"),
+                                     purge_step=resume_step + 1 if resume_step is not None else None)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a half-written last line from a killed run
+        self.path.write_text("".join(k + "\n" for k in kept))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step}
+        for k, v in sorted(metrics.items()):
+            v = float(v)
+            record[k] = v if math.isfinite(v) else None
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if math.isfinite(float(v)):
+                    self._tb.add_scalar(k, float(v), step)
+
+    def log_images(self, step: int, tag: str, images: Tensor, nrow: int = 4) -> Path | None:
+        """Log a grid of ``(B, 3, H, W)`` images in [0, 1]; also saved as ``samples/<tag>-<step>.png``."""
+        if not self.enabled:
+            return None
+        from torchvision.utils import make_grid, save_image
+
+        grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow)
+        out = self.path.parent / "samples" / f"{tag}-{step:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, out)
+        if self._tb is not None:
+            self._tb.add_image(tag, grid, step)
+        return out
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+class Throughput:
+    """Wall time per generator step and samples per second since the last report."""
+
+    def __init__(self) -> None:
+        self._t0 = time.perf_counter()
+        self._steps = 0
+        self._samples = 0
+
+    def update(self, steps: int, samples: int) -> None:
+        self._steps += steps
+        self._samples += samples
+
+    def report(self) -> dict[str, float]:
+        now = time.perf_counter()
+        dt = max(now - self._t0, 1e-9)
+        out = {"perf/step_time": dt / max(self._steps, 1), "perf/samples_per_s": self._samples / dt}
+        self._t0, self._steps, self._samples = now, 0, 0
+        return out
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory (allocated) on GPU; peak resident host memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return rss_kb / 2**20
+
+
+def gpu_peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known GPUs (for MFU); ``DMDR_PEAK_TFLOPS`` overrides, None when unknown."""
+    if os.environ.get("DMDR_PEAK_TFLOPS"):
+        return float(os.environ["DMDR_PEAK_TFLOPS"])
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0)):
+        if key in name:
+            return tflops
+    return None
+
+
+class ProgressBar:
+    """A rank-0 tqdm bar over generator steps with ETA; silent elsewhere or when disabled."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc="dmdr", unit="step", dynamic_ncols=True)
+
+    def update(self, n: int, postfix: dict[str, float] | None = None) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(n)
+        if postfix:
+            self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

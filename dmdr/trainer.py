@@ -1,0 +1,401 @@
+"""The DMDR loop: a critic step every iteration, a generator step every ``ratio``, RL from ``start_step``.
+
+The trainer knows roles, not model families:
+
+* ``generator``: a :class:`~dmdr.models.base.Denoiser` (a full copy of the teacher, or the teacher's
+  own network with the ``generator`` LoRA adapter switched on);
+* ``teacher``: the frozen :class:`~dmdr.models.base.Denoiser` with the ``critic`` LoRA; evaluated at
+  ``s_r(k)`` (+CFG) it is the real score, at ``s_f`` the fake score;
+* ``codec`` (VAE) for ReFL, ``text_encoder`` or an embedding cache for prompts.
+
+One iteration (ALGORITHM.md): backward-simulate ``x0_sim`` with the generator (no grad); if a
+generator step is due, build ``x_t`` from ``x0_sim``, take the DMD loss (+ ReFL once RL is on) and
+step; then train the critic on the same ``x0_sim``. ``k`` counts generator steps and drives
+DynaDG, DynaRS, the RL switch and ``train.max_steps``.
+
+Everything that changes during training is reachable from :meth:`DMDRTrainer.app_state`, one
+``Stateful`` tree saved with torch.distributed.checkpoint, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dmdr.algorithm import (
+    backward_simulate,
+    critic_step_loss,
+    dmd_generator_loss,
+    draw_guidance,
+    generator_clean_estimate,
+    generator_input,
+)
+from dmdr.config import TrainConfig
+from dmdr.losses.rl.refl import refl_loss
+from dmdr.models.base import Backbone, Conditioning, Denoiser, conditioning_to, repeat_conditioning
+from dmdr.observability import MetricsLogger, ProgressBar, Throughput, gpu_peak_tflops, peak_memory_gb
+from dmdr.rewards.base import Reward
+from dmdr.sampling import few_step_sample
+from dmdr.schedules import DynaRSSampler, dynadg_real_scale, few_step_timesteps
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the last good checkpoint is left intact."""
+
+
+@dataclass
+class Roles:
+    """The networks by role, plus how to call them."""
+
+    generator: Denoiser
+    teacher: Denoiser
+    generator_params: list[torch.nn.Parameter]
+    critic_params: list[torch.nn.Parameter]
+    shared_base: bool
+    """True when the generator is the teacher's own network with the ``generator`` adapter."""
+
+    def generator_fn(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        scales = {"generator": 1.0, "critic": 0.0} if self.shared_base else None
+        return self.generator(x, t, cond, lora_scales=scales)
+
+    def critic_fn(self, x: Tensor, t: Tensor, cond: Conditioning, scale: float | Tensor) -> Tensor:
+        scales: dict[str, float | Tensor] = {"critic": scale}
+        if self.shared_base:
+            scales["generator"] = 0.0
+        return self.teacher(x, t, cond, lora_scales=scales)
+
+
+@dataclass
+class Counters:
+    """Step counters and the running record of skipped (non-finite) steps."""
+
+    iteration: int = 0
+    generator_step: int = 0
+    skipped_steps: int = 0
+    consecutive_bad: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DMDRTrainer:
+    """The DMDR training loop as a ``Stateful`` object.
+
+    Args:
+        cfg: the resolved config.
+        backbone: the loaded model family (teacher with critic LoRA already injected).
+        roles: generator / teacher / trainable parameter lists.
+        rewards: ``(reward, weight)`` pairs for ReFL (may be empty when ``rl.method == "none"``).
+        loader: an iterable of batches ``{"prompts": [...], ...}`` (a StatefulDataLoader in production).
+        device: where the step runs.
+        dist: the distributed environment (see :mod:`dmdr.distributed`); ``None`` for one process.
+        skip_monitor: per-rank bad-data accounting (:class:`dmdr.data.SkipMonitor`), or None.
+        compute_dtype: autocast dtype for unsharded runs (bf16 / fp16); FSDP2 runs cast through their
+            MixedPrecisionPolicy instead and pass None.
+    """
+
+    def __init__(self, cfg: TrainConfig, backbone: Backbone, roles: Roles, rewards: list[tuple[Reward, float]],
+                 loader: Any, device: torch.device, dist: Any = None, skip_monitor: Any = None,
+                 compute_dtype: torch.dtype | None = None):
+        self.cfg = cfg
+        self.backbone = backbone
+        self.roles = roles
+        self.rewards = rewards
+        self.loader = loader
+        self.device = device
+        self.dist = dist
+        self.skip_monitor = skip_monitor
+        self.compute_dtype = compute_dtype
+        self.stopped_early = False
+        self.param = backbone.parameterization
+        self.timesteps = few_step_timesteps(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min)
+        self.dynars = DynaRSSampler(cfg.dynamic.alpha, cfg.dynamic.beta, cfg.dynamic.decay_steps,
+                                    t_min=cfg.dmd.t_min, enabled=cfg.dynamic.dynars)
+        self.counters = Counters()
+        rank = dist.rank if dist is not None else 0
+        # One noise stream per rank (ranks see different prompts and must draw different noise);
+        # its state is part of the checkpoint so a resumed run draws the same noise.
+        self.rng = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
+        self.generator_opt = torch.optim.AdamW(
+            roles.generator_params, lr=cfg.optim.generator_lr, betas=cfg.optim.betas, eps=cfg.optim.adam_eps,
+            weight_decay=cfg.optim.generator_weight_decay)
+        self.critic_opt = torch.optim.AdamW(
+            roles.critic_params, lr=cfg.optim.critic_lr, betas=cfg.optim.betas, eps=cfg.optim.adam_eps,
+            weight_decay=cfg.optim.critic_weight_decay)
+        self.ema: list[Tensor] | None = None
+        if cfg.optim.ema_decay > 0:
+            self.ema = [p.detach().clone() for p in roles.generator_params]
+        self._negative: Conditioning | None = None
+        self._data_iter: Iterator | None = None
+        self._fake_losses: list[float] = []
+
+    # ------------------------------------------------------------------ Stateful
+    def state_dict(self) -> dict[str, Any]:
+        """Global values only: the step counters and the EMA (identical on every rank).
+
+        Per-rank state (the noise RNG, the data position, the data monitor) and the models and
+        optimizers are separate entries of :meth:`app_state`.
+        """
+        c = self.counters
+        state: dict[str, Any] = {
+            "iteration": c.iteration, "generator_step": c.generator_step,
+            "skipped_steps": c.skipped_steps, "consecutive_bad": c.consecutive_bad,
+        }
+        if self.ema is not None:
+            state["ema"] = {str(i): t for i, t in enumerate(self.ema)}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        c = self.counters
+        c.iteration = int(state["iteration"])
+        c.generator_step = int(state["generator_step"])
+        c.skipped_steps = int(state["skipped_steps"])
+        c.consecutive_bad = int(state["consecutive_bad"])
+        if self.ema is not None and "ema" in state:
+            for i, t in enumerate(self.ema):
+                t.copy_(state["ema"][str(i)])
+
+    def app_state(self) -> dict[str, Any]:
+        """The whole ``Stateful`` tree of the run, as torch.distributed.checkpoint saves it."""
+        from dmdr.distributed.state import DataLoaderState, ModelOptimizerState, RNGState
+
+        r = self.roles
+        state: dict[str, Any] = {"trainer": self, "rng": RNGState({"noise": self.rng})}
+        if r.shared_base:  # both adapters live in the teacher's network
+            state["models"] = ModelOptimizerState(r.teacher, [self.generator_opt, self.critic_opt],
+                                                  trainable_only=True)
+        else:
+            state["generator"] = ModelOptimizerState(r.generator, self.generator_opt)
+            state["critic"] = ModelOptimizerState(r.teacher, self.critic_opt, trainable_only=True)
+        if hasattr(self.loader, "state_dict"):
+            state["data"] = DataLoaderState(self.loader)
+        if self.skip_monitor is not None:
+            state["data_monitor"] = DataLoaderState(self.skip_monitor)
+        return state
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def step(self) -> int:
+        return self.counters.generator_step
+
+    def rl_active(self, k: int | None = None) -> bool:
+        k = self.step if k is None else k
+        return self.cfg.rl.method != "none" and bool(self.rewards) and k >= self.cfg.rl.start_step
+
+    def real_scale(self, k: int) -> float:
+        d = self.cfg.dynamic
+        return dynadg_real_scale(k, d.real_scale_init, d.decay_steps) if d.dynadg else 0.0
+
+    def _apply_learning_rates(self, k: int) -> None:
+        o = self.cfg.optim
+        gen_lr, critic_lr = (o.rl_generator_lr, o.rl_critic_lr) if self.rl_active(k) else (o.generator_lr, o.critic_lr)
+        for group in self.generator_opt.param_groups:
+            group["lr"] = gen_lr
+        for group in self.critic_opt.param_groups:
+            group["lr"] = critic_lr
+
+    # ------------------------------------------------------------------ data
+    def _next_batch(self) -> dict[str, Any]:
+        if self._data_iter is None:
+            self._data_iter = iter(self.loader)
+        batch = next(self._data_iter)
+        if self.skip_monitor is not None:
+            self.skip_monitor.update(batch)
+        return batch
+
+    def _conditioning(self, batch: dict[str, Any]) -> tuple[Conditioning, Conditioning]:
+        prompts = batch["prompts"]
+        if "cond" in batch:
+            cond = conditioning_to(batch["cond"], self.device)
+        else:
+            with torch.no_grad():
+                cond = conditioning_to(self.backbone.text_encoder.encode(prompts), self.device)
+        if self._negative is None:
+            neg = self.backbone.extras.get("negative")
+            if neg is None:
+                with torch.no_grad():
+                    neg = self.backbone.text_encoder.negative()
+            self._negative = conditioning_to(neg, self.device)
+        return cond, repeat_conditioning(self._negative, len(prompts))
+
+    def _noise(self, batch_size: int) -> Tensor:
+        shape = (batch_size, *self.backbone.latent_shape(self.cfg.model.resolution))
+        return torch.randn(shape, generator=self.rng, device=self.device)
+
+    # ------------------------------------------------------------------ steps
+    def _clip_and_check(self, params: list[torch.nn.Parameter], loss: Tensor) -> tuple[float, bool]:
+        """Clip (if configured) and agree across ranks whether the loss and the grads are finite."""
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        finite = bool(torch.isfinite(loss.detach()).item() and torch.isfinite(norm).item())
+        if self.dist is not None:
+            finite = not self.dist.any_rank(not finite)
+        return float(norm), finite
+
+    def _record_bad_step(self) -> None:
+        c = self.counters
+        c.skipped_steps += 1
+        c.consecutive_bad += 1
+        if c.consecutive_bad >= self.cfg.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"{c.consecutive_bad} consecutive non-finite steps at generator step {self.step}; "
+                f"stopping (the last good checkpoint is intact; lower the learning rates or check the data)")
+
+    def generator_update(self, x0_sim: Tensor, cond: Conditioning, uncond: Conditioning,
+                         prompts: list[str]) -> dict[str, float]:
+        k = self.step
+        cfg = self.cfg
+        r = self.roles
+        self._apply_learning_rates(k)
+        x_t, t = generator_input(x0_sim, self.timesteps, self.param, self.rng)
+        x0 = generator_clean_estimate(r.generator_fn, x_t, t, cond, self.param)
+        t_d = self.dynars.sample(k, x0.shape[0], self.rng, device=self.device)
+        w = draw_guidance(cfg.dmd.guidance, cfg.dmd.guidance_jitter, self.rng)
+        s_r = self.real_scale(k)
+        terms = dmd_generator_loss(x0, cond, uncond, r.critic_fn, self.param, t_d, w, s_r, cfg.dmd.fake_scale,
+                                   generator=self.rng, eps=cfg.dmd.eps)
+        loss = terms.loss
+        metrics = {"loss/dmd": terms.loss.item(), "schedule/lora_scale_real": s_r,
+                   "schedule/guidance": w, "schedule/dynars_mean": self.dynars.mean(k),
+                   "dmd/grad_abs_mean": terms.grad.abs().mean().item()}
+        if self.rl_active(k):
+            images = self.backbone.codec.decode(x0)
+            rl, stats = refl_loss(images, prompts, self.rewards, cfg.rl.margin)
+            loss = loss + rl
+            metrics["loss/rl"] = rl.item()
+            metrics.update(stats)
+        loss.backward()
+        norm, finite = self._clip_and_check(r.generator_params, loss)
+        if finite:
+            self.generator_opt.step()
+            self._update_ema()
+            self.counters.consecutive_bad = 0
+        else:
+            self._record_bad_step()
+        self.generator_opt.zero_grad(set_to_none=True)
+        metrics.update({"loss/generator": loss.item(), "grad_norm/generator": norm,
+                        "lr/generator": self.generator_opt.param_groups[0]["lr"]})
+        return metrics
+
+    def critic_update(self, x0_sim: Tensor, cond: Conditioning) -> dict[str, float]:
+        k = self.step
+        self._apply_learning_rates(k)
+        t_g = self.dynars.sample(k, x0_sim.shape[0], self.rng, device=self.device)
+        loss = critic_step_loss(self.roles.critic_fn, x0_sim, cond, t_g, self.param, self.cfg.dmd.fake_scale,
+                                generator=self.rng)
+        loss.backward()
+        norm, finite = self._clip_and_check(self.roles.critic_params, loss)
+        if finite:
+            self.critic_opt.step()
+        else:
+            self._record_bad_step()
+        self.critic_opt.zero_grad(set_to_none=True)
+        return {"loss/fake": loss.item(), "grad_norm/critic": norm, "lr/critic": self.critic_opt.param_groups[0]["lr"]}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.cfg.optim.ema_decay
+        for e, p in zip(self.ema, self.roles.generator_params):
+            e.lerp_(p.detach(), 1 - decay)
+
+    def autocast(self):
+        """Mixed-precision compute for unsharded runs; a no-op in fp32 and under FSDP2."""
+        dtype = self.compute_dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast(self.device.type, dtype=dtype)
+        return nullcontext()
+
+    def train_iteration(self) -> dict[str, float] | None:
+        """One iteration; returns the generator step's metrics when a generator step ran."""
+        with self.autocast():
+            return self._train_iteration()
+
+    def _train_iteration(self) -> dict[str, float] | None:
+        batch = self._next_batch()
+        cond, uncond = self._conditioning(batch)
+        noise = self._noise(len(batch["prompts"]))
+        x0_sim = backward_simulate(self.roles.generator_fn, noise, cond, self.timesteps, self.param,
+                                   mode=self.cfg.dmd.backward_simulation, generator=self.rng)
+        metrics = None
+        if (self.counters.iteration + 1) % self.cfg.dmd.ratio == 0:
+            metrics = self.generator_update(x0_sim, cond, uncond, batch["prompts"])
+        critic_metrics = self.critic_update(x0_sim, cond)
+        self._fake_losses.append(critic_metrics.pop("loss/fake"))
+        self.counters.iteration += 1
+        if metrics is not None:
+            metrics.update(critic_metrics)
+            metrics["loss/fake"] = sum(self._fake_losses) / len(self._fake_losses)
+            self._fake_losses.clear()
+            self.counters.generator_step += 1
+            metrics["train/skipped_steps"] = self.counters.skipped_steps
+        return metrics
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], seed: int = 1234) -> Tensor:
+        """Few-step samples (decoded to [0, 1]) for fixed prompts and fixed noise."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        shape = (len(prompts), *self.backbone.latent_shape(self.cfg.model.resolution))
+        noise = torch.randn(shape, generator=g, device=self.device)
+        if self.backbone.text_encoder is not None:
+            cond = conditioning_to(self.backbone.text_encoder.encode(prompts), self.device)
+        else:
+            cond = conditioning_to(self.backbone.extras["sample_cond"], self.device)
+        with self.autocast():
+            latents = few_step_sample(self.roles.generator_fn, noise, cond, self.timesteps, self.param, mode="ode")
+            return self.backbone.codec.decode(latents).float()
+
+    # ------------------------------------------------------------------ loop
+    def train(self, logger: MetricsLogger, checkpoint: Any = None, should_stop: Any = None) -> int:
+        """Train until ``train.max_steps`` generator steps; returns the final generator step.
+
+        Args:
+            logger: metrics sink (no-op on non-main ranks).
+            checkpoint: ``callable(step, final: bool)`` that saves the app state, or None.
+            should_stop: ``callable() -> bool`` agreed across ranks (preemption), or None.
+        """
+        cfg = self.cfg
+        is_main = self.dist is None or self.dist.is_main
+        bar = ProgressBar(cfg.train.max_steps, self.step, enabled=cfg.log.progress_bar and is_main)
+        throughput = Throughput()
+        peak_tflops = gpu_peak_tflops(self.device)
+        batch_size = cfg.data.batch_size
+        world = self.dist.world_size if self.dist is not None else 1
+        try:
+            while self.step < cfg.train.max_steps:
+                metrics = self.train_iteration()
+                if metrics is None:
+                    continue
+                throughput.update(1, batch_size * world * cfg.dmd.ratio)
+                k = self.step
+                if k % cfg.log.interval == 0 or k == cfg.train.max_steps:
+                    metrics.update(throughput.report())
+                    metrics["perf/peak_memory_gb"] = peak_memory_gb(self.device)
+                    if peak_tflops and "perf/tflops" in self.counters.extra:
+                        achieved = self.counters.extra["perf/tflops"] / metrics["perf/step_time"]
+                        metrics["perf/tflops"] = achieved
+                        metrics["perf/mfu"] = achieved / peak_tflops
+                    if self.skip_monitor is not None:
+                        metrics.update(self.skip_monitor.metrics())
+                    logger.log(k, metrics)
+                bar.update(1, {"dmd": metrics["loss/dmd"], "fake": metrics["loss/fake"]})
+                if cfg.log.sample_interval and k % cfg.log.sample_interval == 0 and cfg.log.sample_prompts:
+                    images = self.sample_images(list(cfg.log.sample_prompts))
+                    logger.log_images(k, "samples", images)
+                stop = should_stop() if should_stop is not None else False
+                due = cfg.checkpoint.interval and k % cfg.checkpoint.interval == 0
+                if checkpoint is not None and (due or stop or k == cfg.train.max_steps):
+                    checkpoint(k, final=stop or k == cfg.train.max_steps)
+                if stop:
+                    self.stopped_early = True
+                    break
+        finally:
+            bar.close()
+        return self.step

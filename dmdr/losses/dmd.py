@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dmdr.parameterization import FlowMatching, Parameterization, TimeLike, classifier_free_guidance
+from dmdr.parameterization import (
+    EpsilonPrediction,
+    FlowMatching,
+    Parameterization,
+    TimeLike,
+    classifier_free_guidance,
+)
 
 
 def dmd_gradient(x0: Tensor, x0_real: Tensor, x0_fake: Tensor, eps: float = 1e-8) -> Tensor:
@@ -72,13 +78,17 @@ def score_difference(
     """The DMD gradient ``g`` from the teacher's predictions; fused kernel when available."""
     from dmdr import kernels  # local import: kernels' reference imports this module
 
-    if isinstance(param, FlowMatching) and eps == 1e-8 and kernels.use_triton(x0):
-        t = t_d if isinstance(t_d, Tensor) else torch.full((x0.shape[0],), float(t_d), device=x0.device)
-        w = guidance if isinstance(guidance, Tensor) else torch.tensor(float(guidance), device=x0.device)
-        return kernels.dmd_score_difference(x0.detach(), x_d, t, pred_uncond, pred_cond, w, pred_fake,
-                                            param.t_min)
-    return score_difference_reference(param, x0.detach(), x_d, t_d, pred_uncond, pred_cond, guidance, pred_fake,
-                                      eps=eps)
+    if eps == 1e-8 and kernels.use_triton(x0):  # the kernels take floats, 0-d or (B,) for t and guidance
+        if isinstance(param, FlowMatching):
+            return kernels.dmd_score_difference(x0.detach(), x_d, t_d, pred_uncond, pred_cond, guidance,
+                                                pred_fake, param.t_min)
+        if isinstance(param, EpsilonPrediction):
+            alpha_bar = param.alpha_bar(t_d, x0)
+            alpha_bar = alpha_bar.reshape(-1) if alpha_bar.ndim else alpha_bar
+            return kernels.dmd_score_difference_eps(x0.detach(), x_d, alpha_bar, pred_uncond, pred_cond,
+                                                    guidance, pred_fake)
+    return score_difference_reference(param, x0.detach(), x_d, t_d, pred_uncond, pred_cond, guidance,
+                                      pred_fake, eps=eps)
 
 
 def critic_loss(pred_fake: Tensor, target: Tensor) -> Tensor:

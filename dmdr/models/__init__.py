@@ -1,0 +1,29 @@
+"""Model families behind one :class:`~dmdr.models.base.Backbone` protocol.
+
+* :func:`load_backbone` reads a local diffusers folder (``model_index.json`` decides the family) and
+  returns the frozen teacher, text encoder(s) and VAE; adapters: :mod:`dmdr.models.sd3`,
+  :mod:`dmdr.models.zimage` (registry in :mod:`dmdr.models.loading`).
+* :func:`make_generator` and :func:`add_critic_lora` build the trainable roles on it.
+* :mod:`dmdr.models.tiny` writes tiny random pipeline folders for tests and the demo.
+
+Importing this package does not import diffusers or transformers; loading a family does.
+"""
+
+from dmdr.models.base import (
+    Backbone,
+    Conditioning,
+    Denoiser,
+    LatentCodec,
+    TextEncoder,
+    cat_conditioning,
+    repeat_conditioning,
+)
+from dmdr.models.loading import FAMILIES, load_backbone, register_family
+from dmdr.models.roles import CRITIC, GENERATOR, add_critic_lora, make_generator
+from dmdr.models.tiny import build_tiny, build_tiny_sd3, build_tiny_zimage
+
+__all__ = [
+    "Backbone", "Conditioning", "Denoiser", "LatentCodec", "TextEncoder", "cat_conditioning",
+    "repeat_conditioning", "FAMILIES", "load_backbone", "register_family", "CRITIC", "GENERATOR",
+    "add_critic_lora", "make_generator", "build_tiny", "build_tiny_sd3", "build_tiny_zimage",
+]

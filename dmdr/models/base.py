@@ -52,10 +52,12 @@ def index_conditioning(cond: Conditioning, index: Tensor | slice) -> Conditionin
     return {k: v[index] for k, v in cond.items()}
 
 
-def conditioning_to(cond: Conditioning, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
+def conditioning_to(cond: Conditioning, device: torch.device | str,
+                    dtype: torch.dtype | None = None) -> Conditioning:
     out = {}
     for k, v in cond.items():
-        out[k] = v.to(device=device, dtype=dtype) if (dtype is not None and v.is_floating_point()) else v.to(device)
+        cast = dtype is not None and v.is_floating_point()
+        out[k] = v.to(device=device, dtype=dtype) if cast else v.to(device)
     return out
 
 

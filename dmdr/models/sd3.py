@@ -1,0 +1,175 @@
+"""SD3 family adapter (SD3-Medium, SD3.5-Medium, SD3.5-Large): ``StableDiffusion3Pipeline`` folders.
+
+Calling convention (diffusers' ``StableDiffusion3Pipeline``): the transformer gets the latents,
+``timestep = 1000 * sigma`` and the text conditioning, and predicts ``noise - x0``, which the
+``FlowMatchEulerDiscreteScheduler`` integrates as ``x + (sigma_next - sigma) * out``. That is our
+velocity ``v = eps - x0`` at ``t = sigma`` as is: no sign flip, no time reversal.
+
+Text: two CLIP text encoders (penultimate hidden states, concatenated along features, zero-padded
+to T5's width; pooled projections concatenated) and T5 (last hidden state), concatenated along the
+sequence: ``prompt_embeds`` is ``(B, 77 + max_sequence_length, 4096)`` and ``pooled_prompt_embeds``
+``(B, 2048)`` for the real models. No attention masks, as in the pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmdr.errors import ModelLoadError
+from dmdr.models.base import Backbone, Conditioning, Denoiser
+from dmdr.models.loading import LoadOptions, ModelFolder, freeze
+from dmdr.models.vae import AutoencoderKLCodec
+from dmdr.parameterization import FlowMatching
+
+log = logging.getLogger("dmdr")
+
+LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",  # SD3.5-Medium's dual-attention blocks
+)
+"""The joint blocks' attention projections (image and context streams); the last block has no
+``to_add_out`` and only SD3.5-Medium-style blocks have ``attn2``: suffixes that match nothing are fine."""
+
+TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+T5_COMPONENTS = ("text_encoder_3", "tokenizer_3")
+
+
+class SD3Denoiser(Denoiser):
+    """``SD3Transformer2DModel`` behind ``(x_t, t, cond) -> v`` with ``v = eps - x0``, ``t`` in ``[0, 1]``."""
+
+    def __init__(self, net: nn.Module, t_min: float = 0.001):
+        super().__init__(net, FlowMatching(t_min=t_min, timestep_scale=1000.0))
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        dtype = self.net.dtype
+        out = self.net(
+            hidden_states=x_t.to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
+            timestep=self.parameterization.model_timestep(t.float()),
+            return_dict=False,
+        )[0]
+        return out.to(x_t.dtype)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.net.transformer_blocks)
+
+
+class SD3TextEncoder:
+    """The two CLIPs and T5 with ``StableDiffusion3Pipeline.encode_prompt``'s encoding (no CFG branch).
+
+    Args:
+        t5_dim: width of the T5 features; used for the all-zero T5 part when the folder has no T5
+            (the pipeline's behaviour with ``text_encoder_3=None``).
+    """
+
+    def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, tokenizer_3=None,
+                 text_encoder_3=None, max_sequence_length: int = 256, t5_dim: int = 4096):
+        self.tokenizers = (tokenizer, tokenizer_2)
+        self.encoders = (text_encoder, text_encoder_2)
+        self.tokenizer_3, self.text_encoder_3 = tokenizer_3, text_encoder_3
+        self.max_sequence_length = max_sequence_length
+        self.clip_max_length = tokenizer.model_max_length
+        self.t5_dim = t5_dim
+        self.truncated = 0
+        """Prompts whose T5 tokens were cut to ``max_sequence_length`` so far."""
+        self._negative: Conditioning | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoders[0].device
+
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (*self.encoders, self.text_encoder_3) if m is not None]
+
+    def to(self, device: torch.device | str) -> SD3TextEncoder:
+        for m in self.modules():
+            m.to(device)
+        self._negative = None
+        return self
+
+    def _clip(self, index: int, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        tokenizer, encoder = self.tokenizers[index], self.encoders[index]
+        ids = tokenizer(prompts, padding="max_length", max_length=self.clip_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        out = encoder(ids.to(self.device), output_hidden_states=True)
+        return out.hidden_states[-2].to(self.encoders[0].dtype), out[0]
+
+    def _t5(self, prompts: list[str]) -> Tensor:
+        if self.text_encoder_3 is None:
+            return torch.zeros(len(prompts), self.max_sequence_length, self.t5_dim, device=self.device,
+                               dtype=self.encoders[0].dtype)
+        tok = self.tokenizer_3
+        ids = tok(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                  add_special_tokens=True, return_tensors="pt").input_ids
+        lengths = [len(x) for x in tok(prompts, add_special_tokens=True).input_ids]
+        cut = sum(n > self.max_sequence_length for n in lengths)
+        if cut:
+            self.truncated += cut
+            log.debug("%d prompt(s) truncated to %d T5 tokens", cut, self.max_sequence_length)
+        return self.text_encoder_3(ids.to(self.device))[0].to(self.text_encoder_3.dtype)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """``{"prompt_embeds": (B, 77 + L, D_t5), "pooled_prompt_embeds": (B, D_pool)}``."""
+        prompts = list(prompts)
+        h1, p1 = self._clip(0, prompts)
+        h2, p2 = self._clip(1, prompts)
+        clip = torch.cat([h1, h2], dim=-1)
+        t5 = self._t5(prompts)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"prompt_embeds": torch.cat([clip, t5], dim=-2),
+                "pooled_prompt_embeds": torch.cat([p1, p2], dim=-1)}
+
+    def negative(self) -> Conditioning:
+        """The empty prompt, batch 1, encoded once."""
+        if self._negative is None:
+            self._negative = self.encode([""])
+        return self._negative
+
+
+def required_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
+    names = ["transformer", "vae"]
+    if options.load_text_encoder:
+        names += list(TEXT_COMPONENTS)
+        t5 = [n for n in T5_COMPONENTS if folder.declared(n)]
+        if len(t5) == 1:  # T5 is optional (the pipeline then uses zeros), but only as a pair
+            missing = next(n for n in T5_COMPONENTS if n not in t5)
+            raise ModelLoadError(f"{folder.path}: model_index.json lists {t5[0]!r} without {missing!r}; "
+                                 "list both T5 components or neither")
+        names += t5
+    return names
+
+
+def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
+    """The SD3 :class:`Backbone` of ``folder`` (checked by :func:`dmdr.models.load_backbone`)."""
+    transformer = folder.load("transformer", options.dtype)
+    vae = folder.load("vae", options.dtype)
+    freeze(transformer, vae)
+    transformer.to(options.device)
+    vae.to(options.device)
+    text_encoder = None
+    if options.load_text_encoder:
+        parts = {n: folder.load(n, options.dtype) for n in TEXT_COMPONENTS}
+        t5 = {n: folder.load(n, options.dtype) for n in T5_COMPONENTS if folder.declared(n)}
+        text_encoder = SD3TextEncoder(
+            parts["tokenizer"], parts["text_encoder"], parts["tokenizer_2"], parts["text_encoder_2"],
+            t5.get("tokenizer_3"), t5.get("text_encoder_3"), max_sequence_length=options.max_sequence_length,
+            t5_dim=int(transformer.config.joint_attention_dim),
+        )
+        freeze(*text_encoder.modules())
+        text_encoder.to(options.device)
+    codec = AutoencoderKLCodec(vae)
+    teacher = SD3Denoiser(transformer, t_min=options.t_min)
+    teacher.requires_grad_(False)
+    return Backbone(family="sd3", teacher=teacher, text_encoder=text_encoder, codec=codec,
+                    latent_channels=int(transformer.config.in_channels), vae_scale_factor=codec.scale_factor,
+                    lora_targets=LORA_TARGETS,
+                    extras={"patch_size": int(transformer.config.patch_size),
+                            "pipeline_class": folder.pipeline_class})
+

@@ -199,11 +199,23 @@ class DMDRTrainer:
 
     # ------------------------------------------------------------------ data
     def _next_batch(self) -> dict[str, Any]:
+        """The next batch; a data error on any rank stops every rank (no rank left in a collective)."""
+        from dmdr.errors import DataError
+
         if self._data_iter is None:
             self._data_iter = iter(self.loader)
-        batch = next(self._data_iter)
-        if self.skip_monitor is not None:
-            self.skip_monitor.update(batch)
+        error: DataError | None = None
+        batch: dict[str, Any] = {}
+        try:
+            batch = next(self._data_iter)
+            if self.skip_monitor is not None:
+                self.skip_monitor.update(batch)
+        except DataError as err:
+            error = err
+        if self.dist is not None and self.dist.any_rank(error is not None):
+            raise error or DataError("another data-parallel rank stopped on bad data (see its error line)")
+        if error is not None:
+            raise error
         return batch
 
     def _conditioning(self, batch: dict[str, Any]) -> tuple[Conditioning, Conditioning]:
@@ -337,6 +349,31 @@ class DMDRTrainer:
             metrics["train/skipped_steps"] = self.counters.skipped_steps
         return metrics
 
+    def _reduce(self, metrics: dict[str, float], op: str) -> dict[str, float]:
+        """Mean (losses, rewards, norms) or sum (counters) of every metric over the ranks."""
+        if self.dist is None or not self.dist.is_distributed or not metrics:
+            return metrics
+        import torch.distributed as tdist
+
+        keys = sorted(metrics)
+        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.dist.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        if op == "mean":
+            t /= self.dist.world_size
+        return dict(zip(keys, t.tolist()))
+
+    def _data_metrics(self) -> dict[str, float]:
+        """Bad-data counters summed over ranks, on a fixed key set (every rank must send the same keys)."""
+        from dmdr.data import SKIP_REASONS
+
+        m = self.skip_monitor
+        counts = {"data/seen": float(m.seen), "data/skipped": float(sum(m.skipped.values())),
+                  "data/truncated": float(m.truncated)}
+        counts.update({f"data/skipped/{r}": float(m.skipped.get(r, 0)) for r in SKIP_REASONS})
+        counts = self._reduce(counts, "sum")
+        counts["data/skip_rate"] = counts["data/skipped"] / counts["data/seen"] if counts["data/seen"] else 0.0
+        return counts
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample_images(self, prompts: list[str], seed: int = 1234) -> Tensor:
@@ -376,6 +413,7 @@ class DMDRTrainer:
                 throughput.update(1, batch_size * world * cfg.dmd.ratio)
                 k = self.step
                 if k % cfg.log.interval == 0 or k == cfg.train.max_steps:
+                    metrics = self._reduce(metrics, "mean")
                     metrics.update(throughput.report())
                     metrics["perf/peak_memory_gb"] = peak_memory_gb(self.device)
                     if peak_tflops and "perf/tflops" in self.counters.extra:
@@ -383,7 +421,7 @@ class DMDRTrainer:
                         metrics["perf/tflops"] = achieved
                         metrics["perf/mfu"] = achieved / peak_tflops
                     if self.skip_monitor is not None:
-                        metrics.update(self.skip_monitor.metrics())
+                        metrics.update(self._data_metrics())
                     logger.log(k, metrics)
                 bar.update(1, {"dmd": metrics["loss/dmd"], "fake": metrics["loss/fake"]})
                 if cfg.log.sample_interval and k % cfg.log.sample_interval == 0 and cfg.log.sample_prompts:

@@ -12,6 +12,8 @@ prompt file. Pass ``--model.path`` / ``--data.sources`` to use your own.
     python recipes/tiny_dmdr.py --train.output_dir runs/tiny-demo
 """
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -53,20 +55,32 @@ def tiny_dmdr() -> TrainConfig:
 
 
 def prepare_assets(cfg: TrainConfig) -> None:
-    """Create the tiny model folder and the prompt file on first use (kept for later resumes)."""
+    """Create the tiny model folder and the prompt file on first use (kept for later resumes).
+
+    Every rank of a torchrun job runs this before the process group exists, so each writes into a
+    private temporary name and renames it into place: the first rename wins, the others discard.
+    """
     assets = Path(cfg.train.output_dir) / "assets"
+    assets.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}"
     if not cfg.model.path:
         model_dir = assets / "tiny-sd3"
         if not (model_dir / "model_index.json").exists():
             from dmdr.models.tiny import build_tiny_sd3
 
-            build_tiny_sd3(model_dir, seed=cfg.train.seed)
+            tmp = assets / f".tiny-sd3.{tag}"
+            build_tiny_sd3(tmp, seed=cfg.train.seed)
+            try:
+                os.rename(tmp, model_dir)
+            except OSError:  # another rank got there first
+                shutil.rmtree(tmp, ignore_errors=True)
         cfg.model.path = str(model_dir)
     if not cfg.data.sources:
         prompts = assets / "prompts.txt"
         if not prompts.exists():
-            assets.mkdir(parents=True, exist_ok=True)
-            prompts.write_text("\n".join(DEMO_PROMPTS) + "\n")
+            tmp = assets / f".prompts.{tag}"
+            tmp.write_text("\n".join(DEMO_PROMPTS) + "\n")
+            os.replace(tmp, prompts)
         cfg.data.sources = (str(prompts),)
 
 

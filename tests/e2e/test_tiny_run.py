@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file  # noqa: F401  (import check: the checkpoint deps are installed)
-
-from dmdr.launch import run
-
 from tiny_helpers import REPO, tiny_config
+
+from dmdr.distributed.offline import model_tensors
+from dmdr.launch import run
 
 pytestmark = pytest.mark.slow
 
@@ -26,25 +25,7 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _trainable(out: Path, step: int) -> dict[str, torch.Tensor]:
-    """The checkpoint's model tensors, read back with DCP into plain tensors."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    sd: dict = {}
-    _load_state_dict(sd, storage_reader=FileSystemReader(str(out / "checkpoints" / f"step-{step}")),
-                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    return {k: v for k, v in _flatten(sd["models"]["model"]).items()}
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    return model_tensors(out / "checkpoints" / f"step-{step}")
 
 
 def test_run_writes_config_metrics_checkpoints_and_switches_on_rl(tiny_assets, tmp_path):

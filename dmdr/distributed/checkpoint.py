@@ -1,0 +1,421 @@
+"""Checkpoints: one ``Stateful`` tree saved with torch.distributed.checkpoint (DCP), atomically.
+
+Layout::
+
+    <output_dir>/checkpoints/
+        step-250/            complete checkpoints (DCP files + COMPLETE.json)
+        step-500/
+        .tmp-step-750/       a save in progress (or one that died); never loaded, pruned later
+        latest               "step-500": updated last, for people and tools
+
+A save writes into ``.tmp-step-<N>``; when every rank has written, each rank CRC32s a share of
+the files, rank 0 writes ``COMPLETE.json`` (step, world size, every file with its size and CRC32),
+renames the folder to ``step-<N>``, points ``latest`` at it (tmp file + ``os.replace``) and prunes
+all but the newest ``keep_last`` complete checkpoints. A crash at any moment leaves either the
+previous checkpoints or the new one complete, never a half-written folder named ``step-<N>``.
+
+Choosing one: :meth:`CheckpointManager.latest` is the newest ``step-<N>`` whose marker exists and
+whose files all have their recorded sizes (cheap); :meth:`CheckpointManager.resume` also checks the
+CRC32s (each rank reads a share of the files) and falls back to the next older checkpoint when one
+fails. Loading an explicit path that fails raises :class:`~dmdr.errors.CheckpointError` naming the file.
+
+World-size changes (resharding):
+
+* models and optimizer states (DTensor or plain) are resharded by DCP: a checkpoint written at
+  W ranks loads at any W' (including one process); step counters and other global values too.
+* per-rank entries (:class:`~dmdr.distributed.state.RankLocal`: RNG states, data-loader positions)
+  are restored only when W' == W. Otherwise an entry that defines ``load_resharded_state(states)``
+  receives the W old states (so a loader can re-split the stream); any other keeps the fresh state
+  it was built with (RNGs seeded from ``train.seed`` and the new rank; the data loader restarts its
+  pass over the data in its seed's order), and rank 0 logs a warning naming the entries. Training
+  then continues correctly but not bit-for-bit like the W-rank run would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from dmdr.distributed.env import DistEnv
+from dmdr.distributed.state import RankLocal
+from dmdr.errors import CheckpointError
+
+log = logging.getLogger("dmdr")
+
+MARKER = "COMPLETE.json"
+POINTER = "latest"
+_PREFIX = "step-"
+_TMP = ".tmp-step-"
+_FORMAT = 1
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith(_PREFIX):
+        return None
+    try:
+        return int(name[len(_PREFIX):])
+    except ValueError:
+        return None
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _data_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns that it "assumes" one process even when told so with ``no_dist``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninit")
+        yield
+
+
+def _to_bytes(state: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(blob: bytes) -> Any:
+    return torch.load(io.BytesIO(blob), weights_only=False)
+
+
+def read_marker(path: str | Path) -> dict[str, Any]:
+    """The ``COMPLETE.json`` of a checkpoint folder (raises :class:`CheckpointError` if absent/unreadable)."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint: {MARKER} is missing (the save did not "
+                              f"finish or this is not a checkpoint folder)")
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{marker} is unreadable ({err}); the checkpoint is corrupt") from None
+
+
+def verify_checkpoint(path: str | Path, checksums: bool = False,
+                      share: tuple[int, int] = (0, 1)) -> str | None:
+    """Why ``path`` is not a usable checkpoint (one line naming the file), or None when it is.
+
+    Args:
+        path: a ``step-<N>`` folder.
+        checksums: also compare CRC32s (reads the files); sizes are always checked.
+        share: ``(i, n)``: check CRC32s only of files ``i::n`` (ranks split the reading).
+    """
+    path = Path(path)
+    try:
+        marker = read_marker(path)
+    except CheckpointError as err:
+        return str(err)
+    files: dict[str, dict[str, Any]] = marker.get("files", {})
+    if ".metadata" not in files:
+        return f"{path / MARKER} lists no .metadata file; the checkpoint is corrupt"
+    for rel, info in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"checkpoint file {f} is missing"
+        size = f.stat().st_size
+        if size != info["size"]:
+            return f"checkpoint file {f} has {size} bytes, expected {info['size']} (truncated or corrupt)"
+    recorded = marker.get("metadata_sha256")
+    if recorded and hashlib.sha256((path / ".metadata").read_bytes()).hexdigest() != recorded:
+        return f"checkpoint file {path / '.metadata'} does not match its recorded SHA-256 (corrupt)"
+    if checksums:
+        i, n = share
+        for rel in sorted(files)[i::n]:
+            if _crc32(path / rel) != files[rel]["crc32"]:
+                return f"checkpoint file {path / rel} does not match its recorded CRC32 (corrupt)"
+    return None
+
+
+class CheckpointManager:
+    """Save, find, verify and load checkpoints of one run. Every method is collective: call it on all ranks.
+
+    Args:
+        output_dir: the run folder; checkpoints go to ``<output_dir>/checkpoints``.
+        keep_last: complete checkpoints kept (older ones are deleted after each save).
+        async_save: write in a background thread (DCP ``async_save`` over a dedicated gloo group):
+            :meth:`save` returns once the state is staged in host memory; the checkpoint is finalised
+            (marker, rename, ``latest``) at the next :meth:`save`, :meth:`wait` or :meth:`close`.
+        env: the distributed environment (None = one process).
+    """
+
+    def __init__(self, output_dir: str | Path, keep_last: int = 3, async_save: bool = False,
+                 env: DistEnv | None = None):
+        if keep_last < 1:
+            raise CheckpointError(f"--checkpoint.keep_last {keep_last}: must be >= 1")
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.env = env or DistEnv()
+        self._pending: tuple[Any, int, Path, dict[str, Any]] | None = None
+        self._group = None
+        if async_save and self.env.is_distributed:
+            # The background writer's collectives must not interleave with training's on one group.
+            self._group = dist.new_group(backend="gloo")
+
+    @classmethod
+    def from_config(cls, cfg: Any, env: DistEnv | None = None) -> CheckpointManager:
+        """From a :class:`~dmdr.config.TrainConfig` (``train.output_dir`` and the ``checkpoint`` section)."""
+        return cls(cfg.train.output_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, env)
+
+    # ------------------------------------------------------------------ paths
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"{_PREFIX}{step}"
+
+    def checkpoints(self) -> list[Path]:
+        """Every ``step-<N>`` folder, newest first (complete or not)."""
+        if not self.root.is_dir():
+            return []
+        found = [(s, p) for p in self.root.iterdir() if p.is_dir() and (s := _step_of(p)) is not None]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, app_state: dict[str, Any], *, final: bool = False) -> Path:
+        """Write ``app_state`` as ``step-<step>``; ``final`` (or ``async_save=False``) waits for completion.
+
+        ``app_state`` maps names to ``Stateful`` objects (``state_dict`` / ``load_state_dict``);
+        :class:`~dmdr.distributed.state.RankLocal` ones are stored once per rank.
+        """
+        self.wait()
+        tmp = self.root / f"{_TMP}{step}"
+        if self.env.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self.env.barrier()
+        state: dict[str, Any] = {}
+        kinds: dict[str, str] = {}
+        for name, obj in app_state.items():
+            if isinstance(obj, RankLocal):
+                state[name] = {f"rank{self.env.rank}": _to_bytes(obj.state_dict())}
+                kinds[name] = "rank"
+            else:
+                state[name] = obj.state_dict()
+                kinds[name] = "global"
+        meta = {"format": _FORMAT, "step": step, "world_size": self.env.world_size,
+                "dp_world_size": self.env.dp_world_size, "entries": kinds}
+        if self.async_save and not final:
+            with _quiet_single_process():
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group,
+                                        no_dist=not self.env.is_distributed)
+            self._pending = (future, step, tmp, meta)
+        else:
+            with _quiet_single_process():
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=not self.env.is_distributed)
+            self._finalize(step, tmp, meta)
+        return self.step_dir(step)
+
+    def wait(self) -> None:
+        """Finish a pending asynchronous save (collective; a no-op when none is pending)."""
+        if self._pending is None:
+            return
+        future, step, tmp, meta = self._pending
+        self._pending = None
+        error = None
+        try:
+            future.result()
+        except Exception as err:  # noqa: BLE001 - reported on every rank below
+            error = err
+        if self.env.any_rank(error is not None):
+            raise CheckpointError(f"asynchronous save of checkpoint step {step} failed"
+                                  f"{': ' + str(error).splitlines()[0] if error else ' on another rank'}")
+        self._finalize(step, tmp, meta)
+
+    def close(self) -> None:
+        self.wait()
+
+    def _finalize(self, step: int, tmp: Path, meta: dict[str, Any]) -> None:
+        self.env.barrier()
+        # One listing (rank 0's) for everyone: a shared filesystem may show other ranks' files late.
+        files = self.env.broadcast_object(_data_files(tmp) if self.env.is_main else None)
+        mine = {rel: {"size": (tmp / rel).stat().st_size, "crc32": _crc32(tmp / rel)}
+                for rel in files[self.env.rank::self.env.world_size]}
+        shares = [mine]
+        if self.env.is_distributed:
+            shares = [None] * self.env.world_size
+            dist.all_gather_object(shares, mine)
+        error = None
+        if self.env.is_main:
+            try:
+                self._commit(step, tmp, meta, {k: v for share in shares for k, v in share.items()})
+            except OSError as err:  # disk full, permissions: every rank must hear of it, not hang
+                error = f"{err.strerror or err}: {err.filename or tmp}"
+        if self.env.any_rank(error is not None):
+            raise CheckpointError(f"could not finish checkpoint step {step}: "
+                                  f"{error or 'rank 0 failed to write it'}")
+
+    def _commit(self, step: int, tmp: Path, meta: dict[str, Any], files: dict[str, Any]) -> None:
+        """Rank 0: marker, atomic rename, ``latest`` pointer, pruning."""
+        meta["files"] = files
+        meta["metadata_sha256"] = hashlib.sha256((tmp / ".metadata").read_bytes()).hexdigest()
+        meta["time"] = time.time()
+        _write_atomic(tmp / MARKER, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        final = self.step_dir(step)
+        if final.exists():  # re-saving a step: swap, then delete the old copy
+            trash = self.root / f".trash-{final.name}-{os.getpid()}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.root)
+        _write_atomic(self.root / POINTER, final.name + "\n")
+        self._prune()
+        log.info("checkpoint %s written", final)
+
+    def _prune(self) -> None:
+        pending = self._pending[2] if self._pending is not None else None
+        for p in self.root.iterdir():
+            if (p.name.startswith(_TMP) or p.name.startswith(".trash-")) and p != pending:
+                shutil.rmtree(p, ignore_errors=True)
+        complete = [p for p in self.checkpoints() if verify_checkpoint(p) is None]
+        kept = complete[: self.keep_last]
+        if not kept:
+            return
+        oldest = _step_of(kept[-1])
+        for p in self.checkpoints():
+            if p not in kept and (_step_of(p) or 0) < (oldest or 0):
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ------------------------------------------------------------------ find and load
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (marker present, file sizes as recorded), agreed by all ranks."""
+        choice = None
+        if self.env.is_main:
+            for p in self.checkpoints():
+                reason = verify_checkpoint(p)
+                if reason is None:
+                    choice = str(p)
+                    break
+                log.warning("skipping checkpoint %s: %s", p.name, reason)
+        choice = self.env.broadcast_object(choice)
+        return Path(choice) if choice else None
+
+    def _verify_all_ranks(self, path: Path, checksums: bool) -> str | None:
+        share = (self.env.rank, self.env.world_size)
+        reason = verify_checkpoint(path, checksums=checksums, share=share)
+        if not self.env.is_distributed:
+            return reason
+        reasons: list[str | None] = [None] * self.env.world_size
+        dist.all_gather_object(reasons, reason)
+        return next((r for r in reasons if r), None)
+
+    def load(self, app_state: dict[str, Any], path: str | Path, checksums: bool = True) -> int:
+        """Load ``app_state`` in place from the checkpoint folder ``path``; returns its step.
+
+        Raises:
+            CheckpointError: the folder is incomplete, truncated or corrupt (the message names the
+                file), or it does not hold an entry of ``app_state``.
+        """
+        path = Path(path)
+        reason = self._verify_all_ranks(path, checksums)
+        if reason:
+            raise CheckpointError(reason)
+        meta = read_marker(path)
+        old_world = int(meta["world_size"])
+        state: dict[str, Any] = {}
+        skipped = []
+        for name, obj in app_state.items():
+            if name not in meta["entries"]:
+                held = ", ".join(sorted(meta["entries"]))
+                raise CheckpointError(f"checkpoint {path} has no entry {name!r} (it holds {held}); "
+                                      f"was it written by another setup?")
+            if isinstance(obj, RankLocal):
+                if old_world == self.env.world_size:
+                    state[name] = {f"rank{self.env.rank}": b""}
+                elif hasattr(obj, "load_resharded_state"):
+                    state[name] = {f"rank{r}": b"" for r in range(old_world)}
+                else:
+                    skipped.append(name)
+            else:
+                state[name] = obj.state_dict()
+        if skipped and self.env.is_main:
+            log.warning("checkpoint %s was written by %d ranks, this run has %d: per-rank state %s "
+                        "starts fresh (models, optimizers and counters are restored)",
+                        path.name, old_world, self.env.world_size, ", ".join(skipped))
+        try:
+            with _quiet_single_process():
+                dcp.load(state, checkpoint_id=str(path), no_dist=not self.env.is_distributed)
+        except Exception as err:  # noqa: BLE001 - DCP wraps per-rank failures; give the user one line
+            first = str(err).strip().splitlines()
+            why = first[0] if first else type(err).__name__
+            raise CheckpointError(f"cannot load checkpoint {path}: {why}") from err
+        for name, obj in app_state.items():
+            if name not in state:
+                continue
+            if isinstance(obj, RankLocal):
+                blobs = state[name]
+                if old_world == self.env.world_size:
+                    obj.load_state_dict(_from_bytes(blobs[f"rank{self.env.rank}"]))
+                else:
+                    obj.load_resharded_state([_from_bytes(blobs[f"rank{r}"]) for r in range(old_world)])
+            else:
+                obj.load_state_dict(state[name])
+        if self.env.is_main:
+            log.info("resumed from %s (step %d)", path, meta["step"])
+        return int(meta["step"])
+
+    def resume(self, app_state: dict[str, Any], resume: str = "auto") -> int | None:
+        """Apply ``--checkpoint.resume``: ``auto`` (newest usable checkpoint, if any), ``never``, or a folder.
+
+        ``auto`` skips (with a warning) checkpoints that fail verification, newest first, so a corrupt
+        latest falls back to the previous one. Returns the step resumed from, or None for a fresh start.
+        """
+        if resume == "never":
+            return None
+        if resume != "auto":
+            return self.load(app_state, resume)
+        found = [str(p) for p in self.checkpoints()] if self.env.is_main else None
+        candidates = self.env.broadcast_object(found)
+        for p in map(Path, candidates):
+            reason = self._verify_all_ranks(p, checksums=True)
+            if reason is None:
+                return self.load(app_state, p, checksums=False)
+            if self.env.is_main:
+                log.warning("skipping checkpoint %s: %s", p.name, reason)
+        return None

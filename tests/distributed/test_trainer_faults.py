@@ -1,0 +1,146 @@
+"""The real trainer at world size 2 (torchrun, gloo, FSDP2): exact resume after kill -9, after a
+torchrun restart of a dead rank, and after SIGTERM preemption (checkpoint + exit 0)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from dmdr.distributed.offline import model_tensors
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+N = 8  # checkpoint every N generator steps; runs go to 2N
+COMPARED = ("loss/dmd", "loss/fake", "loss/generator", "reward/brightness", "grad_norm/generator",
+            "schedule/guidance", "schedule/lora_scale_real", "data/seen")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from dmdr.models.tiny import build_tiny_sd3
+
+    root = tmp_path_factory.mktemp("w2-assets")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt number {i} of a small world" for i in range(40)) + "\n")
+    return {"model": str(build_tiny_sd3(root / "tiny-sd3")), "prompts": str(prompts)}
+
+
+def _cmd(assets, out: Path, *, max_restarts: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            f"--max-restarts={max_restarts}", str(REPO / "recipes" / "tiny_dmdr.py"),
+            "--model.path", assets["model"], "--data.sources", assets["prompts"], "--train.output_dir", str(out),
+            "--train.max_steps", str(2 * N), "--checkpoint.interval", str(N), "--dmd.ratio", "2",
+            "--rl.start_step", "4", "--dynamic.decay_steps", "6", "--log.interval", "1",
+            "--log.sample_interval", "0", "--log.progress_bar", "false", "--log.tensorboard", "false",
+            "--data.batch_size", "2"]
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    # pytorch#135712: a restarted worker group hangs in init_process_group on the rendezvous store
+    # shared with the workers; a fresh store per attempt (as the README tells users) fixes it.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=log.parent,
+                            start_new_session=True)
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    proc = _start(cmd, log)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+
+
+def _latest(out: Path) -> str | None:
+    p = out / "checkpoints" / "latest"
+    return p.read_text().strip() if p.exists() else None
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int, log: Path) -> None:
+    deadline = time.time() + 600
+    while _latest(out) != f"step-{step}":
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+
+
+def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    kids = [c for c in psutil.Process(proc.pid).children(recursive=True) if "tiny_dmdr.py" in " ".join(c.cmdline())]
+    assert len(kids) == 2, kids
+    return kids
+
+
+def _metrics(out: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in rows}
+    assert len(by_step) == len(rows), "duplicate metric records after resume"
+    return by_step
+
+
+def _assert_same_run(reference: Path, resumed: Path, from_step: int) -> None:
+    a, b = _metrics(reference), _metrics(resumed)
+    assert sorted(b) == list(range(1, 2 * N + 1))
+    for step in range(from_step + 1, 2 * N + 1):
+        for key in COMPARED:
+            assert a[step].get(key) == b[step].get(key), (step, key, a[step].get(key), b[step].get(key))
+    wa = model_tensors(reference / "checkpoints" / f"step-{2 * N}")
+    wb = model_tensors(resumed / "checkpoints" / f"step-{2 * N}")
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    _run(_cmd(assets, out), out.parent / "log.txt")
+    return out
+
+
+def test_kill9_after_checkpoint_then_relaunch(assets, straight, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(_cmd(assets, out), tmp_path / "log1.txt")
+    _wait_for_checkpoint(proc, out, N, tmp_path / "log1.txt")
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in family:  # torchrun starts its workers in sessions of their own: kill every process
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=60)
+    assert not (out / "checkpoints" / f"step-{2 * N}").exists(), "the run finished before it was killed"
+    _run(_cmd(assets, out), tmp_path / "log2.txt")
+    assert f"step {N}" in (tmp_path / "log2.txt").read_text()
+    _assert_same_run(straight, out, N)
+
+
+def test_dead_rank_restarted_by_torchrun_resumes(assets, straight, tmp_path):
+    out = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    proc = _start(_cmd(assets, out, max_restarts=1), log)
+    _wait_for_checkpoint(proc, out, N, log)
+    rank1 = [w for w in _workers(proc) if w.environ().get("RANK") == "1"][0]
+    rank1.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert f"resumed from generator step {N}" in log.read_text()
+    _assert_same_run(straight, out, N)
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes(assets, straight, tmp_path):
+    out = tmp_path / "run"
+    log = tmp_path / "log1.txt"
+    proc = _start(_cmd(assets, out), log)
+    _wait_for_checkpoint(proc, out, N, log)
+    for worker in _workers(proc):  # as Kubernetes / SLURM deliver it: to every task
+        worker.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    stopped = _latest(out)
+    assert stopped is not None and stopped != f"step-{2 * N}", "the run finished before the signal"
+    stop_step = int(stopped.split("-")[1])
+    assert stop_step >= N
+    _run(_cmd(assets, out), tmp_path / "log2.txt")
+    _assert_same_run(straight, out, stop_step)

@@ -44,6 +44,26 @@ from dmdr.sampling import few_step_sample
 from dmdr.schedules import DynaRSSampler, dynadg_real_scale, few_step_timesteps
 
 
+class FlopCount:
+    """Accumulates the FLOPs of the code run inside ``with`` blocks (torch's flop counter)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.done = False
+        self._mode = None
+
+    def __enter__(self) -> FlopCount:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self._mode = FlopCounterMode(display=False)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+        self.total += self._mode.get_total_flops()
+
+
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is left intact."""
 
@@ -406,8 +426,16 @@ class DMDRTrainer:
         batch_size = cfg.data.batch_size
         world = self.dist.world_size if self.dist is not None else 1
         try:
+            flops = FlopCount() if peak_tflops else None
             while self.step < cfg.train.max_steps:
-                metrics = self.train_iteration()
+                if flops is not None and not flops.done:
+                    with flops:  # the first generator step's iterations, once, to estimate TFLOP/s
+                        metrics = self.train_iteration()
+                    if metrics is not None:
+                        flops.done = True
+                        self.counters.extra["perf/tflops"] = flops.total / 1e12
+                else:
+                    metrics = self.train_iteration()
                 if metrics is None:
                     continue
                 throughput.update(1, batch_size * world * cfg.dmd.ratio)

@@ -28,7 +28,8 @@ def _trainable(out: Path, step: int) -> dict[str, torch.Tensor]:
     return model_tensors(out / "checkpoints" / f"step-{step}")
 
 
-def test_run_writes_config_metrics_checkpoints_and_switches_on_rl(tiny_assets, tmp_path):
+def test_run_writes_config_metrics_checkpoints_and_switches_on_rl(tiny_assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("DMDR_PEAK_TFLOPS", "100")  # what a known GPU provides: enables the MFU estimate
     cfg = tiny_config(tiny_assets, tmp_path / "run")
     assert run(cfg) == 0
     out = tmp_path / "run"
@@ -45,6 +46,9 @@ def test_run_writes_config_metrics_checkpoints_and_switches_on_rl(tiny_assets, t
     assert all("reward/brightness" not in r for r in records[:4])
     assert all("reward/brightness" in r and "reward/brightness_std" in r for r in records[4:])
     assert records[0]["lr/generator"] == 1e-4 and records[-1]["lr/generator"] == 5e-5
+    for r in records[1:]:
+        assert r["perf/tflops"] > 0 and r["perf/mfu"] == pytest.approx(r["perf/tflops"] / 100)
+        assert r["perf/samples_per_s"] > 0 and r["perf/peak_memory_gb"] > 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-4", "step-8"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-8"
 

@@ -24,7 +24,8 @@ def refl_loss(images: Tensor, prompts: list[str], rewards: Sequence[tuple[Reward
     for reward, weight in rewards:
         scores = reward(images, prompts).float()
         if scores.ndim != 1 or scores.shape[0] != images.shape[0]:
-            raise ValueError(f"reward {reward.name!r} returned shape {tuple(scores.shape)}, expected ({images.shape[0]},)")
+            raise ValueError(f"reward {reward.name!r} returned shape {tuple(scores.shape)}, "
+                             f"expected ({images.shape[0]},)")
         total = total + weight * torch.relu(margin - scores).mean()
         detached = scores.detach()
         stats[f"reward/{reward.name}"] = detached.mean().item()

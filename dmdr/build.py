@@ -37,6 +37,11 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 def build_roles(cfg: TrainConfig, backbone: Backbone) -> tuple[Denoiser, str | None]:
     """Critic LoRA into the teacher; the generator as a full fp32 copy or the teacher + generator LoRA.
 
+    Works alike on a loaded teacher and on one built on the meta device (the copy and the adapters
+    then stay on meta until :func:`materialize_roles`). LoRA ``A`` matrices are drawn from
+    ``train.seed`` and each layer's name (:func:`dmdr.models.lora.lora_init`), never from the global
+    RNG, so every rank and every world size starts from the same adapters.
+
     Returns ``(generator, generator_adapter)``. Parameter lists are taken later, after sharding
     (``fully_shard`` replaces parameters with DTensors).
     """
@@ -44,12 +49,66 @@ def build_roles(cfg: TrainConfig, backbone: Backbone) -> tuple[Denoiser, str | N
 
     m = cfg.model
     targets = m.lora_targets or None
+    seed = cfg.train.seed
     # The full copy must be taken before the critic LoRA exists (it is the teacher's weights only);
     # fp32 master weights: DMDR's learning rates vanish in bf16.
     generator, adapter = make_generator(backbone, m.generator_mode, rank=m.generator_lora_rank,
-                                        alpha=m.generator_lora_alpha, targets=targets, dtype=torch.float32)
-    add_critic_lora(backbone, rank=m.critic_lora_rank, alpha=m.critic_lora_alpha, targets=targets)
+                                        alpha=m.generator_lora_alpha, targets=targets, dtype=torch.float32,
+                                        seed=seed)
+    add_critic_lora(backbone, rank=m.critic_lora_rank, alpha=m.critic_lora_alpha, targets=targets, seed=seed)
     return generator, adapter
+
+
+def materialize_roles(cfg: TrainConfig, backbone: Backbone, generator: Denoiser, adapter: str | None,
+                      device: torch.device) -> None:
+    """Read each rank's shard of the meta-built (and already sharded) teacher and full-copy generator.
+
+    Both read the teacher's safetensors files (``backbone.extras["denoiser_weights"]``): the teacher
+    base in ``model.dtype``; the full-copy generator in fp32 holding the teacher's ``model.dtype``
+    values (``make_generator(dtype=torch.float32)`` semantics: a copy of the loaded teacher, upcast).
+    LoRA adapters get the initialisation of :meth:`~dmdr.models.lora.LoRALinear.add_adapter`.
+    """
+    from dmdr.distributed import default_init_missing, materialize_from_safetensors, safetensors_files
+
+    files = safetensors_files(backbone.extras["denoiser_weights"])
+    init = default_init_missing(cfg.train.seed)
+    # A CPU-offloaded teacher's shards live on the host (FSDP2 copies them to the device per use).
+    offload = cfg.parallel.cpu_offload_teacher and device.type != "cpu"
+    materialize_from_safetensors(backbone.teacher, files, device="cpu" if offload else device, prefix="net.",
+                                 init_missing=init)
+    if adapter is None:
+        materialize_from_safetensors(generator, files, device=device, prefix="net.", init_missing=init,
+                                     round_via=DTYPES[cfg.model.dtype])
+
+
+def build_models(cfg: TrainConfig, device: torch.device, mesh: Any = None,
+                 load_text_encoder: bool = True) -> tuple[Backbone, Denoiser, str | None]:
+    """The backbone and the roles on it, sharded over ``mesh`` (``None``: one process, no FSDP).
+
+    One process: the teacher loads whole (``from_pretrained``), then :func:`build_roles` and activation
+    checkpointing. Sharded: no rank ever holds a full copy of the denoiser; it is built on the meta
+    device, :func:`build_roles` makes the generator (a meta copy, or a LoRA in the teacher) and the
+    critic LoRA on meta, each network is sharded with ``parallelize_denoiser``, and only then each
+    rank reads its rows of the weights (:func:`materialize_roles`). Text encoders and VAE load whole.
+    Both paths produce the same parameters (base weights and LoRA initialisations) at any world size.
+
+    Returns:
+        ``(backbone, generator, generator_adapter)``; ``backbone.teacher`` carries the critic LoRA.
+    """
+    from dmdr.distributed import parallelize_denoiser
+    from dmdr.models import load_backbone
+
+    sharded = mesh is not None
+    backbone = load_backbone(cfg.model.path, family=cfg.model.family, dtype=DTYPES[cfg.model.dtype],
+                             device=device, load_text_encoder=load_text_encoder, t_min=cfg.dmd.t_min,
+                             max_sequence_length=cfg.model.max_sequence_length, defer_denoiser=sharded)
+    generator, adapter = build_roles(cfg, backbone)
+    if adapter is None:
+        parallelize_denoiser(generator, mesh, cfg.parallel, trainable=True)
+    parallelize_denoiser(backbone.teacher, mesh, cfg.parallel, trainable=False)
+    if sharded:
+        materialize_roles(cfg, backbone, generator, adapter, device)
+    return backbone, generator, adapter
 
 
 def collect_roles(generator: Denoiser, teacher: Denoiser, adapter: str | None) -> Roles:
@@ -108,14 +167,7 @@ class Session:
 def build_run(cfg: TrainConfig) -> Session:
     """Everything a run needs, checked before the first step; resumes when a checkpoint exists."""
     from dmdr.data import EmbeddingCache, SkipMonitor, build_prompt_loader
-    from dmdr.distributed import (
-        CheckpointManager,
-        PreemptionHandler,
-        build_mesh,
-        init_distributed,
-        parallelize_denoiser,
-    )
-    from dmdr.models import load_backbone
+    from dmdr.distributed import CheckpointManager, PreemptionHandler, build_mesh, init_distributed
 
     env = init_distributed(device=cfg.train.device)
     mesh = build_mesh(cfg.parallel, env.world_size, env.device.type) if env.world_size > 1 else None
@@ -125,20 +177,14 @@ def build_run(cfg: TrainConfig) -> Session:
                                  embedding_cache=cache)
     rewards = build_rewards(cfg, env.device)
     need_encoder = cache is None or cfg.data.cache_miss == "encode"
-    backbone = load_backbone(cfg.model.path, family=cfg.model.family, dtype=DTYPES[cfg.model.dtype],
-                             device=env.device, load_text_encoder=need_encoder, t_min=cfg.dmd.t_min,
-                             max_sequence_length=cfg.model.max_sequence_length)
+    backbone, generator, adapter = build_models(cfg, env.device, mesh, load_text_encoder=need_encoder)
+    # The same global RNG state on every rank and whichever load path ran (LoRA inits do not read it).
+    torch.manual_seed(cfg.train.seed)
     if cache is not None:
         backbone.extras["negative"] = cache.negative()
         sample_cond = cache.lookup(list(cfg.log.sample_prompts)) if cfg.log.sample_prompts else None
         if sample_cond is not None:
             backbone.extras["sample_cond"] = sample_cond
-    # Same seed on every rank: LoRA initialisations must agree before sharding.
-    torch.manual_seed(cfg.train.seed)
-    generator, adapter = build_roles(cfg, backbone)
-    if adapter is None:
-        parallelize_denoiser(generator, mesh, cfg.parallel, trainable=True)
-    parallelize_denoiser(backbone.teacher, mesh, cfg.parallel, trainable=False)
     roles = collect_roles(generator, backbone.teacher, adapter)
     trainer = DMDRTrainer(cfg, backbone, roles, rewards, loader, env.device, dist=env,
                           skip_monitor=SkipMonitor.from_config(cfg.data),

@@ -55,15 +55,13 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
 
 
 def _load_encoder(cfg: TrainConfig, device: torch.device) -> Any:
-    from dmdr.models import load_backbone  # lazily: imports diffusers / transformers
+    from dmdr.models.loading import load_text_encoders  # lazily: imports diffusers / transformers
 
     if not cfg.model.path:
         raise UserError("set --model.path (the diffusers folder whose text encoders to use)")
-    backbone = load_backbone(cfg.model.path, family=cfg.model.family, dtype=_DTYPES[cfg.model.dtype],
-                             device=device, max_sequence_length=cfg.model.max_sequence_length)
-    if backbone.text_encoder is None:
-        raise UserError(f"{cfg.model.path} loaded without a text encoder")
-    return backbone.text_encoder
+    # Only the text encoders and tokenizers: the denoiser and VAE weights are never read.
+    return load_text_encoders(cfg.model.path, family=cfg.model.family, dtype=_DTYPES[cfg.model.dtype],
+                              device=device, max_sequence_length=cfg.model.max_sequence_length)
 
 
 def _prepare_folder(out: Path, rank: int, world: int, overwrite: bool) -> None:

@@ -274,6 +274,16 @@ def _local_block(t: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     return t.detach(), (0,) * t.ndim
 
 
+def _read(index: SafetensorsIndex, key: str, out: Tensor, offset: Sequence[int],
+          round_via: torch.dtype | None) -> None:
+    if round_via is not None and out.is_floating_point() and out.dtype != round_via:
+        rounded = torch.empty(out.shape, dtype=round_via)
+        index.read(key, rounded, offset)
+        out.copy_(rounded)
+    else:
+        index.read(key, out, offset)
+
+
 @torch.no_grad()
 def materialize_from_safetensors(module: nn.Module, files: Sequence[str | Path], *,
                                  device: torch.device | str = "cpu", prefix: str = "",
@@ -289,9 +299,10 @@ def materialize_from_safetensors(module: nn.Module, files: Sequence[str | Path],
         prefix: module-name prefix absent from the file keys (``"net."`` for a Denoiser around a
             diffusers model); a parameter outside the prefix must come from ``init_missing``.
         init_missing: initialiser for parameters not in the files (default: LoRA adapters only).
-        round_via: floating weights read from the files pass through this dtype before the
-            parameter's own (a fp32 trainable copy of a bf16 teacher holds the teacher's bf16 values,
-            as ``from_pretrained(dtype=bf16)`` then ``.float()`` would); ``None``: no rounding.
+        round_via: floating tensors read from the files pass through this dtype before the
+            parameter's (or buffer's) own: a fp32 trainable copy of a bf16 teacher holds the
+            teacher's bf16 values, as ``from_pretrained(dtype=bf16)`` then ``.float()`` would.
+            ``None``: no rounding.
 
     Raises:
         ModelLoadError: a parameter is neither in the files nor initialisable, or shapes disagree;
@@ -327,12 +338,7 @@ def materialize_from_safetensors(module: nn.Module, files: Sequence[str | Path],
                 if tuple(param.shape) != entry.shape:
                     raise ModelLoadError(f"{entry.path}: {key!r} has shape {list(entry.shape)}, the model "
                                          f"expects {list(param.shape)} (a checkpoint of another config?)")
-                if round_via is not None and local.is_floating_point() and local.dtype != round_via:
-                    rounded = torch.empty(local.shape, dtype=round_via)
-                    index.read(key, rounded, offset)
-                    local.copy_(rounded)
-                else:
-                    index.read(key, local, offset)
+                _read(index, key, local, offset, round_via)
             else:
                 full = init_missing(keys[0], param.shape, param.dtype)
                 if full is None:
@@ -347,7 +353,7 @@ def materialize_from_safetensors(module: nn.Module, files: Sequence[str | Path],
             buf = owner._buffers[name]
             key = next((k for k in keys if k in index), None)
             if key is not None:
-                index.read(key, buf)
+                _read(index, key, buf, (), round_via)
             elif (id(owner), name) in saved:
                 buf.copy_(saved[(id(owner), name)])
             else:

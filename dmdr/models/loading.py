@@ -4,8 +4,14 @@ Every check a user's folder can fail runs here, before any weight is read, and f
 :class:`~dmdr.errors.ModelLoadError` line naming the folder or component at fault. Weights are read
 with ``from_pretrained(..., local_files_only=True)``: nothing downloads.
 
-Adding a family = one adapter module in this package exposing ``load(folder, options) -> Backbone``
-plus one :func:`register_family` line at the bottom of this file.
+Adding a family = one adapter module in this package exposing ``required_components(folder, options)``
+and ``load(folder, options) -> Backbone`` (honouring ``options.defer_denoiser``), optionally
+``load_text_encoder(folder, options)``, plus one :func:`register_family` line at the bottom of this file.
+
+Sharded runs never hold a full copy of the denoiser: with ``defer_denoiser`` the adapter builds it
+from its config on the meta device (:meth:`ModelFolder.build_on_meta`) and records its weight folder
+in ``Backbone.extras["denoiser_weights"]``; :func:`dmdr.build.build_models` shards it and reads each
+rank's rows (:func:`dmdr.distributed.meta_load.materialize_from_safetensors`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 import torch
 
 from dmdr.errors import ModelLoadError
-from dmdr.models.base import Backbone
+from dmdr.models.base import Backbone, TextEncoder
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".gguf")
 _TOKENIZER_FILES = (
@@ -55,6 +61,9 @@ class LoadOptions:
     load_text_encoder: bool
     t_min: float
     max_sequence_length: int
+    defer_denoiser: bool = False
+    """Build the denoiser's network on the meta device (no weights read) and set
+    ``Backbone.extras["denoiser_weights"]`` to its weight folder, for the sharded loader."""
 
 
 class ModelFolder:
@@ -105,15 +114,58 @@ class ModelFolder:
                 raise ModelLoadError(f"{sub}: no weights (*.safetensors or *.bin) in component folder "
                                      f"{name}/; the download is incomplete")
 
-    def load(self, name: str, dtype: torch.dtype | None = None) -> Any:
-        """``from_pretrained`` of component ``name`` (class from ``model_index.json``), local files only."""
-        self.check(name)
+    def _class(self, name: str) -> tuple[type, str]:
         library, cls_name = self.component_class(name)
         module = importlib.import_module(library)
         cls = getattr(module, cls_name, None)
         if cls is None:
             raise ModelLoadError(f"{self.path}/{name}: {library} {_version(module)} has no class {cls_name}; "
                                  f"upgrade {library}")
+        return cls, cls_name
+
+    def config(self, name: str) -> dict[str, Any]:
+        """Component ``name``'s ``config.json`` (no weights read)."""
+        file = self.path / name / "config.json"
+        try:
+            return json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{file} is missing or not valid JSON ({e})") from None
+
+    def build_on_meta(self, name: str, dtype: torch.dtype) -> Any:
+        """Diffusers model ``name`` built from its config, parameters on the meta device, in ``dtype``.
+
+        Buffers are real (computed at init, then cast like ``from_pretrained(dtype=...)`` casts them);
+        no weight is read: :func:`dmdr.distributed.meta_load.materialize_from_safetensors` fills the
+        parameters later from :meth:`weights_folder`, which must hold safetensors files.
+        """
+        from dmdr.distributed.meta_load import meta_params, safetensors_files
+
+        self.check(name)
+        library, _ = self.component_class(name)
+        cls, cls_name = self._class(name)
+        if library != "diffusers":
+            raise ModelLoadError(f"{self.path}/{name}: {cls_name} is a {library} class; only diffusers models "
+                                 "are built on the meta device")
+        safetensors_files(self.path / name)  # the sharded loader reads safetensors only: fail before building
+        try:
+            config = cls.load_config(str(self.path / name), local_files_only=True)
+            with meta_params():
+                model = cls.from_config(config)
+        except Exception as e:  # noqa: BLE001 - any failure here is a bad config, reported in one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ModelLoadError(f"{self.path}/{name}: cannot build {cls_name} from its config.json "
+                                 f"({type(e).__name__}: {first[:300]})") from e
+        _cast_like_from_pretrained(model, dtype)
+        return model
+
+    def weights_folder(self, name: str) -> Path:
+        """Where component ``name``'s weight files are."""
+        return self.path / name
+
+    def load(self, name: str, dtype: torch.dtype | None = None) -> Any:
+        """``from_pretrained`` of component ``name`` (class from ``model_index.json``), local files only."""
+        self.check(name)
+        cls, cls_name = self._class(name)
         kwargs: dict[str, Any] = {"local_files_only": True}
         if dtype is not None and "Tokenizer" not in cls_name and "Scheduler" not in cls_name:
             kwargs["dtype"] = dtype
@@ -128,6 +180,20 @@ class ModelFolder:
 
 def _version(module: Any) -> str:
     return str(getattr(module, "__version__", ""))
+
+
+def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``dtype`` for every floating tensor, except the parameters diffusers' ``from_pretrained`` keeps in
+    fp32 (a name segment in the class's ``_keep_in_fp32_modules``)."""
+    torch.nn.Module.to(model, dtype)  # not ModelMixin.to, which warns on every dtype cast
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if not keep or dtype == torch.float32:
+        return
+    for qualified, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            full = f"{qualified}.{pname}" if qualified else pname
+            if p is not None and p.is_floating_point() and any(k in full.split(".") for k in keep):
+                module._parameters[pname] = torch.nn.Parameter(p.to(torch.float32), requires_grad=p.requires_grad)
 
 
 def read_model_index(path: str | Path) -> ModelFolder:
@@ -170,7 +236,7 @@ def detect_family(folder: ModelFolder, requested: str = "auto") -> Family:
 
 def load_backbone(path: str | Path, family: str = "auto", dtype: torch.dtype = torch.bfloat16,
                   device: torch.device | str = "cpu", load_text_encoder: bool = True, t_min: float = 0.001,
-                  max_sequence_length: int = 256) -> Backbone:
+                  max_sequence_length: int = 256, defer_denoiser: bool = False) -> Backbone:
     """Load a model family's frozen teacher, text encoder(s) and VAE from a local diffusers folder.
 
     Args:
@@ -182,6 +248,11 @@ def load_backbone(path: str | Path, family: str = "auto", dtype: torch.dtype = t
             from a cache); ``Backbone.text_encoder`` is then ``None``.
         t_min: the flow parameterization's clean-estimate level.
         max_sequence_length: text tokens kept per prompt (T5 for SD3, Qwen3 for Z-Image).
+        defer_denoiser: build the teacher's network from its config with parameters on the meta device
+            (buffers real; ``dtype`` applied, ``device`` not) and read none of its weights; its weight
+            folder is ``Backbone.extras["denoiser_weights"]``. For sharded runs: shard it, then
+            materialise each rank's rows (:func:`dmdr.build.build_models`). The folder must hold
+            ``.safetensors`` weights. Text encoders and VAE load as without it.
 
     Returns:
         A :class:`Backbone` whose modules are all frozen (``requires_grad=False``, eval mode).
@@ -193,7 +264,7 @@ def load_backbone(path: str | Path, family: str = "auto", dtype: torch.dtype = t
     fam = detect_family(folder, family)
     adapter = importlib.import_module(fam.module)
     options = LoadOptions(dtype=dtype, device=torch.device(device), load_text_encoder=load_text_encoder,
-                          t_min=t_min, max_sequence_length=max_sequence_length)
+                          t_min=t_min, max_sequence_length=max_sequence_length, defer_denoiser=defer_denoiser)
     for name in adapter.required_components(folder, options):
         folder.check(name)  # every component checked before the first (slow) weight load
     backbone = adapter.load(folder, options)
@@ -202,6 +273,32 @@ def load_backbone(path: str | Path, family: str = "auto", dtype: torch.dtype = t
     if folder.declared("scheduler") and scheduler_config.is_file():
         backbone.extras.setdefault("scheduler_config", json.loads(scheduler_config.read_text()))
     return backbone
+
+
+def load_text_encoders(path: str | Path, family: str = "auto", dtype: torch.dtype = torch.bfloat16,
+                       device: torch.device | str = "cpu", max_sequence_length: int = 256) -> TextEncoder:
+    """Only a family's frozen text encoder(s) and tokenizer(s): no denoiser, no VAE weights are read.
+
+    For tools that only encode prompts (``tools/cache_text_embeddings.py``); same arguments and
+    checks as :func:`load_backbone`. A family adapter without ``load_text_encoder`` falls back to a
+    whole :func:`load_backbone`.
+
+    Raises:
+        ModelLoadError: the folder is missing, incomplete, or of another family (one line).
+    """
+    folder = read_model_index(path)
+    fam = detect_family(folder, family)
+    adapter = importlib.import_module(fam.module)
+    if not hasattr(adapter, "load_text_encoder"):
+        backbone = load_backbone(path, family=fam.name, dtype=dtype, device=device,
+                                 max_sequence_length=max_sequence_length)
+        assert backbone.text_encoder is not None
+        return backbone.text_encoder
+    options = LoadOptions(dtype=dtype, device=torch.device(device), load_text_encoder=True, t_min=0.0,
+                          max_sequence_length=max_sequence_length)
+    for name in adapter.text_components(folder, options):
+        folder.check(name)
+    return adapter.load_text_encoder(folder, options)
 
 
 def freeze(*modules: torch.nn.Module | None) -> None:

@@ -8,12 +8,20 @@ per-sample ``(B,)`` tensor per adapter. Changing a scale re-wraps, recompiles an
 
 The matmul goes through :func:`dmdr.kernels.lora_linear` (fused Triton on GPU, torch reference on CPU).
 
+Initialisation (one rule for every path: a model loaded whole, or built on the meta device, sharded
+and materialised at any world size): ``lora_B = 0`` (the adapter starts as a no-op) and ``lora_A``
+kaiming-uniform like peft's, drawn from a ``torch.Generator`` seeded by ``(seed, module, adapter)``:
+the run's seed, the wrapped linear's qualified name in the network LoRA was injected into (the
+namespace of the weight files) and the adapter name. No global RNG is read, so every rank draws the
+same adapter and a W=2 run starts from exactly the W=1 weights. See :func:`lora_init`.
+
 Ownership rule for activation checkpointing: recomputation in backward reads the scales again, so
 a backward must run before the next ``set`` on the same model (the trainer's critic step does).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -76,7 +84,12 @@ class LoRALinear(nn.Module):
     def bias(self) -> Tensor | None:
         return self.base.bias
 
-    def add_adapter(self, name: str, rank: int, alpha: float) -> None:
+    def add_adapter(self, name: str, rank: int, alpha: float, *, seed: int = 0, module_name: str = "") -> None:
+        """Add adapter ``name``: ``B = 0``, ``A`` from :func:`lora_init` (``seed``, ``module_name``, ``name``).
+
+        On a meta-device base (sharded loading) the adapter stays on meta; the loader fills it with
+        the same :func:`lora_init` draw (:func:`init_from_key`).
+        """
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists")
         if rank < 1:
@@ -84,11 +97,15 @@ class LoRALinear(nn.Module):
         w = self.base.weight
         # fp32 master weights whatever the base dtype: a bf16 adapter would round away the tiny
         # AdamW updates of DMDR's learning rates (1e-6 .. 5e-9); forward casts to the input dtype.
-        a = torch.empty(rank, self.in_features, device=w.device, dtype=torch.float32)
-        # peft's default init: A like nn.Linear's kaiming-uniform, B zero -> the adapter starts as a no-op.
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        shape_a, shape_b = (rank, self.in_features), (self.out_features, rank)
+        if w.is_meta:
+            a = torch.empty(shape_a, device="meta", dtype=torch.float32)
+            b = torch.empty(shape_b, device="meta", dtype=torch.float32)
+        else:
+            a = lora_init(shape_a, seed=seed, module=module_name, adapter=name).to(w.device)
+            b = torch.zeros(shape_b, device=w.device, dtype=torch.float32)
         self.lora_A[name] = nn.Parameter(a)
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=torch.float32))
+        self.lora_B[name] = nn.Parameter(b)
         self.lora_scaling[name] = alpha / rank
 
     def _active(self) -> list[tuple[str, float | Tensor]]:
@@ -121,6 +138,40 @@ class LoRALinear(nn.Module):
         return f"adapters={ranks}"
 
 
+def _lora_seed(seed: int, module: str, adapter: str) -> int:
+    """A 63-bit generator seed from the run seed, the module's qualified name and the adapter name."""
+    digest = hashlib.blake2b(f"{seed}|{module}|{adapter}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def lora_init(shape: tuple[int, int] | torch.Size, *, seed: int, module: str, adapter: str) -> Tensor:
+    """The initial ``lora_A`` (rank, in_features) of adapter ``adapter`` on linear ``module``: fp32, CPU.
+
+    peft's init (``nn.Linear``'s kaiming-uniform, ``a = sqrt(5)``: ``U(-1/sqrt(in), 1/sqrt(in))``) drawn
+    from a generator seeded by ``(seed, module, adapter)``, so it depends on nothing else (no global
+    RNG, no rank, no world size, no injection order). ``lora_B`` starts at zero.
+    """
+    g = torch.Generator().manual_seed(_lora_seed(seed, module, adapter))
+    a = torch.empty(tuple(shape), dtype=torch.float32)
+    return nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+
+
+def init_from_key(key: str, shape: torch.Size, dtype: torch.dtype, seed: int = 0) -> Tensor | None:
+    """The initial value of a LoRA parameter named by its weight-file key, or ``None`` if ``key`` is not one.
+
+    ``key`` is ``<module>.lora_A.<adapter>`` or ``<module>.lora_B.<adapter>`` (a parameter name of
+    a network with LoRA, without checkpoint wrappers); the same :func:`lora_init` draw as
+    :meth:`LoRALinear.add_adapter`, for loaders that build adapters on the meta device.
+    """
+    parts = key.split(".")
+    if len(parts) < 2 or parts[-2] not in ("lora_A", "lora_B"):
+        return None
+    module, kind, adapter = ".".join(parts[:-2]), parts[-2], parts[-1]
+    if kind == "lora_B":
+        return torch.zeros(shape, dtype=dtype)
+    return lora_init(shape, seed=seed, module=module, adapter=adapter).to(dtype)
+
+
 def _matches(qualified_name: str, targets: Iterable[str]) -> bool:
     for target in targets:
         if target.startswith("re:"):
@@ -132,12 +183,16 @@ def _matches(qualified_name: str, targets: Iterable[str]) -> bool:
 
 
 def inject_lora(model: nn.Module, adapter: str, rank: int, alpha: float, targets: Iterable[str],
-                scales: LoRAScales | None = None) -> LoRAScales:
+                scales: LoRAScales | None = None, *, seed: int = 0) -> LoRAScales:
     """Add adapter ``adapter`` to every linear of ``model`` whose name matches one of ``targets``.
 
     A target is a module-name suffix (``"attn.to_q"`` matches ``"blocks.3.attn.to_q"``) or a regex
     prefixed ``re:``. Linears already wrapped get one more adapter. Returns the model's scales
     object (created on first injection, found on the model's wrapped layers after that).
+
+    ``lora_A`` is drawn by :func:`lora_init` from ``seed`` and the layer's qualified name in
+    ``model``: inject into the diffusers network itself (``denoiser.net``), whose names are the keys
+    of its weight files, so the sharded loader (prefix ``"net."``) draws the same values.
 
     Raises:
         ValueError: when no module matches (a typo in the targets must not train nothing).
@@ -152,7 +207,7 @@ def inject_lora(model: nn.Module, adapter: str, rank: int, alpha: float, targets
     for qualified, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             if _matches(qualified, targets):
-                module.add_adapter(adapter, rank, alpha)
+                module.add_adapter(adapter, rank, alpha, seed=seed, module_name=qualified)
                 wrapped += 1
             continue
         if not isinstance(module, nn.Linear) or not _matches(qualified, targets):
@@ -160,7 +215,7 @@ def inject_lora(model: nn.Module, adapter: str, rank: int, alpha: float, targets
         if qualified.endswith(".base") and isinstance(_parent(model, qualified), LoRALinear):
             continue
         layer = LoRALinear(module, scales)
-        layer.add_adapter(adapter, rank, alpha)
+        layer.add_adapter(adapter, rank, alpha, seed=seed, module_name=qualified)
         _set_submodule(model, qualified, layer)
         wrapped += 1
     if wrapped == 0:

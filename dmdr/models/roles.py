@@ -36,7 +36,7 @@ def _freeze_base(net: nn.Module) -> None:
 
 def make_generator(backbone: Backbone, mode: Literal["lora", "full"] = "lora", rank: int = 64,
                    alpha: float = 128.0, targets: tuple[str, ...] | list[str] | None = None,
-                   dtype: torch.dtype | None = None) -> tuple[Denoiser, str | None]:
+                   dtype: torch.dtype | None = None, seed: int = 0) -> tuple[Denoiser, str | None]:
     """The generator: a full trainable copy of the teacher, or the teacher with a generator LoRA.
 
     Call before :func:`add_critic_lora` (the full copy must not contain the critic adapter).
@@ -48,6 +48,7 @@ def make_generator(backbone: Backbone, mode: Literal["lora", "full"] = "lora", r
         rank, alpha: the generator LoRA's rank and alpha (``"lora"`` mode).
         targets: module-name suffixes (or ``re:`` regexes) for the LoRA; ``None`` = the family's default.
         dtype: optional dtype of the full copy (e.g. fp32 master weights); ignored in ``"lora"`` mode.
+        seed: the LoRA initialisation seed (:func:`dmdr.models.lora.lora_init`; ``"lora"`` mode).
 
     Returns:
         ``(generator, adapter_name)``; the adapter name is ``None`` for the full copy.
@@ -64,18 +65,20 @@ def make_generator(backbone: Backbone, mode: Literal["lora", "full"] = "lora", r
         return generator, None
     if mode != "lora":
         raise ValueError(f"generator mode must be 'lora' or 'full', got {mode!r}")
-    inject_lora(teacher.net, GENERATOR, rank, alpha, targets or backbone.lora_targets)
+    inject_lora(teacher.net, GENERATOR, rank, alpha, targets or backbone.lora_targets, seed=seed)
     _freeze_base(teacher.net)
     return teacher, GENERATOR
 
 
 def add_critic_lora(backbone: Backbone, rank: int = 32, alpha: float = 32.0,
-                    targets: tuple[str, ...] | list[str] | None = None) -> list[nn.Parameter]:
+                    targets: tuple[str, ...] | list[str] | None = None, seed: int = 0) -> list[nn.Parameter]:
     """Inject adapter ``"critic"`` into the teacher; returns its trainable parameters.
 
-    The base stays frozen; a generator adapter already in the teacher stays trainable.
+    The base stays frozen; a generator adapter already in the teacher stays trainable. ``seed``: see
+    :func:`dmdr.models.lora.lora_init`. On a teacher built on the meta device the adapter stays on
+    meta (materialised by the sharded loader with the same initialisation).
     """
     net = backbone.teacher.net
-    inject_lora(net, CRITIC, rank, alpha, targets or backbone.lora_targets)
+    inject_lora(net, CRITIC, rank, alpha, targets or backbone.lora_targets, seed=seed)
     _freeze_base(net)
     return lora_parameters(net, CRITIC)

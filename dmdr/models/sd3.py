@@ -133,43 +133,66 @@ class SD3TextEncoder:
         return self._negative
 
 
+def text_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
+    """The CLIP pairs, and the T5 pair when the folder lists it (optional, but only as a pair)."""
+    t5 = [n for n in T5_COMPONENTS if folder.declared(n)]
+    if len(t5) == 1:  # T5 is optional (the pipeline then uses zeros), but only as a pair
+        missing = next(n for n in T5_COMPONENTS if n not in t5)
+        raise ModelLoadError(f"{folder.path}: model_index.json lists {t5[0]!r} without {missing!r}; "
+                             "list both T5 components or neither")
+    return [*TEXT_COMPONENTS, *t5]
+
+
 def required_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
     names = ["transformer", "vae"]
     if options.load_text_encoder:
-        names += list(TEXT_COMPONENTS)
-        t5 = [n for n in T5_COMPONENTS if folder.declared(n)]
-        if len(t5) == 1:  # T5 is optional (the pipeline then uses zeros), but only as a pair
-            missing = next(n for n in T5_COMPONENTS if n not in t5)
-            raise ModelLoadError(f"{folder.path}: model_index.json lists {t5[0]!r} without {missing!r}; "
-                                 "list both T5 components or neither")
-        names += t5
+        names += text_components(folder, options)
     return names
 
 
+def load_text_encoder(folder: ModelFolder, options: LoadOptions, t5_dim: int | None = None) -> SD3TextEncoder:
+    """The frozen CLIPs and T5 of ``folder`` on ``options.device`` (no transformer or VAE weights read).
+
+    ``t5_dim``: width of the all-zero T5 part of a folder without T5; default the transformer's
+    ``joint_attention_dim`` (read from its config.json).
+    """
+    if t5_dim is None:
+        t5_dim = int(folder.config("transformer")["joint_attention_dim"])
+    parts = {n: folder.load(n, options.dtype) for n in TEXT_COMPONENTS}
+    t5 = {n: folder.load(n, options.dtype) for n in T5_COMPONENTS if folder.declared(n)}
+    text_encoder = SD3TextEncoder(
+        parts["tokenizer"], parts["text_encoder"], parts["tokenizer_2"], parts["text_encoder_2"],
+        t5.get("tokenizer_3"), t5.get("text_encoder_3"), max_sequence_length=options.max_sequence_length,
+        t5_dim=t5_dim,
+    )
+    freeze(*text_encoder.modules())
+    return text_encoder.to(options.device)
+
+
 def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
-    """The SD3 :class:`Backbone` of ``folder`` (checked by :func:`dmdr.models.load_backbone`)."""
-    transformer = folder.load("transformer", options.dtype)
+    """The SD3 :class:`Backbone` of ``folder`` (checked by :func:`dmdr.models.load_backbone`).
+
+    With ``options.defer_denoiser`` the transformer is built on the meta device and its weight
+    folder goes to ``extras["denoiser_weights"]`` (see :func:`dmdr.models.load_backbone`).
+    """
+    extras: dict = {"pipeline_class": folder.pipeline_class}
+    if options.defer_denoiser:
+        transformer = folder.build_on_meta("transformer", options.dtype)
+        extras["denoiser_weights"] = folder.weights_folder("transformer")
+    else:
+        transformer = folder.load("transformer", options.dtype)
     vae = folder.load("vae", options.dtype)
     freeze(transformer, vae)
-    transformer.to(options.device)
+    if not options.defer_denoiser:
+        transformer.to(options.device)
     vae.to(options.device)
     text_encoder = None
     if options.load_text_encoder:
-        parts = {n: folder.load(n, options.dtype) for n in TEXT_COMPONENTS}
-        t5 = {n: folder.load(n, options.dtype) for n in T5_COMPONENTS if folder.declared(n)}
-        text_encoder = SD3TextEncoder(
-            parts["tokenizer"], parts["text_encoder"], parts["tokenizer_2"], parts["text_encoder_2"],
-            t5.get("tokenizer_3"), t5.get("text_encoder_3"), max_sequence_length=options.max_sequence_length,
-            t5_dim=int(transformer.config.joint_attention_dim),
-        )
-        freeze(*text_encoder.modules())
-        text_encoder.to(options.device)
+        text_encoder = load_text_encoder(folder, options, t5_dim=int(transformer.config.joint_attention_dim))
     codec = AutoencoderKLCodec(vae)
     teacher = SD3Denoiser(transformer, t_min=options.t_min)
     teacher.requires_grad_(False)
+    extras["patch_size"] = int(transformer.config.patch_size)
     return Backbone(family="sd3", teacher=teacher, text_encoder=text_encoder, codec=codec,
                     latent_channels=int(transformer.config.in_channels), vae_scale_factor=codec.scale_factor,
-                    lora_targets=LORA_TARGETS,
-                    extras={"patch_size": int(transformer.config.patch_size),
-                            "pipeline_class": folder.pipeline_class})
-
+                    lora_targets=LORA_TARGETS, extras=extras)

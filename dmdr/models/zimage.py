@@ -118,28 +118,44 @@ class ZImageTextEncoder:
         return self._negative
 
 
+def text_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
+    return list(TEXT_COMPONENTS)
+
+
 def required_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
-    return ["transformer", "vae", *(TEXT_COMPONENTS if options.load_text_encoder else ())]
+    return ["transformer", "vae", *(text_components(folder, options) if options.load_text_encoder else ())]
+
+
+def load_text_encoder(folder: ModelFolder, options: LoadOptions) -> ZImageTextEncoder:
+    """The frozen Qwen3 encoder and tokenizer of ``folder`` on ``options.device`` (nothing else read)."""
+    text_encoder = ZImageTextEncoder(folder.load("tokenizer"), folder.load("text_encoder", options.dtype),
+                                     max_sequence_length=options.max_sequence_length)
+    freeze(*text_encoder.modules())
+    return text_encoder.to(options.device)
 
 
 def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
-    """The Z-Image :class:`Backbone` of ``folder`` (checked by :func:`dmdr.models.load_backbone`)."""
-    transformer = folder.load("transformer", options.dtype)
+    """The Z-Image :class:`Backbone` of ``folder`` (checked by :func:`dmdr.models.load_backbone`).
+
+    With ``options.defer_denoiser`` the transformer is built on the meta device and its weight
+    folder goes to ``extras["denoiser_weights"]`` (see :func:`dmdr.models.load_backbone`).
+    """
+    extras: dict = {"pipeline_class": folder.pipeline_class}
+    if options.defer_denoiser:
+        transformer = folder.build_on_meta("transformer", options.dtype)
+        extras["denoiser_weights"] = folder.weights_folder("transformer")
+    else:
+        transformer = folder.load("transformer", options.dtype)
     vae = folder.load("vae", options.dtype)
     freeze(transformer, vae)
-    transformer.to(options.device)
+    if not options.defer_denoiser:
+        transformer.to(options.device)
     vae.to(options.device)
-    text_encoder = None
-    if options.load_text_encoder:
-        text_encoder = ZImageTextEncoder(folder.load("tokenizer"), folder.load("text_encoder", options.dtype),
-                                         max_sequence_length=options.max_sequence_length)
-        freeze(*text_encoder.modules())
-        text_encoder.to(options.device)
+    text_encoder = load_text_encoder(folder, options) if options.load_text_encoder else None
     codec = AutoencoderKLCodec(vae)
     teacher = ZImageDenoiser(transformer, t_min=options.t_min)
     teacher.requires_grad_(False)
-    patch = int(transformer.config.all_patch_size[0])
+    extras["patch_size"] = int(transformer.config.all_patch_size[0])
     return Backbone(family="zimage", teacher=teacher, text_encoder=text_encoder, codec=codec,
                     latent_channels=int(transformer.config.in_channels), vae_scale_factor=codec.scale_factor,
-                    lora_targets=LORA_TARGETS,
-                    extras={"patch_size": patch, "pipeline_class": folder.pipeline_class})
+                    lora_targets=LORA_TARGETS, extras=extras)

@@ -115,6 +115,7 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple
     env: DistEnv = init_distributed(device="cpu")
     try:
         fn(env, *args)
+        env.barrier()  # no rank tears its gloo pairs down while another still uses them (rare SIGABRT)
     finally:
         env.destroy()
 

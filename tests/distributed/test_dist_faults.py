@@ -36,7 +36,9 @@ def test_preemption_flag_is_agreed_across_ranks():
 def _torchrun(out: Path, *args: str, restarts: int = 0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={restarts}", str(SCRIPT), "--out", str(out), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # A fresh rendezvous store per restart attempt (pytorch#135712: otherwise restarted workers can hang
+    # or fail in init_process_group on the store they share with torchrun).
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
 
 

@@ -109,3 +109,30 @@ def test_two_adapters_and_merge():
     assert torch.allclose(m(x), with_gen, atol=1e-5)
     sd = lora_state_dict(m, "critic")
     assert "0.to_q.lora_A.weight" in sd and sd["0.to_q.lora_A.weight"].shape == (4, 8)
+
+
+def test_init_is_a_function_of_seed_module_and_adapter():
+    """``lora_A`` depends on (seed, module name, adapter) only: not on the global RNG nor the order."""
+    from dmdr.models.lora import init_from_key, lora_init
+
+    def build(seed, order):
+        m = nn.Sequential(Block(), Block())
+        for adapter in order:
+            torch.manual_seed(len(adapter))  # the global RNG must not matter
+            inject_lora(m, adapter, rank=3, alpha=3, targets=["to_q", "to_out"], seed=seed)
+        return m
+
+    a, b = build(7, ["critic", "generator"]), build(7, ["generator", "critic"])
+    for (name, la), (_, lb) in zip(lora_layers(a), lora_layers(b)):
+        for adapter in ("critic", "generator"):
+            assert torch.equal(la.lora_A[adapter], lb.lora_A[adapter])
+            assert torch.equal(la.lora_A[adapter], lora_init((3, 8), seed=7, module=name, adapter=adapter))
+            assert torch.equal(la.lora_A[adapter], init_from_key(f"{name}.lora_A.{adapter}", (3, 8),
+                                                                 torch.float32, seed=7))
+            assert not la.lora_B[adapter].any() and la.lora_A[adapter].dtype == torch.float32
+            assert la.lora_A[adapter].abs().max() <= 1 / 8 ** 0.5  # kaiming-uniform(a=sqrt(5)) bound
+    layer = a[0].to_q
+    assert not torch.equal(layer.lora_A["critic"], layer.lora_A["generator"])
+    assert not torch.equal(layer.lora_A["critic"], a[1].to_q.lora_A["critic"])
+    assert not torch.equal(layer.lora_A["critic"], build(8, ["critic"])[0].to_q.lora_A["critic"])
+    assert init_from_key("0.to_q.weight", (8, 8), torch.float32) is None

@@ -301,6 +301,27 @@ def load_text_encoders(path: str | Path, family: str = "auto", dtype: torch.dtyp
     return adapter.load_text_encoder(folder, options)
 
 
+def load_transformer_and_vae(folder: ModelFolder, options: LoadOptions) -> tuple[torch.nn.Module, torch.nn.Module,
+                                                                                 dict[str, Any]]:
+    """The frozen ``transformer`` and ``vae`` components of a folder, and the extras they set.
+
+    With ``options.defer_denoiser`` the transformer is built on the meta device (no weights read) and
+    its weight folder goes to ``extras["denoiser_weights"]``; otherwise both load on ``options.device``.
+    """
+    extras: dict[str, Any] = {"pipeline_class": folder.pipeline_class}
+    if options.defer_denoiser:
+        transformer = folder.build_on_meta("transformer", options.dtype)
+        extras["denoiser_weights"] = folder.weights_folder("transformer")
+    else:
+        transformer = folder.load("transformer", options.dtype)
+    vae = folder.load("vae", options.dtype)
+    freeze(transformer, vae)
+    if not options.defer_denoiser:
+        transformer.to(options.device)
+    vae.to(options.device)
+    return transformer, vae, extras
+
+
 def freeze(*modules: torch.nn.Module | None) -> None:
     """Eval mode and ``requires_grad=False`` for frozen components."""
     for m in modules:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from dmdr.errors import ModelLoadError
 from dmdr.models.base import Backbone, Conditioning, Denoiser
-from dmdr.models.loading import LoadOptions, ModelFolder, freeze
+from dmdr.models.loading import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
 from dmdr.models.vae import AutoencoderKLCodec
 from dmdr.parameterization import FlowMatching
 
@@ -175,17 +175,7 @@ def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
     With ``options.defer_denoiser`` the transformer is built on the meta device and its weight
     folder goes to ``extras["denoiser_weights"]`` (see :func:`dmdr.models.load_backbone`).
     """
-    extras: dict = {"pipeline_class": folder.pipeline_class}
-    if options.defer_denoiser:
-        transformer = folder.build_on_meta("transformer", options.dtype)
-        extras["denoiser_weights"] = folder.weights_folder("transformer")
-    else:
-        transformer = folder.load("transformer", options.dtype)
-    vae = folder.load("vae", options.dtype)
-    freeze(transformer, vae)
-    if not options.defer_denoiser:
-        transformer.to(options.device)
-    vae.to(options.device)
+    transformer, vae, extras = load_transformer_and_vae(folder, options)
     text_encoder = None
     if options.load_text_encoder:
         text_encoder = load_text_encoder(folder, options, t5_dim=int(transformer.config.joint_attention_dim))

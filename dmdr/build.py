@@ -164,6 +164,17 @@ class Session:
         self.dist.destroy()
 
 
+def prepare_text_encoders(cfg: TrainConfig, backbone: Backbone, mesh: Any, device: torch.device) -> None:
+    """Frozen text encoders replicated on every rank, or FSDP2-sharded (``parallel.frozen_encoders=shard``,
+    for T5-XXL / Qwen3-sized encoders; every rank then encodes its own batch in lockstep)."""
+    from dmdr.distributed import prepare_frozen
+
+    if backbone.text_encoder is None:
+        return
+    for module in backbone.text_encoder.modules():
+        prepare_frozen(module, mesh, cfg.parallel, device=device, dtype=DTYPES[cfg.model.dtype])
+
+
 def build_run(cfg: TrainConfig) -> Session:
     """Everything a run needs, checked before the first step; resumes when a checkpoint exists."""
     from dmdr.data import EmbeddingCache, SkipMonitor, build_prompt_loader
@@ -178,6 +189,7 @@ def build_run(cfg: TrainConfig) -> Session:
     rewards = build_rewards(cfg, env.device)
     need_encoder = cache is None or cfg.data.cache_miss == "encode"
     backbone, generator, adapter = build_models(cfg, env.device, mesh, load_text_encoder=need_encoder)
+    prepare_text_encoders(cfg, backbone, mesh, env.device)
     # The same global RNG state on every rank and whichever load path ran (LoRA inits do not read it).
     torch.manual_seed(cfg.train.seed)
     if cache is not None:

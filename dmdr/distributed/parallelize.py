@@ -13,6 +13,8 @@ torch.distributed.checkpoint's state-dict helpers strip it, so checkpoints do no
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -149,6 +151,29 @@ def outer_block_lists(module: nn.Module) -> list[nn.ModuleList]:
     return found
 
 
+@contextmanager
+def _keep_output_capturing(root: nn.Module) -> Iterator[None]:
+    """Keep transformers' ``output_hidden_states`` working on models whose class FSDP2 swaps.
+
+    transformers >= 5 records hidden states with hooks chosen from a registry keyed on the model's
+    class name; ``fully_shard`` replaces the class with ``FSDP<Name>``, so the lookup would miss and
+    ``hidden_states`` come back ``None`` (Z-Image's Qwen3 encoder reads ``hidden_states[-2]``). The
+    entries are re-registered under the new classes. Internal API: skipped when it is not there.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:
+        yield
+        return
+    entries = [(m, _CAN_RECORD_REGISTRY.get(m)) for m in root.modules()]
+    try:
+        yield
+    finally:
+        for m, entry in entries:
+            if entry:
+                _CAN_RECORD_REGISTRY[m] = entry
+
+
 def prepare_frozen(module: nn.Module, mesh: DeviceMesh | None, parallel: ParallelConfig,
                    device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """A never-trained model (text encoder, VAE, reward model): frozen, eval, replicated or sharded.
@@ -162,7 +187,8 @@ def prepare_frozen(module: nn.Module, mesh: DeviceMesh | None, parallel: Paralle
     if mesh is not None and parallel.frozen_encoders == "shard":
         blocks = [b for lst in outer_block_lists(module) for b in lst]
         mp = MixedPrecisionPolicy(param_dtype=dtype or torch_dtype(parallel.param_dtype))
-        return shard_blocks_and_root(module, blocks, mesh, mp)
+        with _keep_output_capturing(module):
+            return shard_blocks_and_root(module, blocks, mesh, mp)
     if any(p.is_meta for p in module.parameters()):
         return module  # materialised later by the loader, on ``device``
     return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)

@@ -3,7 +3,8 @@
 A recipe file ends with ``sys.exit(main(my_recipe))``; ``main`` parses ``--section.field value``
 overrides, checks the output folder and the model before any work, writes the resolved config to
 ``<output_dir>/config.json``, resumes from the latest complete checkpoint (``checkpoint.resume=auto``)
-and trains. A :class:`~dmdr.errors.UserError` anywhere prints ``error: <one line>`` and exits 2.
+and trains. A :class:`~dmdr.errors.UserError` anywhere prints ``error: <one line>`` and exits 2; a run
+stopped by ``train.max_bad_steps`` non-finite steps in a row prints one line and exits 3.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from dmdr.config import TrainConfig, apply_overrides, save_config
 from dmdr.errors import ConfigError, UserError
+from dmdr.trainer import TrainingDiverged
 
 log = logging.getLogger("dmdr")
 
@@ -54,6 +56,9 @@ def main(recipe: Callable[[], TrainConfig], argv: list[str] | None = None,
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
 
 
 def run(cfg: TrainConfig) -> int:

@@ -97,7 +97,8 @@ class Counters:
     iteration: int = 0
     generator_step: int = 0
     skipped_steps: int = 0
-    consecutive_bad: int = 0
+    consecutive_bad: dict[str, int] = field(default_factory=lambda: {"generator": 0, "critic": 0})
+    """Non-finite steps in a row, per optimizer (a good critic step says nothing about the generator)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -162,7 +163,7 @@ class DMDRTrainer:
         c = self.counters
         state: dict[str, Any] = {
             "iteration": c.iteration, "generator_step": c.generator_step,
-            "skipped_steps": c.skipped_steps, "consecutive_bad": c.consecutive_bad,
+            "skipped_steps": c.skipped_steps, "consecutive_bad": dict(c.consecutive_bad),
         }
         if self.ema is not None:
             state["ema"] = {str(i): t for i, t in enumerate(self.ema)}
@@ -173,7 +174,7 @@ class DMDRTrainer:
         c.iteration = int(state["iteration"])
         c.generator_step = int(state["generator_step"])
         c.skipped_steps = int(state["skipped_steps"])
-        c.consecutive_bad = int(state["consecutive_bad"])
+        c.consecutive_bad = {k: int(v) for k, v in state["consecutive_bad"].items()}
         if self.ema is not None and "ema" in state:
             for i, t in enumerate(self.ema):
                 t.copy_(state["ema"][str(i)])
@@ -269,13 +270,16 @@ class DMDRTrainer:
             finite = not self.dist.any_rank(not finite)
         return float(norm), finite
 
-    def _record_bad_step(self) -> None:
+    def _record_step(self, role: str, finite: bool) -> None:
         c = self.counters
+        if finite:
+            c.consecutive_bad[role] = 0
+            return
         c.skipped_steps += 1
-        c.consecutive_bad += 1
-        if c.consecutive_bad >= self.cfg.train.max_bad_steps:
+        c.consecutive_bad[role] += 1
+        if c.consecutive_bad[role] >= self.cfg.train.max_bad_steps:
             raise TrainingDiverged(
-                f"{c.consecutive_bad} consecutive non-finite steps at generator step {self.step}; "
+                f"{c.consecutive_bad[role]} consecutive non-finite {role} steps at generator step {self.step}; "
                 f"stopping (the last good checkpoint is intact; lower the learning rates or check the data)")
 
     def generator_update(self, x0_sim: Tensor, cond: Conditioning, uncond: Conditioning,
@@ -306,9 +310,7 @@ class DMDRTrainer:
         if finite:
             self.generator_opt.step()
             self._update_ema()
-            self.counters.consecutive_bad = 0
-        else:
-            self._record_bad_step()
+        self._record_step("generator", finite)
         self.generator_opt.zero_grad(set_to_none=True)
         metrics.update({"loss/generator": loss.item(), "grad_norm/generator": norm,
                         "lr/generator": self.generator_opt.param_groups[0]["lr"]})
@@ -324,8 +326,7 @@ class DMDRTrainer:
         norm, finite = self._clip_and_check(self.roles.critic_params, loss)
         if finite:
             self.critic_opt.step()
-        else:
-            self._record_bad_step()
+        self._record_step("critic", finite)
         self.critic_opt.zero_grad(set_to_none=True)
         return {"loss/fake": loss.item(), "grad_norm/critic": norm, "lr/critic": self.critic_opt.param_groups[0]["lr"]}
 

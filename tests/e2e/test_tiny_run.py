@@ -91,3 +91,37 @@ def test_bad_input_one_line_before_training(argv, needle, tmp_path, tiny_assets)
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_checkpoint_intact(tiny_assets, tmp_path, monkeypatch):
+    import dmdr.trainer as trainer_mod
+    from dmdr.launch import main, run
+
+    real = trainer_mod.dmd_generator_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in (3, 5, 6, 7):  # one isolated bad step, then a run of three
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(trainer_mod, "dmd_generator_loss", poisoned)
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_assets, out, train__max_bad_steps=3, checkpoint__interval=2, rl__start_step=100)
+
+    with pytest.raises(trainer_mod.TrainingDiverged, match="3 consecutive non-finite generator steps"):
+        run(cfg)
+    records = _metrics(out)
+    assert records[2]["train/skipped_steps"] == 1 and records[3]["train/skipped_steps"] == 1
+    # steps 5 and 6 were skipped (checkpointed at 6), step 7 was the third in a row: stop
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-6"
+    at4, at6 = _trainable(out, 4), _trainable(out, 6)
+    generator_keys = [k for k in at6 if k.endswith(".generator")]
+    assert generator_keys and all(torch.equal(at4[k], at6[k]) for k in generator_keys)
+    assert all(torch.isfinite(t).all() for t in at6.values())
+    # through the launcher: one line, exit 3, the checkpoint still there
+    calls["n"] = 0
+    assert main(lambda: tiny_config(tiny_assets, tmp_path / "again", train__max_bad_steps=3,
+                                    checkpoint__interval=2, rl__start_step=100), argv=[]) == 3

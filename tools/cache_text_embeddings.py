@@ -24,7 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+# Run as a script, this folder is sys.path[0], and its profile.py would shadow the standard library's
+# `profile` (which torch.distributed.checkpoint imports through cProfile).
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import torch  # noqa: E402
 
 from dmdr.config import TrainConfig, apply_overrides
 from dmdr.data.cache import cache_embeddings

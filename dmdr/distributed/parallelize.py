@@ -25,6 +25,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from dmdr.config import ParallelConfig
 from dmdr.distributed.mesh import fsdp_mesh
 from dmdr.errors import ConfigError
+from dmdr.models.lora import checkpoint_context_fn
 
 log = logging.getLogger("dmdr")
 
@@ -83,7 +84,9 @@ def apply_activation_checkpointing(root: nn.Module, blocks: list[nn.Module], mod
         if id(block) not in parents:
             raise ValueError(f"block {i} ({type(block).__name__}) is not inside {type(root).__name__}")
         parent, name = parents[id(block)]
-        wrapped = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        # context_fn: the recompute in backward must see the LoRA scales of the original forward.
+        wrapped = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                     context_fn=checkpoint_context_fn)
         setattr(parent, name, wrapped)  # ModuleList supports setattr with its index names
         out.append(wrapped)
     return out

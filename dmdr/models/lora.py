@@ -15,8 +15,9 @@ the run's seed, the wrapped linear's qualified name in the network LoRA was inje
 namespace of the weight files) and the adapter name. No global RNG is read, so every rank draws the
 same adapter and a W=2 run starts from exactly the W=1 weights. See :func:`lora_init`.
 
-Ownership rule for activation checkpointing: recomputation in backward reads the scales again, so
-a backward must run before the next ``set`` on the same model (the trainer's critic step does).
+Activation checkpointing re-runs forwards during backward, after the scales may have changed:
+checkpoint wrappers must pass :func:`checkpoint_context_fn` (``dmdr.distributed`` does) so that the
+recomputation sees the scales its forward saw.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import weakref
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,7 @@ class LoRAScales:
 
     def __init__(self) -> None:
         self._values: dict[str, float | Tensor] = {}
+        _LIVE_SCALES.add(self)
 
     def set(self, **values: float | Tensor) -> None:
         for name, value in values.items():
@@ -49,8 +53,41 @@ class LoRAScales:
     def get(self, name: str) -> float | Tensor:
         return self._values.get(name, 0.0)
 
+    def snapshot(self) -> dict[str, float | Tensor]:
+        return dict(self._values)
+
+    def restore(self, values: dict[str, float | Tensor]) -> None:
+        self._values = dict(values)
+
     def __repr__(self) -> str:
         return f"LoRAScales({self._values})"
+
+
+_LIVE_SCALES: weakref.WeakSet[LoRAScales] = weakref.WeakSet()
+
+
+def checkpoint_context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
+    """``context_fn`` for ``torch.utils.checkpoint``: recomputation sees the LoRA scales of its forward.
+
+    Activation checkpointing re-runs a block's forward during backward. By then the same network may
+    have been called at other scales (the generator step's teacher forward sets the critic and generator
+    adapters' scales between the generator's forward and its backward), so without this the recompute
+    would use the wrong scales: silently wrong gradients, or a shape error for per-sample scales.
+    """
+    forward_time = [(scales, scales.snapshot()) for scales in _LIVE_SCALES]
+    return nullcontext(), _scales_restored(forward_time)
+
+
+@contextmanager
+def _scales_restored(saved: list[tuple[LoRAScales, dict[str, float | Tensor]]]) -> Iterator[None]:
+    current = [(scales, scales.snapshot()) for scales, _ in saved]
+    for scales, values in saved:
+        scales.restore(values)
+    try:
+        yield
+    finally:
+        for scales, values in current:
+            scales.restore(values)
 
 
 def _is_zero(scale: float | Tensor) -> bool:

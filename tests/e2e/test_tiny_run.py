@@ -125,3 +125,18 @@ def test_non_finite_steps_are_skipped_then_stop_with_checkpoint_intact(tiny_asse
     calls["n"] = 0
     assert main(lambda: tiny_config(tiny_assets, tmp_path / "again", train__max_bad_steps=3,
                                     checkpoint__interval=2, rl__start_step=100), argv=[]) == 3
+
+
+def test_activation_checkpointing_changes_nothing_in_lora_mode(tiny_assets, tmp_path):
+    """LoRA mode shares one network between generator and teacher: AC's recompute must see the scales of
+    its own forward. Same run with and without activation checkpointing: same losses, same weights."""
+    for ac in ("none", "full"):
+        assert run(tiny_config(tiny_assets, tmp_path / ac, parallel__activation_checkpointing=ac,
+                               train__max_steps=4)) == 0
+    a, b = _metrics(tmp_path / "none"), _metrics(tmp_path / "full")
+    for ra, rb in zip(a, b):
+        for key in LOSS_KEYS:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+    wa, wb = _trainable(tmp_path / "none", 4), _trainable(tmp_path / "full", 4)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)

@@ -136,3 +136,31 @@ def test_init_is_a_function_of_seed_module_and_adapter():
     assert not torch.equal(layer.lora_A["critic"], a[1].to_q.lora_A["critic"])
     assert not torch.equal(layer.lora_A["critic"], build(8, ["critic"])[0].to_q.lora_A["critic"])
     assert init_from_key("0.to_q.weight", (8, 8), torch.float32) is None
+
+
+def test_activation_checkpoint_recompute_sees_forward_time_scales():
+    """The generator step's pattern: forward at one scale, the same network called at other scales
+    (a per-sample batch of another size), then backward through the first forward's recompute."""
+    from dmdr.distributed.parallelize import apply_activation_checkpointing
+
+    def grads(ac: bool):
+        m, scales = _model()
+        for p in m.parameters():
+            p.requires_grad_("lora_" in str(p.shape) or p.ndim == 2 and p.shape[0] in (4,))
+        params = lora_parameters(m, "critic")
+        for p in params:
+            p.requires_grad_(True)
+        if ac:
+            apply_activation_checkpointing(m, list(m), "full")
+        x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1))
+        scales.set(critic=torch.tensor([0.5, 2.0]))
+        loss = m(x).pow(2).mean()
+        with torch.no_grad():  # the teacher's 3x batched call in between
+            scales.set(critic=torch.tensor([0.1, 0.1, 0.1, 3.0, 3.0, 3.0]))
+            m(torch.randn(6, 3, 8))
+        loss.backward()
+        assert isinstance(scales.get("critic"), torch.Tensor) and scales.get("critic").shape == (6,)
+        return [p.grad.clone() for p in params]
+
+    for a, b in zip(grads(ac=False), grads(ac=True)):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -1,0 +1,353 @@
+"""Export a trained generator as a stock diffusers pipeline folder that reproduces dmdr's few-step sampler.
+
+Library side of ``tools/convert_to_diffusers.py`` and ``tools/sample.py``: find a run's checkpoint,
+rebuild its generator exactly as training did (:func:`load_generator`), fold it into a plain diffusers
+transformer (:func:`export_transformer`), and write the folder (:func:`write_pipeline`).
+
+The schedule (:class:`InferenceSettings`, the one place for this mapping). dmdr's sampler
+(:func:`dmdr.sampling.few_step_sample`, ode mode) calls the generator at the levels
+``t_0 .. t_{N-1}`` of :func:`dmdr.schedules.few_step_timesteps` (already shifted) and Euler-steps
+``x <- x + (t_{i+1} - t_i) v``; its last step lands on ``t_N = t_min``, not 0 (the clean estimate
+``x_t + (t_min - t) v``). diffusers 0.42's ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=s)``:
+
+* shifts the passed sigmas again, ``shift * s / (1 + (shift - 1) s)`` (or the dynamic ``mu`` shift when
+  ``use_dynamic_shifting``): the exported scheduler has ``shift = 1.0`` and no dynamic shifting, which
+  leaves ``s`` bit-for-bit unchanged (``1.0 * s / (1 + 0.0 * s)``), and the sigmas passed are our
+  shifted float32 levels; ``timesteps = 1000 * s`` in float32 then equal the ``1000 t`` dmdr feeds the
+  network (``num_train_timesteps`` is pinned to 1000 for that);
+* appends a terminal sigma 0; each ``step`` is ``x + (s_{i+1} - s_i) * model_output``.
+
+So passing the N levels ``t_0 .. t_{N-1}`` (:attr:`InferenceSettings.sigmas`) gives our first N - 1
+steps exactly and a last step to 0 instead of ``t_min``: the output differs from dmdr's by exactly
+``t_min * v_last`` (about 0.1 % of one velocity, invisible in the image). The stock scheduler cannot end
+at ``t_min``, so the exact reproduction (:meth:`InferenceSettings.pipeline_kwargs` with ``exact=True``)
+passes the N + 1 levels ``t_0 .. t_N = t_min`` and stops the pipeline after N steps with a step-end
+callback (:class:`StopAfterSteps`, diffusers' documented ``pipe._interrupt`` switch): the N model calls
+and Euler steps are then dmdr's own, to fp32 rounding.
+
+No CFG: ``StableDiffusion3Pipeline`` guides when ``guidance_scale > 1`` (we pass 1.0),
+``ZImagePipeline`` when ``guidance_scale > 0`` (we pass 0.0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmdr.config import TrainConfig, from_dict
+from dmdr.errors import CheckpointError, ConfigError, ModelLoadError
+
+SETTINGS_FILE = "dmdr_inference.json"
+SETTINGS_FORMAT = 1
+NUM_TRAIN_TIMESTEPS = 1000
+"""dmdr's denoisers call the network with ``1000 t``; the scheduler's ``timesteps = num_train_timesteps * s``."""
+NO_CFG = {"StableDiffusion3Pipeline": 1.0, "ZImagePipeline": 0.0}
+"""The ``guidance_scale`` that switches CFG off: SD3 guides iff > 1, Z-Image iff > 0."""
+
+
+class StopAfterSteps:
+    """``callback_on_step_end`` that interrupts a diffusers pipeline after ``num_steps`` denoising steps."""
+
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        if step + 1 >= self.num_steps:
+            pipe._interrupt = True  # the pipeline skips the remaining loop iterations
+        return {}
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How to call the exported pipeline so that it runs dmdr's few-step sampler (see the module doc)."""
+
+    pipeline_class: str
+    num_inference_steps: int
+    shift: float
+    """The run's ``dmd.shift``: already applied to the sigmas (the exported scheduler's shift is 1.0)."""
+    t_min: float
+    resolution: int
+    max_sequence_length: int
+
+    @property
+    def levels(self) -> list[float]:
+        """The N + 1 levels ``t_0 = 1 .. t_N = t_min`` of the training sampler (float32 values)."""
+        from dmdr.schedules import few_step_timesteps
+
+        return few_step_timesteps(self.num_inference_steps, self.shift, self.t_min).tolist()
+
+    @property
+    def sigmas(self) -> list[float]:
+        """The N levels the network is called at; the scheduler appends the terminal 0."""
+        return self.levels[:-1]
+
+    @property
+    def guidance_scale(self) -> float:
+        return NO_CFG.get(self.pipeline_class, 0.0)
+
+    def pipeline_kwargs(self, exact: bool = True) -> dict[str, Any]:
+        """Keyword arguments for the stock pipeline's ``__call__`` (add ``prompt``, ``latents`` / ``generator``).
+
+        ``exact``: N + 1 sigmas ending at ``t_min`` and a stop after N steps (dmdr's sampler to fp32
+        rounding); otherwise the N sigmas alone (last step to 0: off by ``t_min * v_last``).
+        """
+        n = self.num_inference_steps
+        kwargs: dict[str, Any] = {
+            "num_inference_steps": n, "guidance_scale": self.guidance_scale, "height": self.resolution,
+            "width": self.resolution, "max_sequence_length": self.max_sequence_length,
+        }
+        if exact:
+            kwargs.update(sigmas=self.levels, callback_on_step_end=StopAfterSteps(n))
+        else:
+            kwargs["sigmas"] = self.sigmas
+        return kwargs
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": SETTINGS_FORMAT, **asdict(self), "guidance_scale": self.guidance_scale,
+                "sigmas": self.sigmas, "exact": {"sigmas": self.levels, "stop_after_steps": self.num_inference_steps},
+                "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", "shift": 1.0,
+                              "use_dynamic_shifting": False}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InferenceSettings:
+        try:
+            return cls(str(data["pipeline_class"]), int(data["num_inference_steps"]), float(data["shift"]),
+                       float(data["t_min"]), int(data["resolution"]), int(data["max_sequence_length"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelLoadError(f"{SETTINGS_FILE} lacks or mangles {e}; re-export the pipeline") from None
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, pipeline_class: str) -> InferenceSettings:
+        d = cfg.dmd
+        return cls(pipeline_class, d.num_steps, d.shift, d.t_min, cfg.model.resolution, cfg.model.max_sequence_length)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> InferenceSettings:
+        """The settings saved in an exported pipeline folder."""
+        file = Path(folder) / SETTINGS_FILE
+        try:
+            return cls.from_json(json.loads(file.read_text()))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{file} is missing or unreadable ({e}): not a folder written by "
+                                 "tools/convert_to_diffusers.py") from None
+
+
+def scheduler_config(teacher: dict[str, Any] | None) -> dict[str, Any]:
+    """The exported ``FlowMatchEulerDiscreteScheduler`` config: the teacher's, with sigmas passed through as given."""
+    config = {k: v for k, v in (teacher or {}).items() if not k.startswith("_")}
+    config.update(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0, use_dynamic_shifting=False, shift_terminal=None,
+                  invert_sigmas=False, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+                  stochastic_sampling=False)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------- runs
+def read_run_config(run: str | Path, model_path: str = "") -> TrainConfig:
+    """The resolved config of a run folder (``<run>/config.json``); ``model_path`` replaces ``model.path``."""
+    run = Path(run)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder {run} does not exist (pass the training run's train.output_dir)")
+    file = run / "config.json"
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{file} is missing or not valid JSON ({e}); is {run} a dmdr run folder?") from None
+    cfg = from_dict(data)
+    if model_path:
+        cfg.model.path = model_path
+    if not (Path(cfg.model.path) / "model_index.json").is_file():
+        raise ModelLoadError(f"the run's teacher folder {cfg.model.path!r} (model.path in {file}) is gone or not a "
+                             "diffusers pipeline folder; pass --model-path to its current location")
+    return cfg
+
+
+def resolve_checkpoint(run: str | Path, step: str | int = "latest") -> Path:
+    """``<run>/checkpoints/step-<step>``, or the newest complete one for ``latest``; checked (sizes, CRC32)."""
+    from dmdr.distributed.checkpoint import CheckpointManager, verify_checkpoint
+
+    manager = CheckpointManager(run)
+    if str(step) == "latest":
+        path = manager.latest()
+        if path is None:
+            raise CheckpointError(f"no complete checkpoint in {manager.root} (train longer, or check the run folder)")
+    else:
+        try:
+            path = manager.step_dir(int(step))
+        except ValueError:
+            raise CheckpointError(f"--step {step!r}: give a generator step number or 'latest'") from None
+        if not path.is_dir():
+            have = ", ".join(p.name for p in manager.checkpoints()) or "none"
+            raise CheckpointError(f"no checkpoint {path} (have: {have})")
+    reason = verify_checkpoint(path, checksums=True)
+    if reason:
+        raise CheckpointError(f"{reason}; pass --step with another checkpoint's step" if str(step) == "latest"
+                              else reason)
+    return path
+
+
+def load_generator(cfg: TrainConfig, checkpoint: str | Path, device: torch.device | str = "cpu",
+                   dtype: torch.dtype | None = None, load_text_encoder: bool = True) -> tuple[Any, Any]:
+    """The backbone and :class:`~dmdr.trainer.Roles` of a run, with the generator's weights from ``checkpoint``.
+
+    Built by the trainer's own path (:func:`dmdr.models.load_backbone`, :func:`dmdr.build.build_roles`,
+    :func:`dmdr.build.collect_roles`) in one process; only the generator's tensors are read (the generator
+    LoRA of entry ``models``, or the full copy of entry ``generator``), not the optimizer states or the critic.
+
+    Args:
+        dtype: storage dtype of the teacher's weights; default the run's ``model.dtype``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from dmdr.build import DTYPES, build_roles, collect_roles
+    from dmdr.distributed.checkpoint import read_marker
+    from dmdr.models import GENERATOR, load_backbone
+
+    m = cfg.model
+    entry = "models" if m.generator_mode == "lora" else "generator"  # DMDRTrainer.app_state's names
+    held = read_marker(checkpoint).get("entries", {})
+    if entry not in held:
+        raise CheckpointError(f"checkpoint {checkpoint} has no entry {entry!r} (it holds {', '.join(sorted(held))}); "
+                              f"it was not written with model.generator_mode={m.generator_mode}")
+    backbone = load_backbone(m.path, family=m.family, dtype=dtype or DTYPES[m.dtype], device=device,
+                             load_text_encoder=load_text_encoder, t_min=cfg.dmd.t_min,
+                             max_sequence_length=m.max_sequence_length)
+    generator, adapter = build_roles(cfg, backbone)
+    roles = collect_roles(generator, backbone.teacher, adapter)
+    model = backbone.teacher if adapter is not None else generator
+    state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=adapter is not None))
+    if adapter is not None:
+        state = {k: v for k, v in state.items() if k.endswith(f".{GENERATOR}")}
+    try:
+        with warnings.catch_warnings():  # DCP warns that it "assumes" one process even with no_dist
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({entry: {"model": state}}, checkpoint_id=str(checkpoint), no_dist=True)
+    except Exception as e:  # noqa: BLE001 - DCP wraps every failure; the user gets one line
+        lines = str(e).strip().splitlines()
+        raise CheckpointError(f"cannot read the generator from {checkpoint}: {lines[0] if lines else type(e).__name__}"
+                              ) from e
+    set_model_state_dict(model, state, options=StateDictOptions(strict=False))
+    return backbone, roles
+
+
+# ----------------------------------------------------------------------------------------------- export
+@torch.no_grad()
+def export_transformer(roles: Any, dtype: torch.dtype) -> nn.Module:
+    """The generator as a plain diffusers transformer in ``dtype``: generator LoRA merged (scale 1.0), no LoRA left.
+
+    LoRA mode folds ``alpha/r * B A`` of adapter ``generator`` into the teacher's base weights
+    (:func:`~dmdr.models.lora.merge_adapter`, computed in fp32 when the base is fp32) and swaps every
+    LoRA-wrapped linear back to its base linear, so the critic adapter is dropped. Full mode takes the
+    full copy. The network is modified in place.
+    """
+    from dmdr.models import GENERATOR
+    from dmdr.models.lora import lora_layers, merge_adapter
+
+    net = roles.generator.net
+    if roles.shared_base:
+        merge_adapter(net, GENERATOR, scale=1.0)
+    for name, layer in list(lora_layers(net)):
+        net.set_submodule(name, layer.base)
+    nn.Module.to(net, dtype)  # not ModelMixin.to, which warns on dtype casts
+    return net
+
+
+def check_output(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse a non-empty ``out``, unless ``overwrite`` and it is an earlier export (call before any slow work)."""
+    out = Path(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    if not (out / SETTINGS_FILE).is_file():
+        raise ConfigError(f"--out {out} is not a folder written by this exporter (no {SETTINGS_FILE}); "
+                          "refusing to delete it, choose another --out")
+
+
+def write_pipeline(source: str | Path, out: str | Path, transformer: nn.Module, settings: InferenceSettings,
+                   teacher_scheduler: dict[str, Any] | None, provenance: dict[str, Any],
+                   overwrite: bool = False) -> Path:
+    """Write the exported pipeline folder ``out``: the teacher's ``model_index.json`` and the other components it
+    lists, copied as they are; ``transformer/``; the few-step ``scheduler/``; :data:`SETTINGS_FILE`; a README.
+
+    Written into a temporary sibling and renamed into place, so ``out`` is never half-written.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    source, out = Path(source), Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        index = json.loads((source / "model_index.json").read_text())
+        # Only the components the pipeline lists: hub folders also hold single-file checkpoints and the like.
+        for name, entry in index.items():
+            listed = isinstance(entry, list) and len(entry) == 2 and None not in entry
+            if listed and name not in ("transformer", "scheduler") and (source / name).is_dir():
+                shutil.copytree(source / name, tmp / name)
+        transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(teacher_scheduler)).save_pretrained(
+            tmp / "scheduler")
+        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        meta = {**settings.to_json(), "source": provenance}
+        (tmp / SETTINGS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "README.md").write_text(_readme(settings, provenance))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, permissions: one line naming the file
+            raise ConfigError(f"cannot write the export to {out}: {e.strerror or e} ({e.filename or tmp})") from None
+        raise
+    return out
+
+
+def _readme(s: InferenceSettings, provenance: dict[str, Any]) -> str:
+    n = s.num_inference_steps
+    return f"""# dmdr few-step generator ({n} steps)
+
+Distilled with dmdr (DMDR) from {provenance.get("teacher", "the teacher")}, checkpoint
+{provenance.get("checkpoint", "?")} (generator mode {provenance.get("generator_mode", "?")}).
+Sample with {n} Euler steps at the sigmas below, no classifier-free guidance
+(guidance_scale={s.guidance_scale}), {s.resolution}x{s.resolution} pixels,
+max_sequence_length={s.max_sequence_length}. The sigmas already include the training shift {s.shift}; the
+scheduler's shift is 1.0 so that they are used as given. Everything is also in `{SETTINGS_FILE}`.
+
+```python
+import json
+from diffusers import {s.pipeline_class}
+
+pipe = {s.pipeline_class}.from_pretrained("path/to/this/folder")
+settings = json.load(open("path/to/this/folder/{SETTINGS_FILE}"))
+image = pipe("a photo of a cat", num_inference_steps={n}, sigmas=settings["sigmas"],
+             guidance_scale={s.guidance_scale}, height={s.resolution}, width={s.resolution},
+             max_sequence_length={s.max_sequence_length}).images[0]
+```
+
+sigmas = {s.sigmas}
+
+The scheduler appends a terminal sigma 0, while the training sampler ends at t_min = {s.t_min}: the
+call above differs from it by t_min * v in the last step only. To reproduce the training sampler
+exactly, pass the N + 1 levels `settings["exact"]["sigmas"]` = {s.levels} and stop after {n} steps:
+
+```python
+def stop(pipe, i, t, kwargs):
+    if i + 1 >= {n}:
+        pipe._interrupt = True
+    return {{}}
+
+image = pipe(..., sigmas=settings["exact"]["sigmas"], callback_on_step_end=stop).images[0]
+```
+"""

@@ -1,0 +1,270 @@
+"""Export to diffusers: the stock pipeline reproduces dmdr's few-step sampler; sampling tool; one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_helpers import REPO, tiny_config
+
+from dmdr import export
+from dmdr.distributed.offline import model_tensors
+from dmdr.launch import run
+from dmdr.parameterization import FlowMatching
+from dmdr.sampling import few_step_sample
+from dmdr.schedules import few_step_timesteps
+
+pytestmark = pytest.mark.slow
+
+TOL = 1e-5
+"""fp32 rounding: a merged LoRA and the same LoRA applied unmerged differ by a few ulps."""
+PROMPTS = ["a photo of a cat", "a red car in the rain", "a bowl of fruit"]
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _script(name: str, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ""}
+    return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def _one_error_line(err: str, needle: str) -> None:
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], err[-2000:]
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot when other processes hold the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_assets, tmp_path_factory) -> dict[str, Path]:
+    """Tiny runs, trained a few generator steps: SD3 LoRA and full fine-tune, Z-Image LoRA."""
+    from dmdr.models.tiny import build_tiny_zimage
+
+    root = tmp_path_factory.mktemp("export-runs")
+    quick = {"train__max_steps": 3, "dmd__ratio": 1, "checkpoint__interval": 2}
+    specs = {
+        "lora": {**quick, "model__generator_mode": "lora"},
+        "full": {**quick, "model__generator_mode": "full"},
+        # Z-Image: the chat template makes prompts long (byte tokens); 48 cuts them, alike in dmdr and diffusers
+        "zimage": {"model__path": str(build_tiny_zimage(root / "tiny-zimage")), "model__family": "auto",
+                   "model__max_sequence_length": 48, "data__batch_size": 2, "train__max_steps": 1,
+                   "dmd__ratio": 1, "checkpoint__interval": 0},
+    }
+    out = {}
+    for name, overrides in specs.items():
+        assert run(tiny_config(tiny_assets, root / name, **overrides)) == 0
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(runs, tmp_path_factory) -> dict[str, Path]:
+    """Each run exported; the LoRA one by the script itself (as a user runs it), the others in process."""
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for name, run_dir in runs.items():
+        out[name] = root / name
+        argv = ["--run", str(run_dir), "--out", str(out[name])]
+        if name == "lora":
+            proc = _script("convert_to_diffusers", argv, root)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:
+            assert _tool("convert_to_diffusers").main(argv) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", ["lora", "full", "zimage"])
+def test_stock_pipeline_reproduces_the_training_sampler(name, runs, exports):
+    from diffusers import DiffusionPipeline
+
+    cfg = export.read_run_config(runs[name])
+    backbone, roles = export.load_generator(cfg, export.resolve_checkpoint(runs[name]))
+    levels = few_step_timesteps(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min)
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(len(PROMPTS), *backbone.latent_shape(cfg.model.resolution), generator=g)
+    with torch.no_grad():
+        cond = backbone.text_encoder.encode(PROMPTS)
+        ours = few_step_sample(roles.generator_fn, noise, cond, levels, backbone.parameterization, mode="ode")
+        to_zero = few_step_sample(roles.generator_fn, noise, cond, levels, FlowMatching(t_min=0.0), mode="ode")
+        teacher = few_step_sample(lambda x, t, c: roles.critic_fn(x, t, c, 0.0), noise, cond, levels,
+                                  backbone.parameterization, mode="ode")
+
+    pipe = DiffusionPipeline.from_pretrained(str(exports[name]), local_files_only=True)
+    expected_class = "ZImagePipeline" if name == "zimage" else "StableDiffusion3Pipeline"
+    assert type(pipe).__name__ == expected_class
+    pipe.set_progress_bar_config(disable=True)
+    settings = export.InferenceSettings.read(exports[name])
+    assert settings.sigmas == levels[:-1].tolist() and settings.levels == levels.tolist()
+    assert pipe.scheduler.config.shift == 1.0 and not pipe.scheduler.config.use_dynamic_shifting
+    assert settings.guidance_scale == (0.0 if name == "zimage" else 1.0)  # CFG off for either pipeline
+    saved = json.loads((exports[name] / export.SETTINGS_FILE).read_text())
+    assert saved["num_inference_steps"] == cfg.dmd.num_steps and saved["sigmas"] == settings.sigmas
+
+    with torch.no_grad():
+        exact = pipe(list(PROMPTS), latents=noise.clone(), output_type="latent",
+                     **settings.pipeline_kwargs(exact=True)).images
+        # the scheduler ran our levels bit for bit: model timesteps 1000 t_i, Euler steps down to t_min
+        assert torch.equal(pipe.scheduler.timesteps, levels * 1000)
+        assert torch.equal(pipe.scheduler.sigmas[:-1], levels)
+        plain = pipe(list(PROMPTS), latents=noise.clone(), output_type="latent",
+                     **settings.pipeline_kwargs(exact=False)).images
+    torch.testing.assert_close(exact, ours, atol=TOL, rtol=0)
+    for n in (1, 2):  # the mapping holds for any step count (here on the same generator)
+        short = export.InferenceSettings(**{**dataclasses.asdict(settings), "num_inference_steps": n})
+        with torch.no_grad():
+            ref = few_step_sample(roles.generator_fn, noise, cond, torch.tensor(short.levels),
+                                  backbone.parameterization, mode="ode")
+            got = pipe(list(PROMPTS), latents=noise.clone(), output_type="latent",
+                       **short.pipeline_kwargs(exact=True)).images
+        torch.testing.assert_close(got, ref, atol=TOL, rtol=0)
+    # the documented residual of the plain call: the last step lands on 0, not t_min
+    torch.testing.assert_close(plain, to_zero, atol=TOL, rtol=0)
+    assert (plain - ours).abs().max() > 50 * TOL
+    # and the trained generator is not the teacher, so the match above means something
+    assert (teacher - ours).abs().max() > 50 * TOL
+
+
+def test_lora_export_is_teacher_plus_generator_adapter_only(tiny_assets, runs, exports):
+    cfg = export.read_run_config(runs["lora"])
+    teacher = load_file(Path(tiny_assets["model"]) / "transformer" / WEIGHTS)
+    exported = load_file(exports["lora"] / "transformer" / WEIGHTS)
+    assert exported.keys() == teacher.keys() and not any("lora" in k for k in exported)
+    ckpt = model_tensors(export.resolve_checkpoint(runs["lora"]))
+    gen_scale = cfg.model.generator_lora_alpha / cfg.model.generator_lora_rank
+    critic_scale = cfg.model.critic_lora_alpha / cfg.model.critic_lora_rank
+    prefix, suffix = "models.model.net.", ".lora_A.generator"
+    layers = [k[len(prefix):-len(suffix)] for k in ckpt if k.endswith(suffix)]
+    assert len(layers) > 0
+    critic_seen = 0.0
+    for layer in layers:
+        a, b = ckpt[f"{prefix}{layer}.lora_A.generator"], ckpt[f"{prefix}{layer}.lora_B.generator"]
+        expected = teacher[f"{layer}.weight"] + gen_scale * (b @ a)
+        torch.testing.assert_close(exported[f"{layer}.weight"], expected, atol=1e-6, rtol=0)
+        critic = critic_scale * (ckpt[f"{prefix}{layer}.lora_B.critic"] @ ckpt[f"{prefix}{layer}.lora_A.critic"])
+        critic_seen = max(critic_seen, critic.abs().max().item())
+    assert critic_seen > 1e-5  # the critic adapter was trained, and none of it is in the export
+    assert max((exported[k] - teacher[k]).abs().max().item() for k in teacher) > 1e-5
+    untouched = [k for k in teacher if not any(k == f"{layer}.weight" for layer in layers)]
+    assert all(torch.equal(exported[k], teacher[k]) for k in untouched)
+
+
+def test_full_export_is_the_full_copy(tiny_assets, runs, exports):
+    teacher = load_file(Path(tiny_assets["model"]) / "transformer" / WEIGHTS)
+    exported = load_file(exports["full"] / "transformer" / WEIGHTS)
+    assert exported.keys() == teacher.keys() and not any("lora" in k for k in exported)
+    ckpt = model_tensors(export.resolve_checkpoint(runs["full"]))
+    for k, v in exported.items():
+        assert torch.equal(v, ckpt[f"generator.model.net.{k}"]), k
+    assert any(k.startswith("critic.") and k.endswith(".lora_B.critic") for k in ckpt)
+    assert max((exported[k] - teacher[k]).abs().max().item() for k in teacher) > 1e-5
+
+
+def _broken(kind: str, runs: dict[str, Path], tmp: Path) -> list[str]:
+    """Argv (without --out) for one kind of bad input, built from a copy of the LoRA run."""
+    good = runs["lora"]
+    if kind == "missing-run":
+        return ["--run", str(tmp / "no-such-run")]
+    if kind == "no-step":
+        return ["--run", str(good), "--step", "7"]
+    copy = tmp / "run"
+    if kind == "no-checkpoint":
+        copy.mkdir()
+        shutil.copy(good / "config.json", copy / "config.json")
+        return ["--run", str(copy)]
+    shutil.copytree(good, copy)
+    config = json.loads((copy / "config.json").read_text())
+    if kind == "corrupt":
+        data = max((copy / "checkpoints" / "step-3").glob("*.distcp"), key=lambda p: p.stat().st_size)
+        blob = bytearray(data.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF  # same size: only the CRC32 can tell
+        data.write_bytes(bytes(blob))
+    elif kind == "teacher-gone":
+        config["model"]["path"] = str(tmp / "moved-away")
+    elif kind == "wrong-mode":
+        config["model"]["generator_mode"] = "full"
+    (copy / "config.json").write_text(json.dumps(config))
+    return ["--run", str(copy)]
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("missing-run", "does not exist"),
+    ("no-checkpoint", "no complete checkpoint"),
+    ("no-step", "no checkpoint"),
+    ("corrupt", "does not match its recorded CRC32"),
+    ("teacher-gone", "--model-path"),
+    ("wrong-mode", "has no entry 'generator'"),
+])
+def test_convert_bad_input_is_one_line(kind, needle, runs, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert _tool("convert_to_diffusers").main([*_broken(kind, runs, tmp_path), "--out", str(out)]) == 2
+    _one_error_line(capsys.readouterr().err, needle)
+    assert not out.exists()
+
+
+def test_convert_script_exit_code_and_refusal_to_overwrite(runs, exports, tmp_path):
+    proc = _script("convert_to_diffusers", [*_broken("corrupt", runs, tmp_path), "--out", str(tmp_path / "x")],
+                   tmp_path)
+    assert proc.returncode == 2
+    _one_error_line(proc.stderr, "does not match its recorded CRC32")
+    convert = _tool("convert_to_diffusers")
+    before = sorted(p.name for p in exports["lora"].iterdir())
+    assert convert.main(["--run", str(runs["lora"]), "--out", str(exports["lora"])]) == 2
+    assert sorted(p.name for p in exports["lora"].iterdir()) == before
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    assert convert.main(["--run", str(runs["lora"]), "--out", str(other), "--overwrite"]) == 2
+    assert (other / "notes.txt").read_text() == "keep"  # --overwrite replaces earlier exports only
+
+
+def test_sample_tool_writes_pngs_and_matches_the_exported_pipeline(runs, exports, tmp_path, capsys):
+    sample = _tool("sample")
+    cfg = export.read_run_config(runs["lora"])
+    res = cfg.model.resolution
+    a = tmp_path / "a" / "grid.png"
+    assert sample.main(["--run", str(runs["lora"]), "--step", "3", "--prompts", *PROMPTS, "--out", str(a),
+                        "--seed", "3"]) == 0
+    grid = Image.open(a)
+    assert grid.size == (3 * (res + 2) + 2, res + 4) and grid.mode == "RGB"  # one row, 2-pixel padding
+    singles = [a.with_name(f"grid-{i:03d}.png") for i in range(3)]
+    assert all(Image.open(p).size == (res, res) for p in singles)
+
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS) + "\n\n")
+    b = tmp_path / "b" / "grid.png"
+    assert sample.main(["--pipeline", str(exports["lora"]), "--prompt-file", str(prompt_file), "--out", str(b),
+                        "--seed", "3"]) == 0
+    for i in range(3):  # same noise, same sampler: the same pixels from the checkpoint and from the export
+        pa = np.asarray(Image.open(singles[i]), dtype=np.int32)
+        pb = np.asarray(Image.open(b.with_name(f"grid-{i:03d}.png")), dtype=np.int32)
+        assert np.abs(pa - pb).max() <= 1
+    capsys.readouterr()
+    teacher_folder = cfg.model.path  # a plain diffusers folder, not an export
+    assert sample.main(["--pipeline", teacher_folder, "--prompts", "a cat", "--out", str(tmp_path / "c.png")]) == 2
+    _one_error_line(capsys.readouterr().err, export.SETTINGS_FILE)

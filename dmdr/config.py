@@ -276,16 +276,19 @@ def _suggest(cfg: TrainConfig, key: str) -> str:
     return f"; did you mean {', '.join('--' + c for c in close[:4])}?" if close else ""
 
 
+def _resolve(cfg: TrainConfig, key: str) -> tuple[Any, str, Any]:
+    """``(section object, field name, field type)`` of ``section.field``; unknown keys fail with suggestions."""
+    section, _, name = key.partition(".")
+    sub = getattr(cfg, section, None)
+    if sub is None or not dataclasses.is_dataclass(sub) or not name or name not in _field_types(sub):
+        raise ConfigError(f"unknown config key --{key}{_suggest(cfg, key)}")
+    return sub, name, _field_types(sub)[name]
+
+
 def set_value(cfg: TrainConfig, key: str, raw: str) -> None:
     """Set ``section.field`` from its string form, with type conversion and a clear error."""
-    section, _, name = key.partition(".")
-    if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)) or not name:
-        raise ConfigError(f"unknown config key --{key}{_suggest(cfg, key)}")
-    sub = getattr(cfg, section)
-    types_ = _field_types(sub)
-    if name not in types_:
-        raise ConfigError(f"unknown config key --{key}{_suggest(cfg, key)}")
-    setattr(sub, name, _convert(key, raw, types_[name]))
+    sub, name, tp = _resolve(cfg, key)
+    setattr(sub, name, _convert(key, raw, tp))
 
 
 def apply_overrides(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
@@ -367,8 +370,15 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
     for section, values in data.items():
         for name, value in values.items():
             key = f"{section}.{name}"
-            raw = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
-            set_value(cfg, key, raw)
+            if isinstance(value, list | tuple):  # element by element: a prompt may contain a comma
+                sub, name, tp = _resolve(cfg, key)
+                args = typing.get_args(tp)
+                types_ = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+                if len(types_) != len(value):
+                    raise ConfigError(f"--{key}: expected {len(types_)} values, got {len(value)}")
+                setattr(sub, name, tuple(_convert(key, str(v), t) for v, t in zip(value, types_)))
+            else:
+                set_value(cfg, key, str(value))
     validate(cfg)
     return cfg
 

@@ -49,6 +49,8 @@ def test_bad_overrides_name_the_field(argv, needle):
 def test_round_trip_through_json(tmp_path):
     cfg = apply_overrides(TrainConfig(), ["--train.seed", "7", "--data.sources", "a.txt,b.jsonl",
                                           "--data.weights", "1,3"])
+    cfg.log.sample_prompts = ("a cat, sitting", "a dog")
     path = save_config(cfg, tmp_path)
     again = from_dict(json.loads(path.read_text()))
     assert to_dict(again) == to_dict(cfg)
+    assert again.log.sample_prompts == ("a cat, sitting", "a dog")

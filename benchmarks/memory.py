@@ -43,8 +43,7 @@ from torch.distributed.tensor import DTensor
 
 from dmdr.config import ParallelConfig
 from dmdr.distributed import build_mesh, init_distributed, load_sharded_pretrained, parallelize_denoiser
-from dmdr.models.base import Denoiser
-from dmdr.parameterization import FlowMatching
+from dmdr.models.sd3 import SD3Denoiser  # the adapter training uses, not a stand-in
 
 GB = 1 << 30
 
@@ -101,22 +100,11 @@ def sd3_config(layers: int, width: int) -> dict:
                 in_channels=16, out_channels=16, sample_size=32, patch_size=2, pos_embed_max_size=32)
 
 
-class SD3Denoiser(Denoiser):
-    def __init__(self, net: nn.Module):
-        super().__init__(net, FlowMatching())
-
-    def predict(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        return self.net(hidden_states=x_t, encoder_hidden_states=cond["enc"],
-                        pooled_projections=cond["pooled"], timestep=t * 1000).sample
-
-    def blocks(self) -> list[nn.Module]:
-        return list(self.net.transformer_blocks)
-
-
 def _batch(width: int, n: int, side: int, tokens: int, seed: int = 0) -> tuple:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 16, side, side, generator=g)
-    cond = {"enc": torch.randn(n, tokens, width, generator=g), "pooled": torch.randn(n, width, generator=g)}
+    cond = {"prompt_embeds": torch.randn(n, tokens, width, generator=g),
+            "pooled_prompt_embeds": torch.randn(n, width, generator=g)}
     return x, torch.rand(n, generator=g), cond, torch.randn(n, 16, side, side, generator=g)
 
 

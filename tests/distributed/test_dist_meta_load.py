@@ -24,9 +24,8 @@ from dmdr.distributed import (
     safetensors_files,
 )
 from dmdr.errors import ModelLoadError
-from dmdr.models.base import Denoiser
 from dmdr.models.lora import LoRALinear, inject_lora
-from dmdr.parameterization import FlowMatching
+from dmdr.models.sd3 import SD3Denoiser
 
 TINY = dict(num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
             caption_projection_dim=16, pooled_projection_dim=32, out_channels=16, in_channels=16,
@@ -34,22 +33,11 @@ TINY = dict(num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_att
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 
 
-class SD3TestDenoiser(Denoiser):
-    def __init__(self, net: nn.Module):
-        super().__init__(net, FlowMatching())
-
-    def predict(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        return self.net(hidden_states=x_t, encoder_hidden_states=cond["enc"],
-                        pooled_projections=cond["pooled"], timestep=t * 1000).sample
-
-    def blocks(self) -> list[nn.Module]:
-        return list(self.net.transformer_blocks)
-
-
 def _inputs() -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 16, 8, 8, generator=g)
-    cond = {"enc": torch.randn(2, 5, 32, generator=g), "pooled": torch.randn(2, 32, generator=g)}
+    cond = {"prompt_embeds": torch.randn(2, 5, 32, generator=g),
+            "pooled_prompt_embeds": torch.randn(2, 32, generator=g)}
     return x, torch.tensor([0.3, 0.8]), cond
 
 
@@ -89,8 +77,8 @@ def test_single_process_load_equals_saved(saved, name):
     torch.testing.assert_close(got.pos_embed.pos_embed, want.pos_embed.pos_embed, atol=0, rtol=0)
     x, t, cond = _inputs()
     with torch.no_grad():
-        a = want(x, cond["enc"], cond["pooled"], t * 1000).sample
-        b = got(x, cond["enc"], cond["pooled"], t * 1000).sample
+        a = want(x, cond["prompt_embeds"], cond["pooled_prompt_embeds"], t * 1000).sample
+        b = got(x, cond["prompt_embeds"], cond["pooled_prompt_embeds"], t * 1000).sample
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
@@ -103,7 +91,7 @@ def test_lora_and_checkpoint_wrappers_map_to_file_names(saved):
         return parallelize_denoiser(model, None, parallel, trainable=False)
 
     config = SD3Transformer2DModel.load_config(folder)
-    got = load_sharded_pretrained(lambda: SD3TestDenoiser(SD3Transformer2DModel.from_config(config)), folder,
+    got = load_sharded_pretrained(lambda: SD3Denoiser(SD3Transformer2DModel.from_config(config)), folder,
                                   prepare=prepare, prefix="net.")
     want = SD3Transformer2DModel.from_pretrained(folder).state_dict()
     n_lora = 0
@@ -116,7 +104,7 @@ def test_lora_and_checkpoint_wrappers_map_to_file_names(saved):
             assert torch.equal(p, want[key]), name
     assert n_lora == 2 * 4 * 2  # (A, B) x 4 targets x 2 blocks
     # The same adapter draws the same init whatever the world size (seeded by name).
-    again = load_sharded_pretrained(lambda: SD3TestDenoiser(SD3Transformer2DModel.from_config(config)),
+    again = load_sharded_pretrained(lambda: SD3Denoiser(SD3Transformer2DModel.from_config(config)),
                                     folder, prepare=prepare, prefix="net.")
     for (n, a), (_, b) in zip(got.named_parameters(), again.named_parameters()):
         assert torch.equal(a, b), n
@@ -221,7 +209,7 @@ def _sharded_load(env: DistEnv, folder: str, t5_folder: str) -> None:
         return parallelize_denoiser(model, mesh, parallel, trainable=False)
 
     config = SD3Transformer2DModel.load_config(folder_p)
-    model = load_sharded_pretrained(lambda: SD3TestDenoiser(SD3Transformer2DModel.from_config(config)),
+    model = load_sharded_pretrained(lambda: SD3Denoiser(SD3Transformer2DModel.from_config(config)),
                                     folder_p, prepare=prepare, prefix="net.")
     want = SD3Transformer2DModel.from_pretrained(folder_p)
     want_sd = want.state_dict()
@@ -237,7 +225,7 @@ def _sharded_load(env: DistEnv, folder: str, t5_folder: str) -> None:
     assert local <= total // 2 + 64  # this rank holds its half (plus rounding of odd rows)
     x, t, cond = _inputs()
     with torch.no_grad():
-        ref = want(x, cond["enc"], cond["pooled"], t * 1000).sample
+        ref = want(x, cond["prompt_embeds"], cond["pooled_prompt_embeds"], t * 1000).sample
         out = model(x, t, cond, lora_scales={"critic": 1.0})  # B = 0: the adapter is a no-op
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     if t5_folder:  # a frozen text encoder sharded across the ranks (parallel.frozen_encoders = "shard")

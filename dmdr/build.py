@@ -153,6 +153,10 @@ class Session:
             step = self.trainer.train(self.logger, checkpoint=self._save, should_stop=self.preemption.should_stop)
         if self.preemption.requested or self.trainer.stopped_early:
             log.warning("stopped at generator step %d after a preemption signal; checkpoint written", step)
+        elif self.is_main:
+            out = self.cfg.train.output_dir
+            log.info("done: %d generator steps. metrics: %s/metrics.jsonl, samples: %s/samples, checkpoints: "
+                     "%s/checkpoints (relaunch with a larger --train.max_steps to continue)", step, out, out, out)
         return step
 
     def _save(self, step: int, final: bool) -> None:

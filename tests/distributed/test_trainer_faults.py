@@ -144,3 +144,20 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(assets, straight, tmp_path):
     assert stop_step >= N
     _run(_cmd(assets, out), tmp_path / "log2.txt")
     _assert_same_run(straight, out, stop_step)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_bf16_mixed_precision_with_activation_checkpointing(assets, tmp_path, mode):
+    """The production setting at W=2: bf16 frozen base, fp32 trainable masters, bf16 compute, AC full."""
+    out = tmp_path / "run"
+    cmd = _cmd(assets, out) + ["--train.max_steps", "4", "--model.dtype", "bf16", "--parallel.param_dtype", "bf16",
+                               "--parallel.activation_checkpointing", "full", "--model.generator_mode", mode]
+    _run(cmd, tmp_path / "log.txt")
+    records = _metrics(out)
+    assert sorted(records) == [1, 2, 3, 4]
+    for r in records.values():
+        assert all(r[k] is not None for k in COMPARED if k in r)
+        assert r["train/skipped_steps"] == 0
+    trainable = model_tensors(out / "checkpoints" / "step-4")
+    masters = {k: v for k, v in trainable.items() if v.is_floating_point() and "pos_embed" not in k}
+    assert masters and all(v.dtype == torch.float32 for v in masters.values())

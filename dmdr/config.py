@@ -87,9 +87,14 @@ class RLConfig:
     margin: float = 0.7
     """ReFL per-reward loss relu(margin - score)."""
     reward_resolution: int = 224
+    """Reward-model input size, used only for a model whose config declares none (each model runs at its own)."""
     hps_checkpoint: str = ""
+    """Local HPSv2.1 checkpoint file (loaded into an open_clip ``hps_arch`` model)."""
+    hps_arch: str = "ViT-H-14"
     clip_model: str = ""
+    """Local open_clip folder of the CLIP reward (DFN-CLIP: ``open_clip_config.json`` + weights)."""
     pickscore_model: str = ""
+    """Local transformers folder of PickScore (``CLIPModel`` + tokenizer)."""
 
 
 @dataclass

@@ -1,9 +1,18 @@
 """Rewards behind one :class:`~dmdr.rewards.base.Reward` protocol, built by name for ``rl.rewards``.
 
-Available names: ``brightness`` and ``color`` (analytic, :mod:`dmdr.rewards.analytic`; the tiny
-demo and tests use them). ``hps`` (HPSv2.1), ``clip`` (DFN-CLIP) and ``pickscore`` are the paper's
-reward models; they load from local checkpoints only and are not part of this release yet: naming
-one stops the run at start with a clear message instead of failing at the RL switch.
+Available names:
+
+* ``brightness`` and ``color``: analytic (:mod:`dmdr.rewards.analytic`); the tiny demo and tests use them.
+* ``hps`` (HPSv2.1: open_clip ViT-H-14 + the checkpoint file ``rl.hps_checkpoint``; prompts prefixed
+  ``"Realistic photo "``), ``clip`` (DFN-CLIP: open_clip folder ``rl.clip_model``) and ``pickscore``
+  (transformers CLIP folder ``rl.pickscore_model``): the paper's reward models
+  (:mod:`dmdr.rewards.models`). They load from local files only, frozen on ``device``; a missing or
+  malformed path stops the run at build time with one line naming the field. HPS and CLIP score the
+  cosine of normalised image/text features; PickScore is ``logit_scale.exp() * cosine / 100``.
+  ``rl.hps_arch`` (*default* ViT-H-14) names another open_clip architecture.
+
+All of them share one differentiable preprocessing (:mod:`dmdr.rewards.preprocess`): bicubic
+antialiased resize to the model's input size, then its mean/std normalisation.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import torch
 from dmdr.errors import ConfigError
 from dmdr.rewards.analytic import BrightnessReward, ColorReward, RegionReward
 from dmdr.rewards.base import Reward
+from dmdr.rewards.preprocess import ImagePreprocess
 
 ANALYTIC = {"brightness": BrightnessReward, "color": ColorReward}
 MODEL_REWARDS = ("hps", "clip", "pickscore")
@@ -24,11 +34,32 @@ def build_reward(name: str, rl_cfg: Any, device: torch.device | str = "cpu") -> 
     """The reward called ``name`` (``rl.rewards`` entry), frozen and ready on ``device``."""
     if name in ANALYTIC:
         return ANALYTIC[name]()
-    if name in MODEL_REWARDS:
-        raise ConfigError(f"--rl.rewards: the {name!r} reward model is not available in this release; "
-                          f"use {', '.join(ANALYTIC)} or --rl.method none")
+    resolution = int(rl_cfg.reward_resolution)
+    if name == "hps":
+        from dmdr.rewards.models import HPS_ARCH, HPSReward
+
+        return HPSReward(getattr(rl_cfg, "hps_checkpoint", ""), device=device,
+                         arch=rl_cfg.hps_arch or HPS_ARCH, resolution=resolution)
+    if name == "clip":
+        from dmdr.rewards.models import CLIPReward
+
+        return CLIPReward(getattr(rl_cfg, "clip_model", ""), device=device, resolution=resolution)
+    if name == "pickscore":
+        from dmdr.rewards.models import PickScoreReward
+
+        return PickScoreReward(getattr(rl_cfg, "pickscore_model", ""), device=device, resolution=resolution)
     known = ", ".join([*ANALYTIC, *MODEL_REWARDS])
     raise ConfigError(f"--rl.rewards: unknown reward {name!r} (known: {known})")
 
 
-__all__ = ["Reward", "build_reward", "BrightnessReward", "ColorReward", "RegionReward", "ANALYTIC"]
+def __getattr__(name: str) -> Any:
+    # The model rewards import open_clip / transformers lazily, only when asked for.
+    if name in ("HPSReward", "CLIPReward", "PickScoreReward"):
+        from dmdr.rewards import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'dmdr.rewards' has no attribute {name!r}")
+
+
+__all__ = ["Reward", "build_reward", "BrightnessReward", "ColorReward", "RegionReward", "ANALYTIC",
+           "MODEL_REWARDS", "ImagePreprocess", "HPSReward", "CLIPReward", "PickScoreReward"]

@@ -1,0 +1,83 @@
+"""Tiny reward models built in the tests, saved in the layouts the real ones ship in (no downloads)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+TINY_ARCH = "dmdr-test-tiny-clip"
+TINY_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_arch() -> str:
+    import open_clip
+    from open_clip import factory
+
+    factory._MODEL_CONFIGS[TINY_ARCH] = json.loads(json.dumps(TINY_CFG))
+    assert TINY_ARCH in open_clip.list_models()
+    return TINY_ARCH
+
+
+def _tiny_open_clip(arch: str, seed: int):
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch, pretrained=None)
+    with torch.no_grad():  # make logit_scale distinct from the init so a wrong load would show
+        model.logit_scale.fill_(3.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hps_checkpoint(tmp_path_factory, tiny_arch):
+    """A tiny open_clip model saved like HPS_v2.1_compressed.pt: {"state_dict": ...}."""
+    model = _tiny_open_clip(tiny_arch, seed=1)
+    path = tmp_path_factory.mktemp("hps") / "HPS_v2.1_tiny.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory, tiny_arch):
+    """A tiny open_clip model in the hub layout: open_clip_config.json + open_clip_pytorch_model.bin."""
+    model = _tiny_open_clip(tiny_arch, seed=2)
+    folder = tmp_path_factory.mktemp("dfn-clip")
+    cfg = {"model_cfg": TINY_CFG, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                                                     "interpolation": "bicubic", "resize_mode": "squash"}}
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder, model
+
+
+@pytest.fixture(scope="session")
+def pickscore_folder(tmp_path_factory):
+    """A tiny transformers CLIPModel + byte-level CLIP tokenizer + image processor, save_pretrained."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from dmdr.models.tiny import clip_tokenizer
+
+    tok = clip_tokenizer()
+    torch.manual_seed(3)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 77,
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                     "pad_token_id": tok.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    model = CLIPModel(config).eval()
+    folder = tmp_path_factory.mktemp("pickscore")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                       image_mean=[0.4, 0.4, 0.4], image_std=[0.3, 0.3, 0.3]).save_pretrained(folder)
+    return folder, model, tok

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -115,9 +116,15 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple
     env: DistEnv = init_distributed(device="cpu")
     try:
         fn(env, *args)
-        env.barrier()  # no rank tears its gloo pairs down while another still uses them (rare SIGABRT)
+        env.barrier()  # no rank tears its gloo pairs down while another still uses them
     finally:
         env.destroy()
+    # Success: leave without the interpreter's teardown. Rarely (~1 in 20 runs on 2 loaded cores) a C++
+    # destructor of a finished gloo/FSDP worker thread aborts there ("terminate called without an active
+    # exception") after the test body passed. Failures never reach this line: spawn reports them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_workers(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> None:

@@ -94,16 +94,10 @@ def _preprocess_for(size: Any, mean: Any, std: Any, fallback: int) -> ImagePrepr
     return ImagePreprocess(size or fallback, mean or OPENAI_CLIP_MEAN, std or OPENAI_CLIP_STD)
 
 
-class _OpenCLIPReward:
-    """Shared scoring for open_clip models: cosine(encode_image(pre(x)), encode_text(tok(prefix + p)))."""
+class _FrozenModelReward:
+    """Where a frozen reward model lives: ``self.model``'s device and dtype."""
 
-    name = "openclip"
-    prefix = ""
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, preprocess: ImagePreprocess):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.preprocess = preprocess
+    model: torch.nn.Module
 
     @property
     def device(self) -> torch.device:
@@ -113,9 +107,21 @@ class _OpenCLIPReward:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def to(self, device: torch.device | str) -> _OpenCLIPReward:
+    def to(self, device: torch.device | str) -> _FrozenModelReward:
         self.model.to(device)
         return self
+
+
+class _OpenCLIPReward(_FrozenModelReward):
+    """Shared scoring for open_clip models: cosine(encode_image(pre(x)), encode_text(tok(prefix + p)))."""
+
+    name = "openclip"
+    prefix = ""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, preprocess: ImagePreprocess):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
 
     def texts(self, prompts: list[str]) -> list[str]:
         return [self.prefix + p for p in prompts]
@@ -202,7 +208,7 @@ class CLIPReward(_OpenCLIPReward):
                          _preprocess_for(pp.get("size"), pp.get("mean"), pp.get("std"), resolution))
 
 
-class PickScoreReward:
+class PickScoreReward(_FrozenModelReward):
     """PickScore: transformers ``CLIPModel`` from a local folder; ``scale * logit_scale.exp() * cosine``."""
 
     name = "pickscore"
@@ -224,18 +230,6 @@ class PickScoreReward:
         self.tokenizer = tokenizer
         self.scale = float(scale)
         self.preprocess = _preprocess_for(model.config.vision_config.image_size, mean, std, resolution)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def to(self, device: torch.device | str) -> PickScoreReward:
-        self.model.to(device)
-        return self
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         if len(prompts) != images.shape[0]:

@@ -25,7 +25,7 @@ from dmdr.parameterization import FlowMatching
 from dmdr.sampling import few_step_sample
 from dmdr.schedules import few_step_timesteps
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TOL = 1e-5
 """fp32 rounding: a merged LoRA and the same LoRA applied unmerged differ by a few ulps."""
@@ -50,15 +50,6 @@ def _one_error_line(err: str, needle: str) -> None:
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], err[-2000:]
     assert "Traceback" not in err
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when other processes hold the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -24,19 +24,9 @@ from dmdr.worlds import (
     train_teacher,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 SEED = 0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The networks are tiny: a second intra-op thread gains little, and when the 2 cores are shared with
-    # other processes (CI runners, the distributed tests) spin-waiting threads make each op ~7x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,13 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from dmdr.config import ParallelConfig
-from dmdr.distributed import build_mesh, init_distributed, load_sharded_pretrained, parallelize_denoiser
+from dmdr.distributed import (
+    build_mesh,
+    collect_released_objects,
+    init_distributed,
+    load_sharded_pretrained,
+    parallelize_denoiser,
+)
 from dmdr.models.sd3 import SD3Denoiser  # the adapter training uses, not a stand-in
 
 GB = 1 << 30
@@ -172,6 +178,7 @@ def _worker(rank: int, world: int, port: int, task: str, folder: str, out: str, 
     finally:
         (Path(out) / f"{task}-w{world}-r{rank}.json").write_text(json.dumps(result))
         env.destroy()
+    collect_released_objects()
 
 
 def _build_cfg(path: str):

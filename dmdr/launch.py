@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dmdr.config import TrainConfig, apply_overrides, save_config
+from dmdr.distributed.env import collect_released_objects
 from dmdr.errors import ConfigError, UserError
 from dmdr.trainer import TrainingDiverged
 
@@ -59,6 +60,8 @@ def main(recipe: Callable[[], TrainConfig], argv: list[str] | None = None,
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    finally:
+        collect_released_objects()  # a finished run must not abort at interpreter exit (see its docstring)
 
 
 def run(cfg: TrainConfig) -> int:

@@ -8,7 +8,7 @@ Modules: :mod:`~dmdr.distributed.env` (ranks, process group), :mod:`~dmdr.distri
 """
 
 from dmdr.distributed.checkpoint import CheckpointManager, read_marker, verify_checkpoint
-from dmdr.distributed.env import DistEnv, init_distributed
+from dmdr.distributed.env import DistEnv, collect_released_objects, init_distributed
 from dmdr.distributed.faults import PreemptionHandler, all_finite
 from dmdr.distributed.mesh import build_mesh, fsdp_mesh, resolve_dp
 from dmdr.distributed.meta_load import (
@@ -29,7 +29,7 @@ from dmdr.distributed.parallelize import (
 from dmdr.distributed.state import DataLoaderState, ModelOptimizerState, PerRank, RankLocal, RNGState
 
 __all__ = [
-    "DistEnv", "init_distributed", "build_mesh", "fsdp_mesh", "resolve_dp",
+    "DistEnv", "init_distributed", "collect_released_objects", "build_mesh", "fsdp_mesh", "resolve_dp",
     "parallelize_denoiser", "apply_activation_checkpointing", "prepare_frozen", "mixed_precision",
     "torch_dtype",
     "meta_params", "safetensors_files", "SafetensorsIndex", "materialize_from_safetensors",

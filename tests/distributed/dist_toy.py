@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmdr.distributed import DistEnv, init_distributed
+from dmdr.distributed import DistEnv, collect_released_objects, init_distributed
 from dmdr.models.base import Denoiser
 from dmdr.models.lora import inject_lora, lora_parameters
 from dmdr.parameterization import FlowMatching
@@ -119,12 +118,7 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple
         env.barrier()  # no rank tears its gloo pairs down while another still uses them
     finally:
         env.destroy()
-    # Success: leave without the interpreter's teardown. Rarely (~1 in 20 runs on 2 loaded cores) a C++
-    # destructor of a finished gloo/FSDP worker thread aborts there ("terminate called without an active
-    # exception") after the test body passed. Failures never reach this line: spawn reports them.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    collect_released_objects()
 
 
 def run_workers(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> None:

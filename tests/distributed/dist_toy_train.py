@@ -28,6 +28,7 @@ from dmdr.distributed import (  # noqa: E402
     RNGState,
     all_finite,
     build_mesh,
+    collect_released_objects,
     init_distributed,
     parallelize_denoiser,
 )
@@ -118,4 +119,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    collect_released_objects()
+    sys.exit(code)

@@ -126,7 +126,9 @@ class DataConfig:
     field: str = "prompt"
     """JSONL field / Parquet column holding the prompt."""
     batch_size: int = 4
-    """Prompts per data-parallel rank per iteration."""
+    """Prompts per data-parallel rank per iteration (the cold start's, and the RL stage's unless set below)."""
+    rl_batch_size: int = 0
+    """Prompts per rank per iteration from ``rl.start_step`` on (ALGORITHM.md halves it there); 0 = ``batch_size``."""
     num_workers: int = 2
     """Loader worker processes per rank (0 = read in the training process)."""
     shuffle_buffer: int = 10_000
@@ -345,6 +347,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     _require(0 <= cfg.optim.ema_decay < 1, "optim.ema_decay", "must be in [0, 1)")
     _require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _require(cfg.data.rl_batch_size >= 0, "data.rl_batch_size", "must be >= 0 (0 = data.batch_size)")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(0 <= cfg.data.max_skip_rate <= 1, "data.max_skip_rate", "must be in [0, 1]")
     _require(not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.sources), "data.weights",

@@ -4,6 +4,14 @@ Library side of ``tools/convert_to_diffusers.py`` and ``tools/sample.py``: find 
 rebuild its generator exactly as training did (:func:`load_generator`), fold it into a plain diffusers
 transformer (:func:`export_transformer`), and write the folder (:func:`write_pipeline`).
 
+Which weights (``weights``, the tools' ``--weights``): ``trained`` are the generator's parameters as the
+optimizer left them; ``ema`` replaces its trainable parameters (LoRA mode: the generator adapter's
+``A`` and ``B``; full mode: the whole copy) with the exponential moving average the trainer keeps when
+``optim.ema_decay > 0`` (checkpoint entry ``trainer``, tensors ``trainer.ema.<parameter name>``, see
+:meth:`dmdr.trainer.Roles.generator_param_names`); ``auto`` (the default) takes the EMA when the
+checkpoint holds one, else the trained weights. In LoRA mode the exported EMA model is the base plus
+``alpha/r * B_ema A_ema`` (the averages of the factors, as training kept them).
+
 The schedule (:class:`InferenceSettings`, the one place for this mapping). dmdr's sampler
 (:func:`dmdr.sampling.few_step_sample`, ode mode) calls the generator at the levels
 ``t_0 .. t_{N-1}`` of :func:`dmdr.schedules.few_step_timesteps` (already shifted) and Euler-steps
@@ -37,7 +45,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -49,6 +57,10 @@ SETTINGS_FILE = "dmdr_inference.json"
 SETTINGS_FORMAT = 1
 NUM_TRAIN_TIMESTEPS = 1000
 """dmdr's denoisers call the network with ``1000 t``; the scheduler's ``timesteps = num_train_timesteps * s``."""
+WEIGHTS = ("auto", "ema", "trained")
+"""Choices of ``weights`` / ``--weights`` (see the module doc)."""
+EMA_PREFIX = "trainer.ema."
+"""DCP key prefix of the trainer's EMA tensors (:meth:`dmdr.trainer.DMDRTrainer.state_dict`, entry ``trainer``)."""
 NO_CFG = {"StableDiffusion3Pipeline": 1.0, "ZImagePipeline": 0.0}
 """The ``guidance_scale`` that switches CFG off: SD3 guides iff > 1, Z-Image iff > 0."""
 
@@ -193,18 +205,118 @@ def resolve_checkpoint(run: str | Path, step: str | int = "latest") -> Path:
     return path
 
 
+def checkpoint_ema_names(checkpoint: str | Path) -> list[str]:
+    """Parameter names of the generator EMA saved in ``checkpoint`` (empty: the run had ``optim.ema_decay = 0``).
+
+    Read from the DCP metadata only (keys ``trainer.ema.<name>``), no tensor data.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - a missing or unreadable .metadata; one line
+        raise CheckpointError(f"cannot read the DCP metadata of checkpoint {checkpoint}: {_first_line(e)}") from e
+    return sorted(k[len(EMA_PREFIX):] for k in keys if k.startswith(EMA_PREFIX))
+
+
+def resolve_weights(checkpoint: str | Path, weights: str = "auto", held: list[str] | None = None) -> str:
+    """``"ema"`` or ``"trained"``: what ``weights`` (one of :data:`WEIGHTS`) means for ``checkpoint``.
+
+    Args:
+        held: :func:`checkpoint_ema_names` of the checkpoint, if already read.
+
+    Raises:
+        CheckpointError: ``weights="ema"`` and the checkpoint holds no EMA.
+    """
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
+    if weights == "trained":
+        return "trained"
+    has_ema = bool(checkpoint_ema_names(checkpoint) if held is None else held)
+    if weights == "ema" and not has_ema:
+        raise _no_ema(checkpoint)
+    return "ema" if has_ema else "trained"
+
+
+def _no_ema(checkpoint: str | Path) -> CheckpointError:
+    return CheckpointError(f"checkpoint {checkpoint} holds no EMA of the generator: the run had optim.ema_decay = 0 "
+                           "(use --weights trained or auto)")
+
+
+class LoadedGenerator(NamedTuple):
+    """What :func:`load_generator` returns."""
+
+    backbone: Any
+    roles: Any
+    """:class:`~dmdr.trainer.Roles`; ``roles.generator`` holds the chosen weights."""
+    weights: str
+    """The weights loaded into the generator's trainable parameters: ``"ema"`` or ``"trained"``."""
+
+
+def _first_line(e: BaseException) -> str:
+    """One line for a DCP failure: the failing rank's own exception, not DCP's multi-line wrapper."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _dcp_read(state: dict[str, Any], checkpoint: str | Path, what: str) -> None:
+    """``dcp.load`` in one process (``no_dist``) into ``state``; any failure becomes one :class:`CheckpointError`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():  # DCP warns that it "assumes" one process even with no_dist
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    # DCP wraps per-rank failures in CheckpointException, a BaseException (not caught by `except Exception`)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - the user gets one line
+        raise CheckpointError(f"cannot read {what} from {checkpoint}: {_first_line(e)}") from e
+
+
+@torch.no_grad()
+def load_ema(roles: Any, checkpoint: str | Path, held: list[str] | None = None) -> None:
+    """Replace the generator's trainable parameters with the EMA saved in ``checkpoint`` (in place).
+
+    The tensors ``trainer.ema.<name>`` are read for the names of :meth:`~dmdr.trainer.Roles.generator_param_names`
+    into tensors shaped like the parameters, then copied into them.
+    """
+    names = roles.generator_param_names()
+    held = set(checkpoint_ema_names(checkpoint) if held is None else held)
+    if not held:
+        raise _no_ema(checkpoint)
+    missing = [n for n in names if n not in held]
+    if missing:
+        example = sorted(held)[0]
+        raise CheckpointError(f"the EMA in checkpoint {checkpoint} does not match this generator: no EMA of "
+                              f"{missing[0]!r} ({len(missing)} of {len(names)} parameters missing; it holds e.g. "
+                              f"{example!r}); use --weights trained")
+    ema = {n: torch.empty_like(p.detach()) for n, p in zip(names, roles.generator_params)}
+    _dcp_read({"trainer": {"ema": ema}}, checkpoint, "the generator's EMA")
+    for n, p in zip(names, roles.generator_params):
+        p.copy_(ema[n])
+
+
 def load_generator(cfg: TrainConfig, checkpoint: str | Path, device: torch.device | str = "cpu",
-                   dtype: torch.dtype | None = None, load_text_encoder: bool = True) -> tuple[Any, Any]:
+                   dtype: torch.dtype | None = None, load_text_encoder: bool = True,
+                   weights: str = "auto") -> LoadedGenerator:
     """The backbone and :class:`~dmdr.trainer.Roles` of a run, with the generator's weights from ``checkpoint``.
 
     Built by the trainer's own path (:func:`dmdr.models.load_backbone`, :func:`dmdr.build.build_roles`,
     :func:`dmdr.build.collect_roles`) in one process; only the generator's tensors are read (the generator
-    LoRA of entry ``models``, or the full copy of entry ``generator``), not the optimizer states or the critic.
+    LoRA of entry ``models``, or the full copy of entry ``generator``, and with ``weights="ema"`` the
+    EMA of entry ``trainer``), not the optimizer states or the critic.
 
     Args:
         dtype: storage dtype of the teacher's weights; default the run's ``model.dtype``.
+        weights: ``"trained"``, ``"ema"`` or ``"auto"`` (EMA when the checkpoint holds one), see the module doc.
+
+    Returns:
+        ``(backbone, roles, weights)`` (:class:`LoadedGenerator`), ``weights`` the ones loaded (``ema`` / ``trained``).
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     from dmdr.build import DTYPES, build_roles, collect_roles
@@ -217,6 +329,8 @@ def load_generator(cfg: TrainConfig, checkpoint: str | Path, device: torch.devic
     if entry not in held:
         raise CheckpointError(f"checkpoint {checkpoint} has no entry {entry!r} (it holds {', '.join(sorted(held))}); "
                               f"it was not written with model.generator_mode={m.generator_mode}")
+    ema_names = checkpoint_ema_names(checkpoint) if weights != "trained" else []
+    used = resolve_weights(checkpoint, weights, held=ema_names)  # before the slow part: a bad choice fails fast
     backbone = load_backbone(m.path, family=m.family, dtype=dtype or DTYPES[m.dtype], device=device,
                              load_text_encoder=load_text_encoder, t_min=cfg.dmd.t_min,
                              max_sequence_length=m.max_sequence_length)
@@ -226,16 +340,11 @@ def load_generator(cfg: TrainConfig, checkpoint: str | Path, device: torch.devic
     state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=adapter is not None))
     if adapter is not None:
         state = {k: v for k, v in state.items() if k.endswith(f".{GENERATOR}")}
-    try:
-        with warnings.catch_warnings():  # DCP warns that it "assumes" one process even with no_dist
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({entry: {"model": state}}, checkpoint_id=str(checkpoint), no_dist=True)
-    except Exception as e:  # noqa: BLE001 - DCP wraps every failure; the user gets one line
-        lines = str(e).strip().splitlines()
-        raise CheckpointError(f"cannot read the generator from {checkpoint}: {lines[0] if lines else type(e).__name__}"
-                              ) from e
+    _dcp_read({entry: {"model": state}}, checkpoint, "the generator")
     set_model_state_dict(model, state, options=StateDictOptions(strict=False))
-    return backbone, roles
+    if used == "ema":
+        load_ema(roles, checkpoint, held=ema_names)
+    return LoadedGenerator(backbone, roles, used)
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -314,12 +423,22 @@ def write_pipeline(source: str | Path, out: str | Path, transformer: nn.Module, 
     return out
 
 
+def _weights_line(provenance: dict[str, Any]) -> str:
+    weights = provenance.get("weights")
+    if weights == "ema":
+        return f"EMA weights, optim.ema_decay = {provenance.get('ema_decay', '?')}"
+    if weights == "trained":
+        return "trained weights, not an EMA"
+    return "weights as trained"
+
+
 def _readme(s: InferenceSettings, provenance: dict[str, Any]) -> str:
     n = s.num_inference_steps
     return f"""# dmdr few-step generator ({n} steps)
 
 Distilled with dmdr (DMDR) from {provenance.get("teacher", "the teacher")}, checkpoint
-{provenance.get("checkpoint", "?")} (generator mode {provenance.get("generator_mode", "?")}).
+{provenance.get("checkpoint", "?")} (generator mode {provenance.get("generator_mode", "?")};
+{_weights_line(provenance)}).
 Sample with {n} Euler steps at the sigmas below, no classifier-free guidance
 (guidance_scale={s.guidance_scale}), {s.resolution}x{s.resolution} pixels,
 max_sequence_length={s.max_sequence_length}. The sigmas already include the training shift {s.shift}; the

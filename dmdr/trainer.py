@@ -49,7 +49,6 @@ class FlopCount:
 
     def __init__(self) -> None:
         self.total = 0
-        self.done = False
         self._mode = None
 
     def __enter__(self) -> FlopCount:
@@ -78,6 +77,17 @@ class Roles:
     critic_params: list[torch.nn.Parameter]
     shared_base: bool
     """True when the generator is the teacher's own network with the ``generator`` adapter."""
+
+    def generator_param_names(self) -> list[str]:
+        """Names of :attr:`generator_params` in the generator's network, independent of how it is wrapped.
+
+        LoRA mode names them in the teacher (which holds the adapter), full mode in the copy. Activation
+        checkpointing's ``_checkpoint_wrapped_module`` level is dropped, so a training run and a one-process
+        reader (export, sampling) use the same names (the EMA is keyed by them).
+        """
+        owner = self.teacher if self.shared_base else self.generator
+        names = {id(p): n.replace("_checkpoint_wrapped_module.", "") for n, p in owner.named_parameters()}
+        return [names[id(p)] for p in self.generator_params]
 
     def generator_fn(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         scales = {"generator": 1.0, "critic": 0.0} if self.shared_base else None
@@ -166,7 +176,7 @@ class DMDRTrainer:
             "skipped_steps": c.skipped_steps, "consecutive_bad": dict(c.consecutive_bad),
         }
         if self.ema is not None:
-            state["ema"] = {str(i): t for i, t in enumerate(self.ema)}
+            state["ema"] = dict(zip(self.roles.generator_param_names(), self.ema))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -176,8 +186,8 @@ class DMDRTrainer:
         c.skipped_steps = int(state["skipped_steps"])
         c.consecutive_bad = {k: int(v) for k, v in state["consecutive_bad"].items()}
         if self.ema is not None and "ema" in state:
-            for i, t in enumerate(self.ema):
-                t.copy_(state["ema"][str(i)])
+            for name, t in zip(self.roles.generator_param_names(), self.ema):
+                t.copy_(state["ema"][name])
 
     def app_state(self) -> dict[str, Any]:
         """The whole ``Stateful`` tree of the run, as torch.distributed.checkpoint saves it."""
@@ -219,8 +229,17 @@ class DMDRTrainer:
             group["lr"] = critic_lr
 
     # ------------------------------------------------------------------ data
+    def batch_size(self, k: int | None = None) -> int:
+        """Prompts per rank per iteration at generator step ``k``: ``data.rl_batch_size`` once RL is on (if set)."""
+        d = self.cfg.data
+        return d.rl_batch_size if d.rl_batch_size and self.rl_active(k) else d.batch_size
+
     def _next_batch(self) -> dict[str, Any]:
-        """The next batch; a data error on any rank stops every rank (no rank left in a collective)."""
+        """This iteration's prompts, as whole loader batches (:func:`dmdr.data.loader_batch_size`).
+
+        A data error on any rank stops every rank (no rank is left waiting in a collective).
+        """
+        from dmdr.data import loader_batch_size, merge_batches
         from dmdr.errors import DataError
 
         if self._data_iter is None:
@@ -228,9 +247,12 @@ class DMDRTrainer:
         error: DataError | None = None
         batch: dict[str, Any] = {}
         try:
-            batch = next(self._data_iter)
-            if self.skip_monitor is not None:
-                self.skip_monitor.update(batch)
+            parts = []
+            for _ in range(self.batch_size() // loader_batch_size(self.cfg.data)):
+                parts.append(next(self._data_iter))
+                if self.skip_monitor is not None:
+                    self.skip_monitor.update(parts[-1])
+            batch = merge_batches(parts)
         except DataError as err:
             error = err
         if self.dist is not None and self.dist.any_rank(error is not None):
@@ -424,22 +446,24 @@ class DMDRTrainer:
         bar = ProgressBar(cfg.train.max_steps, self.step, enabled=cfg.log.progress_bar and is_main)
         throughput = Throughput()
         peak_tflops = gpu_peak_tflops(self.device)
-        batch_size = cfg.data.batch_size
         world = self.dist.world_size if self.dist is not None else 1
         try:
             flops = FlopCount() if peak_tflops else None
+            flops_stage: bool | None = None  # the stage (RL on?) whose FLOPs per generator step were counted
             while self.step < cfg.train.max_steps:
-                if flops is not None and not flops.done:
-                    with flops:  # the first generator step's iterations, once, to estimate TFLOP/s
+                stage = self.rl_active()
+                if flops is not None and flops_stage != stage:
+                    with flops:  # each stage's first generator step, once, to estimate TFLOP/s
                         metrics = self.train_iteration()
                     if metrics is not None:
-                        flops.done = True
+                        flops_stage = stage
                         self.counters.extra["perf/tflops"] = flops.total / 1e12
+                        flops.total = 0
                 else:
                     metrics = self.train_iteration()
                 if metrics is None:
                     continue
-                throughput.update(1, batch_size * world * cfg.dmd.ratio)
+                throughput.update(1, self.batch_size(self.step - 1) * world * cfg.dmd.ratio)
                 k = self.step
                 if k % cfg.log.interval == 0 or k == cfg.train.max_steps:
                     metrics = self._reduce(metrics, "mean")

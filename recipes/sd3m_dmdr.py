@@ -21,7 +21,7 @@ def sd3m_dmdr() -> TrainConfig:
     cfg.rl.rewards, cfg.rl.weights = ("hps", "clip"), (0.3, 0.3)
     cfg.optim.generator_lr, cfg.optim.critic_lr = 1e-6, 5e-7
     cfg.optim.rl_generator_lr, cfg.optim.rl_critic_lr = 5e-7, 2e-7
-    cfg.data.batch_size = 8
+    cfg.data.batch_size, cfg.data.rl_batch_size = 8, 4  # per GPU: cold start, RL stage
     cfg.parallel.activation_checkpointing = "full"
     cfg.train.max_steps = 4000
     cfg.train.output_dir = "runs/sd3m-dmdr"

@@ -42,7 +42,8 @@ def tiny_dmdr() -> TrainConfig:
     cfg.rl.rewards, cfg.rl.weights, cfg.rl.margin = ("brightness",), (0.5,), 0.7
     cfg.optim.generator_lr, cfg.optim.critic_lr = 1e-4, 1e-4
     cfg.optim.rl_generator_lr, cfg.optim.rl_critic_lr = 5e-5, 5e-5
-    cfg.data.batch_size, cfg.data.num_workers, cfg.data.shuffle_buffer = 4, 0, 64
+    cfg.data.batch_size, cfg.data.rl_batch_size = 4, 2  # per rank: cold start, RL stage (halved, as the paper)
+    cfg.data.num_workers, cfg.data.shuffle_buffer = 0, 64
     cfg.parallel.param_dtype = "fp32"
     cfg.parallel.activation_checkpointing = "none"
     cfg.checkpoint.interval = 20

@@ -26,7 +26,7 @@ def zimage_dmdr() -> TrainConfig:
     cfg.rl.rewards, cfg.rl.weights = ("hps", "clip"), (0.1, 0.1)
     cfg.optim.generator_lr, cfg.optim.critic_lr = 1e-6, 2e-8
     cfg.optim.rl_generator_lr, cfg.optim.rl_critic_lr = 1e-7, 5e-9
-    cfg.data.batch_size = 4
+    cfg.data.batch_size, cfg.data.rl_batch_size = 4, 2  # per GPU: cold start, RL stage
     cfg.parallel.activation_checkpointing = "full"
     cfg.train.max_steps = 4000
     cfg.train.output_dir = "runs/zimage-dmdr"

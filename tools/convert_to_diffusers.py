@@ -1,14 +1,17 @@
 """Export a dmdr run's generator as a complete diffusers pipeline folder.
 
     python tools/convert_to_diffusers.py --run runs/sd35 [--step 4000 | latest] --out exports/sd35-4step \\
-        [--dtype bf16|fp16|fp32] [--model-path /models/sd3.5-large] [--overwrite]
+        [--weights auto|ema|trained] [--dtype bf16|fp16|fp32] [--model-path /models/sd3.5-large] [--overwrite]
 
 Reads ``<run>/config.json`` and the checkpoint, loads the teacher folder (``model.path``, or
 ``--model-path`` when it moved), rebuilds the generator as training did (LoRA mode: the ``generator``
 adapter merged into the transformer at scale 1.0; full mode: the full copy) and writes the teacher's
 other components as they are, the distilled transformer, a few-step ``FlowMatchEulerDiscreteScheduler``
 and ``dmdr_inference.json`` + ``README.md`` with the call that reproduces dmdr's sampler (see
-:mod:`dmdr.export`). The critic LoRA is not exported. Load the result with the stock pipeline::
+:mod:`dmdr.export`). The critic LoRA is not exported. ``--weights``: ``ema`` exports the generator's
+exponential moving average (runs with ``optim.ema_decay > 0``), ``trained`` the weights as the optimizer
+left them, ``auto`` (default) the EMA when the checkpoint holds one; ``dmdr_inference.json``'s
+``source.weights`` records which. Load the result with the stock pipeline::
 
     pipe = StableDiffusion3Pipeline.from_pretrained("exports/sd35-4step")
     settings = json.load(open("exports/sd35-4step/dmdr_inference.json"))
@@ -42,6 +45,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--run", required=True, help="the training run folder (train.output_dir)")
     parser.add_argument("--step", default="latest", help="generator step of the checkpoint, or 'latest' (default)")
     parser.add_argument("--out", required=True, help="folder to write the diffusers pipeline to")
+    parser.add_argument("--weights", choices=("auto", "ema", "trained"), default="auto",
+                        help="the generator's EMA (runs with optim.ema_decay > 0), the trained weights, or auto: "
+                             "the EMA when the checkpoint holds one (default)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of the exported transformer (default: the run's model.dtype)")
     parser.add_argument("--model-path", default="", help="the teacher folder, if it moved since training")
@@ -61,14 +67,17 @@ def convert(args: argparse.Namespace) -> str:
     lora = cfg.model.generator_mode == "lora"
     # LoRA: merge into fp32 base weights (the teacher's stored values, upcast) and round once at the end.
     # Full: the checkpoint overwrites every weight of the copy, the teacher's dtype does not matter.
-    backbone, roles = export.load_generator(cfg, checkpoint, device="cpu",
-                                            dtype=torch.float32 if lora else None, load_text_encoder=False)
+    backbone, roles, weights = export.load_generator(cfg, checkpoint, device="cpu",
+                                                     dtype=torch.float32 if lora else None, load_text_encoder=False,
+                                                     weights=args.weights)
     transformer = export.export_transformer(roles, out_dtype)
     folder = read_model_index(cfg.model.path)
     settings = export.InferenceSettings.from_config(cfg, folder.pipeline_class)
     provenance = {"run": str(args.run), "checkpoint": checkpoint.name, "teacher": cfg.model.path,
-                  "generator_mode": cfg.model.generator_mode, "dtype": args.dtype or cfg.model.dtype,
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "generator_mode": cfg.model.generator_mode, "weights": weights,
+                  "dtype": args.dtype or cfg.model.dtype, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if weights == "ema":
+        provenance["ema_decay"] = cfg.optim.ema_decay
     out = export.write_pipeline(folder.path, args.out, transformer, settings,
                                 backbone.extras.get("scheduler_config"), provenance, overwrite=args.overwrite)
     return str(out)

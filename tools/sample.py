@@ -1,12 +1,14 @@
 """Few-step samples from a dmdr checkpoint (dmdr's own sampler) or from an exported diffusers folder.
 
-    python tools/sample.py --run runs/sd35 [--step 4000 | latest] --prompts "a cat" "a dog" --out grid.png [--seed 0]
+    python tools/sample.py --run runs/sd35 [--step 4000 | latest] [--weights auto|ema|trained] \\
+        --prompts "a cat" "a dog" --out grid.png [--seed 0]
     python tools/sample.py --run runs/sd35 --prompt-file prompts.txt --out samples/grid.png
     python tools/sample.py --pipeline exports/sd35-4step --prompts "a cat" --out grid.png [--approx]
 
 ``--run``: the generator is rebuilt as training built it (:func:`dmdr.export.load_generator`) and sampled
 by the trainer's own ``sample_images`` (N-step Euler on the shifted schedule, no CFG, noise from
-``--seed``). ``--pipeline``: the stock diffusers pipeline of a folder written by
+``--seed``); ``--weights`` as in ``tools/convert_to_diffusers.py`` (default ``auto``: the generator's
+EMA when the checkpoint holds one). ``--pipeline``: the stock diffusers pipeline of a folder written by
 ``tools/convert_to_diffusers.py``, called with its ``dmdr_inference.json`` settings (the exact
 reproduction of the training sampler; ``--approx`` uses the plain N sigmas whose last step goes to 0)
 on the same noise, so both modes give the same images for the same seed.
@@ -45,6 +47,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="the grid image (.png); single images go next to it")
     parser.add_argument("--step", default="latest", help="--run: generator step of the checkpoint, or 'latest'")
     parser.add_argument("--model-path", default="", help="--run: the teacher folder, if it moved since training")
+    parser.add_argument("--weights", choices=("auto", "ema", "trained"), default="auto",
+                        help="--run: the generator's EMA, the trained weights, or auto: the EMA when the "
+                             "checkpoint holds one (default)")
     parser.add_argument("--seed", type=int, default=1234, help="noise seed (default: the trainer's, 1234)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--nrow", type=int, default=4, help="images per grid row")
@@ -75,12 +80,12 @@ def sample_run(args: argparse.Namespace, prompts: list[str], device: torch.devic
 
     cfg = export.read_run_config(args.run, args.model_path)
     checkpoint = export.resolve_checkpoint(args.run, args.step)
-    backbone, roles = export.load_generator(cfg, checkpoint, device=device)
+    backbone, roles, weights = export.load_generator(cfg, checkpoint, device=device, weights=args.weights)
     cfg = copy.deepcopy(cfg)
     cfg.optim.ema_decay = 0.0  # no EMA copy of the parameters: sampling only
     trainer = DMDRTrainer(cfg, backbone, roles, [], loader=None, device=device,
                           compute_dtype=DTYPES[cfg.parallel.param_dtype])
-    logging.getLogger("dmdr").info("sampling %s (%d steps)", checkpoint, cfg.dmd.num_steps)
+    logging.getLogger("dmdr").info("sampling %s, %s weights (%d steps)", checkpoint, weights, cfg.dmd.num_steps)
     return trainer.sample_images(prompts, seed=args.seed)
 
 

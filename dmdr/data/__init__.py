@@ -16,7 +16,7 @@ Contract with the trainer
 
     Iterating it yields, forever (epochs roll over; ``train.max_steps`` ends training), dicts::
 
-        {"prompts": list[str],          # exactly cfg.batch_size prompts
+        {"prompts": list[str],          # exactly loader_batch_size(cfg) prompts
          "skipped": dict[str, int],     # bad records by reason since this worker's previous batch
          "read": int,                   # good records read since then (the skip rate's denominator)
          "truncated": int,              # prompts cut to data.max_prompt_chars since then
@@ -31,6 +31,11 @@ Contract with the trainer
     ``loader.load_resharded_state(all_old_states)``, see below). The resumed loader yields exactly
     the batches the uninterrupted run would have yielded next (with ``num_workers`` 0 or more). It
     assumes every rank consumed the same number of batches (one per iteration), as the trainer does.
+
+``loader_batch_size(cfg)``, ``merge_batches(batches)``
+    The loader's batches hold ``gcd(data.batch_size, data.rl_batch_size)`` prompts; an iteration takes
+    as many whole loader batches as its stage needs and merges them (prompts and ``cond`` concatenated
+    in order, counts summed), so the RL stage's smaller batch drops no prompt and resume stays exact.
 
 ``SkipMonitor.from_config(cfg)``
     ``update(batch)`` for every batch (raises ``DataError`` once the cumulative skip rate exceeds
@@ -87,13 +92,14 @@ from dmdr.data.cache import (
     iter_source_prompts,
     prompt_hash,
 )
-from dmdr.data.loader import PromptLoader, build_prompt_loader
+from dmdr.data.loader import PromptLoader, build_prompt_loader, loader_batch_size, merge_batches
 from dmdr.data.monitor import SkipMonitor
 from dmdr.data.readers import MAX_RECORD_BYTES, SKIP_REASONS, Cleaner
 from dmdr.data.sources import SourcePlan, expand_source, plan_source
 
 __all__ = [
     "EmbeddingCache", "EmbeddingCacheWriter", "cache_embeddings", "iter_source_prompts", "prompt_hash",
-    "PromptLoader", "build_prompt_loader", "SkipMonitor", "MAX_RECORD_BYTES", "SKIP_REASONS", "Cleaner",
+    "PromptLoader", "build_prompt_loader", "loader_batch_size", "merge_batches", "SkipMonitor", "MAX_RECORD_BYTES",
+    "SKIP_REASONS", "Cleaner",
     "SourcePlan", "expand_source", "plan_source",
 ]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import Any
 
+import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from dmdr.data.cache import EmbeddingCache
@@ -152,6 +154,32 @@ class PromptLoader(StatefulDataLoader):
                     "after %d prompts consumed globally (data.on_layout_change=reshuffle)", diff, consumed)
 
 
+def loader_batch_size(cfg: Any) -> int:
+    """Prompts per loader batch for a :class:`~dmdr.config.DataConfig`: ``gcd(batch_size, rl_batch_size)``.
+
+    The trainer takes ``batch_size`` prompts per iteration in the cold start and ``rl_batch_size`` in the
+    RL stage (``DMDRTrainer._next_batch``); with loader batches of their gcd both are whole numbers of loader
+    batches, so the switch drops no prompt and the data position stays a loader position (exact resume
+    on either side of it).
+    """
+    return math.gcd(cfg.batch_size, cfg.rl_batch_size or cfg.batch_size)
+
+
+def merge_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Loader batches as one: prompts (and cached ``cond`` tensors) concatenated in order, counts summed."""
+    if len(batches) == 1:
+        return batches[0]
+    out: dict[str, Any] = {"prompts": [p for b in batches for p in b["prompts"]],
+                           "read": sum(b.get("read", 0) for b in batches),
+                           "truncated": sum(b.get("truncated", 0) for b in batches), "skipped": {}}
+    for b in batches:
+        for reason, n in b.get("skipped", {}).items():
+            out["skipped"][reason] = out["skipped"].get(reason, 0) + n
+    if "cond" in batches[0]:
+        out["cond"] = {k: torch.cat([b["cond"][k] for b in batches]) for k in batches[0]["cond"]}
+    return out
+
+
 def build_prompt_loader(cfg: Any, *, dp_rank: int, dp_world: int, seed: int,
                         embedding_cache: EmbeddingCache | None = None,
                         epochs: int | None = None) -> PromptLoader:
@@ -179,12 +207,13 @@ def build_prompt_loader(cfg: Any, *, dp_rank: int, dp_world: int, seed: int,
     plans = tuple(plan_source(s, fmt=cfg.format, field=cfg.field, readers=readers, clean=clean)
                   for s in cfg.sources)
     weights = mixture_weights(cfg.weights, len(plans))
-    stream = StreamConfig(plans=plans, weights=weights, batch_size=cfg.batch_size,
+    batch_size = loader_batch_size(cfg)
+    stream = StreamConfig(plans=plans, weights=weights, batch_size=batch_size,
                           shuffle_buffer=cfg.shuffle_buffer, field=cfg.field,
                           cleaner=clean, epochs=epochs)
     dataset = PromptDataset(stream, dp_rank=dp_rank, dp_world=dp_world, num_workers=cfg.num_workers,
                             seed=seed, cache=embedding_cache, cache_miss=cfg.cache_miss)
-    layout = {"dp_world": dp_world, "num_workers": cfg.num_workers, "batch_size": cfg.batch_size,
+    layout = {"dp_world": dp_world, "num_workers": cfg.num_workers, "batch_size": batch_size,
               "shuffle_buffer": cfg.shuffle_buffer, "seed": seed, "weights": list(weights),
               "sources": [p.fingerprint() for p in plans], "field": cfg.field,
               "cleaning": [cfg.max_prompt_chars, cfg.long_prompts]}

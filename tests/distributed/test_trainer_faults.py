@@ -42,7 +42,7 @@ def _cmd(assets, out: Path, *, max_restarts: int = 0) -> list[str]:
             "--train.max_steps", str(2 * N), "--checkpoint.interval", str(N), "--dmd.ratio", "2",
             "--rl.start_step", "4", "--dynamic.decay_steps", "6", "--log.interval", "1",
             "--log.sample_interval", "0", "--log.progress_bar", "false", "--log.tensorboard", "false",
-            "--data.batch_size", "2"]
+            "--data.batch_size", "2", "--data.rl_batch_size", "1"]
 
 
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:

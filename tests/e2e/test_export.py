@@ -95,7 +95,8 @@ def test_stock_pipeline_reproduces_the_training_sampler(name, runs, exports):
     from diffusers import DiffusionPipeline
 
     cfg = export.read_run_config(runs[name])
-    backbone, roles = export.load_generator(cfg, export.resolve_checkpoint(runs[name]))
+    backbone, roles, weights = export.load_generator(cfg, export.resolve_checkpoint(runs[name]))
+    assert weights == "trained"  # these runs have no EMA
     levels = few_step_timesteps(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min)
     g = torch.Generator().manual_seed(7)
     noise = torch.randn(len(PROMPTS), *backbone.latent_shape(cfg.model.resolution), generator=g)
@@ -199,6 +200,8 @@ def _broken(kind: str, runs: dict[str, Path], tmp: Path) -> list[str]:
         config["model"]["path"] = str(tmp / "moved-away")
     elif kind == "wrong-mode":
         config["model"]["generator_mode"] = "full"
+    elif kind == "wrong-rank":  # DCP itself fails (shape mismatch): its multi-line wrapper becomes one line
+        config["model"]["generator_lora_rank"] = 4
     (copy / "config.json").write_text(json.dumps(config))
     return ["--run", str(copy)]
 
@@ -210,6 +213,7 @@ def _broken(kind: str, runs: dict[str, Path], tmp: Path) -> list[str]:
     ("corrupt", "does not match its recorded CRC32"),
     ("teacher-gone", "--model-path"),
     ("wrong-mode", "has no entry 'generator'"),
+    ("wrong-rank", "cannot read the generator from"),
 ])
 def test_convert_bad_input_is_one_line(kind, needle, runs, tmp_path, capsys):
     out = tmp_path / "export"

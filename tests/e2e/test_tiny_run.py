@@ -28,10 +28,34 @@ def _trainable(out: Path, step: int) -> dict[str, torch.Tensor]:
     return model_tensors(out / "checkpoints" / f"step-{step}")
 
 
+def _record_prompts(monkeypatch) -> list[list[str]]:
+    """The prompts of every training iteration, in order (wraps the trainer's conditioning step)."""
+    from dmdr.trainer import DMDRTrainer
+
+    seen: list[list[str]] = []
+    conditioning = DMDRTrainer._conditioning
+
+    def record(self, batch):
+        seen.append(list(batch["prompts"]))
+        return conditioning(self, batch)
+
+    monkeypatch.setattr(DMDRTrainer, "_conditioning", record)
+    return seen
+
+
 def test_run_writes_config_metrics_checkpoints_and_switches_on_rl(tiny_assets, tmp_path, monkeypatch):
+    from dmdr.data import build_prompt_loader
+
     monkeypatch.setenv("DMDR_PEAK_TFLOPS", "100")  # what a known GPU provides: enables the MFU estimate
     cfg = tiny_config(tiny_assets, tmp_path / "run")
+    assert (cfg.data.batch_size, cfg.data.rl_batch_size, cfg.dmd.ratio, cfg.rl.start_step) == (4, 2, 2, 4)
+    seen = _record_prompts(monkeypatch)
     assert run(cfg) == 0
+    # The RL stage takes 2 prompts per iteration instead of 4, from the same stream: none dropped or repeated.
+    assert [len(p) for p in seen] == [4] * 8 + [2] * 8
+    loader = build_prompt_loader(cfg.data, dp_rank=0, dp_world=1, seed=cfg.train.seed)
+    stream = [p for _, batch in zip(range(24), loader) for p in batch["prompts"]]
+    assert [p for batch in seen for p in batch] == stream[:48]
     out = tmp_path / "run"
     assert json.loads((out / "config.json").read_text())["model"]["path"] == tiny_assets["model"]
     records = _metrics(out)

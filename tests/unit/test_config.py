@@ -36,6 +36,7 @@ def test_overrides_of_every_type():
     (["--dynamic.dynadg", "maybe"], "boolean"),
     (["--train.max_steps", "0"], "--train.max_steps: must be >= 1"),
     (["--rl.weights", "0.3"], "--rl.weights"),
+    (["--data.rl_batch_size", "-1"], "--data.rl_batch_size: must be >= 0"),
     (["--train.seed"], "needs a value"),
     (["positional"], "unexpected argument"),
 ])

@@ -210,12 +210,12 @@ def checkpoint_ema_names(checkpoint: str | Path) -> list[str]:
 
     Read from the DCP metadata only (keys ``trainer.ema.<name>``), no tensor data.
     """
-    from torch.distributed.checkpoint import FileSystemReader
+    from dmdr.distributed.checkpoint import dcp_error_line, saved_keys
 
     try:
-        keys = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+        keys = saved_keys(checkpoint)
     except Exception as e:  # noqa: BLE001 - a missing or unreadable .metadata; one line
-        raise CheckpointError(f"cannot read the DCP metadata of checkpoint {checkpoint}: {_first_line(e)}") from e
+        raise CheckpointError(f"cannot read the DCP metadata of checkpoint {checkpoint}: {dcp_error_line(e)}") from e
     return sorted(k[len(EMA_PREFIX):] for k in keys if k.startswith(EMA_PREFIX))
 
 
@@ -253,20 +253,12 @@ class LoadedGenerator(NamedTuple):
     """The weights loaded into the generator's trainable parameters: ``"ema"`` or ``"trained"``."""
 
 
-def _first_line(e: BaseException) -> str:
-    """One line for a DCP failure: the failing rank's own exception, not DCP's multi-line wrapper."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    if isinstance(e, CheckpointException) and e.failures:
-        e = next(iter(e.failures.values()))[0]
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def _dcp_read(state: dict[str, Any], checkpoint: str | Path, what: str) -> None:
     """``dcp.load`` in one process (``no_dist``) into ``state``; any failure becomes one :class:`CheckpointError`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
+
+    from dmdr.distributed.checkpoint import dcp_error_line
 
     try:
         with warnings.catch_warnings():  # DCP warns that it "assumes" one process even with no_dist
@@ -274,7 +266,7 @@ def _dcp_read(state: dict[str, Any], checkpoint: str | Path, what: str) -> None:
             dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     # DCP wraps per-rank failures in CheckpointException, a BaseException (not caught by `except Exception`)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - the user gets one line
-        raise CheckpointError(f"cannot read {what} from {checkpoint}: {_first_line(e)}") from e
+        raise CheckpointError(f"cannot read {what} from {checkpoint}: {dcp_error_line(e)}") from e
 
 
 @torch.no_grad()

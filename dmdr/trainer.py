@@ -19,6 +19,7 @@ Everything that changes during training is reachable from :meth:`DMDRTrainer.app
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from dmdr.observability import MetricsLogger, ProgressBar, Throughput, gpu_peak_
 from dmdr.rewards.base import Reward
 from dmdr.sampling import few_step_sample
 from dmdr.schedules import DynaRSSampler, dynadg_real_scale, few_step_timesteps
+
+log = logging.getLogger(__name__)
 
 
 class FlopCount:
@@ -128,6 +131,10 @@ class DMDRTrainer:
             MixedPrecisionPolicy instead and pass None.
     """
 
+    optional_state_keys = ("ema",)
+    """State a resumed run may have that its checkpoint lacks: EMA switched on at resume starts from the weights."""
+
+
     def __init__(self, cfg: TrainConfig, backbone: Backbone, roles: Roles, rewards: list[tuple[Reward, float]],
                  loader: Any, device: torch.device, dist: Any = None, skip_monitor: Any = None,
                  compute_dtype: torch.dtype | None = None):
@@ -159,6 +166,7 @@ class DMDRTrainer:
         self.ema: list[Tensor] | None = None
         if cfg.optim.ema_decay > 0:
             self.ema = [p.detach().clone() for p in roles.generator_params]
+        self._ema_from_weights = False
         self._negative: Conditioning | None = None
         self._data_iter: Iterator | None = None
         self._fake_losses: list[float] = []
@@ -188,6 +196,8 @@ class DMDRTrainer:
         if self.ema is not None and "ema" in state:
             for name, t in zip(self.roles.generator_param_names(), self.ema):
                 t.copy_(state["ema"][name])
+        # EMA switched on at resume: started from the resumed weights in train(), once the models are loaded.
+        self._ema_from_weights = self.ema is not None and "ema" not in state
 
     def app_state(self) -> dict[str, Any]:
         """The whole ``Stateful`` tree of the run, as torch.distributed.checkpoint saves it."""
@@ -353,6 +363,15 @@ class DMDRTrainer:
         return {"loss/fake": loss.item(), "grad_norm/critic": norm, "lr/critic": self.critic_opt.param_groups[0]["lr"]}
 
     @torch.no_grad()
+    def _start_ema_from_weights(self) -> None:
+        for e, p in zip(self.ema, self.roles.generator_params):
+            e.copy_(p.detach())
+        self._ema_from_weights = False
+        if self.dist is None or self.dist.is_main:
+            log.warning("the checkpoint holds no EMA (optim.ema_decay was 0 when it was written): the EMA starts "
+                        "from the resumed weights at generator step %d", self.step)
+
+    @torch.no_grad()
     def _update_ema(self) -> None:
         if self.ema is None:
             return
@@ -443,6 +462,8 @@ class DMDRTrainer:
         """
         cfg = self.cfg
         is_main = self.dist is None or self.dist.is_main
+        if self._ema_from_weights:
+            self._start_ema_from_weights()
         bar = ProgressBar(cfg.train.max_steps, self.step, enabled=cfg.log.progress_bar and is_main)
         throughput = Throughput()
         peak_tflops = gpu_peak_tflops(self.device)

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dmdr.distributed.env import DistEnv
 from dmdr.distributed.state import RankLocal
@@ -123,6 +124,35 @@ def _to_bytes(state: Any) -> bytes:
 
 def _from_bytes(blob: bytes) -> Any:
     return torch.load(io.BytesIO(blob), weights_only=False)
+
+
+def dcp_error_line(err: BaseException) -> str:
+    """One line for a DCP failure: the failing rank's own exception, not DCP's multi-line wrapper.
+
+    DCP wraps per-rank failures in :class:`CheckpointException`, a ``BaseException`` (so ``except
+    Exception`` does not catch it: catch ``(Exception, CheckpointException)``).
+    """
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def saved_keys(path: str | Path) -> set[str]:
+    """The flattened state keys a DCP checkpoint folder holds (``entry.key.subkey``), from its metadata."""
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def _drop_unsaved_optional(name: str, obj: Any, state: dict[str, Any], held: set[str]) -> None:
+    """Remove from ``state`` the keys ``obj.optional_state_keys`` names that the checkpoint lacks.
+
+    A Stateful lists there what a run may add after the checkpoint was written (the trainer's EMA,
+    switched on at resume); its ``load_state_dict`` then sees the key missing and starts it fresh.
+    """
+    for key in getattr(obj, "optional_state_keys", ()):
+        prefix = f"{name}.{key}"
+        if key in state and not any(k == prefix or k.startswith(prefix + ".") for k in held):
+            del state[key]
 
 
 def read_marker(path: str | Path) -> dict[str, Any]:
@@ -245,8 +275,12 @@ class CheckpointManager:
                                         no_dist=not self.env.is_distributed)
             self._pending = (future, step, tmp, meta)
         else:
-            with _quiet_single_process():
-                dcp.save(state, checkpoint_id=str(tmp), no_dist=not self.env.is_distributed)
+            try:
+                with _quiet_single_process():
+                    dcp.save(state, checkpoint_id=str(tmp), no_dist=not self.env.is_distributed)
+            except (Exception, CheckpointException) as err:  # noqa: BLE001 - disk full, permissions: one line
+                raise CheckpointError(f"cannot write checkpoint {tmp} (earlier checkpoints are intact): "
+                                      f"{dcp_error_line(err)}") from err
             self._finalize(step, tmp, meta)
         return self.step_dir(step)
 
@@ -259,11 +293,11 @@ class CheckpointManager:
         error = None
         try:
             future.result()
-        except Exception as err:  # noqa: BLE001 - reported on every rank below
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - reported on every rank below
             error = err
         if self.env.any_rank(error is not None):
-            raise CheckpointError(f"asynchronous save of checkpoint step {step} failed"
-                                  f"{': ' + str(error).splitlines()[0] if error else ' on another rank'}")
+            raise CheckpointError(f"asynchronous save of checkpoint step {step} failed (earlier checkpoints are "
+                                  f"intact){': ' + dcp_error_line(error) if error else ' on another rank'}")
         self._finalize(step, tmp, meta)
 
     def close(self) -> None:
@@ -374,6 +408,8 @@ class CheckpointManager:
                     skipped.append(name)
             else:
                 state[name] = obj.state_dict()
+                if getattr(obj, "optional_state_keys", ()):
+                    _drop_unsaved_optional(name, obj, state[name], saved_keys(path))
         if skipped and self.env.is_main:
             log.warning("checkpoint %s was written by %d ranks, this run has %d: per-rank state %s "
                         "starts fresh (models, optimizers and counters are restored)",
@@ -381,10 +417,8 @@ class CheckpointManager:
         try:
             with _quiet_single_process():
                 dcp.load(state, checkpoint_id=str(path), no_dist=not self.env.is_distributed)
-        except Exception as err:  # noqa: BLE001 - DCP wraps per-rank failures; give the user one line
-            first = str(err).strip().splitlines()
-            why = first[0] if first else type(err).__name__
-            raise CheckpointError(f"cannot load checkpoint {path}: {why}") from err
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - the user gets one line
+            raise CheckpointError(f"cannot load checkpoint {path}: {dcp_error_line(err)}") from err
         for name, obj in app_state.items():
             if name not in state:
                 continue

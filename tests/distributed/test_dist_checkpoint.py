@@ -316,3 +316,26 @@ def test_two_adapters_two_optimizers_in_one_network(tmp_path):
         for p1, p2 in zip(o1.param_groups[0]["params"], o2.param_groups[0]["params"]):
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(o1.state[p1][key], o2.state[p2][key], atol=0, rtol=0)
+
+
+def test_failed_save_and_dcp_load_errors_are_one_line_and_keep_earlier_checkpoints(tmp_path, monkeypatch):
+    """DCP reports failures as CheckpointException, a BaseException: both directions still give one line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    mgr, run = _saved_runs(tmp_path, 1)
+
+    def disk_full(*args, **kwargs):
+        raise CheckpointException("save failed", {0: (OSError(28, "No space left on device"), "traceback...")})
+
+    with monkeypatch.context() as mp:
+        mp.setattr(dcp, "save", disk_full)
+        with pytest.raises(CheckpointError) as err:
+            mgr.save(2, run.app_state())
+    msg = str(err.value)
+    assert "\n" not in msg and "No space left on device" in msg and ".tmp-step-2" in msg
+    assert mgr.latest() == tmp_path / "checkpoints" / "step-1"  # the earlier checkpoint stays latest
+
+    with monkeypatch.context() as mp:
+        mp.setattr(dcp, "load", disk_full)
+        with pytest.raises(CheckpointError, match=r"^cannot load checkpoint .*step-1: \[Errno 28\] No space"):
+            mgr.load(Run(None).app_state(), tmp_path / "checkpoints" / "step-1")

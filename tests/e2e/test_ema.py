@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from tiny_helpers import REPO, tiny_config
-from torch.distributed.checkpoint.api import CheckpointException
 
 from dmdr import export
 from dmdr.distributed.offline import flatten, read_checkpoint
@@ -269,13 +268,20 @@ def test_sample_tool_weights(runs, exports, tmp_path):
     assert max(np.abs(e - t).max() for e, t in zip(ema, trained)) > 0
 
 
-@pytest.mark.xfail(strict=True, raises=(CheckpointException, CheckpointError),
-                   reason="turning EMA on when resuming a run saved without EMA: the trainer's state_dict asks DCP "
-                          "for trainer.ema.* keys the checkpoint lacks")
-def test_resume_turning_ema_on(tiny_assets, runs, tmp_path):
+def test_resume_turning_ema_on_starts_it_from_the_resumed_weights(tiny_assets, runs, tmp_path, caplog):
     run_dir = tmp_path / "run"
-    shutil.copytree(runs["plain"], run_dir)
+    shutil.copytree(runs["plain"], run_dir)  # 1 generator step, written without EMA
     cfg = tiny_config(tiny_assets, run_dir, **{**QUICK, "train__max_steps": 2, "checkpoint__interval": 0,
                                                "optim__ema_decay": DECAY})
-    _train(cfg)
+    records: list[dict] = []
+    with caplog.at_level("WARNING", logger="dmdr.trainer"):
+        _train(cfg, records)
+    assert any("holds no EMA" in r.getMessage() for r in caplog.records)
+    (step,) = records
+    assert step["k"] == 1 and step["finite"]
+    # the EMA starts as the resumed weights, then follows the recurrence
+    assert all(torch.equal(e, p) for e, p in zip(step["before"]["ema"], step["before"]["params"]))
+    for e, before, after in zip(step["after"]["ema"], step["before"]["params"], step["after"]["params"]):
+        torch.testing.assert_close(e.double(), DECAY * before.double() + (1 - DECAY) * after.double(),
+                                   rtol=1e-6, atol=1e-7)
     assert export.checkpoint_ema_names(export.resolve_checkpoint(run_dir, 2))

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from dmdr.distributed.offline import model_tensors
+from dmdr.distributed.offline import flatten, model_tensors, read_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def _cmd(assets, out: Path, *, max_restarts: int = 0) -> list[str]:
             "--train.max_steps", str(2 * N), "--checkpoint.interval", str(N), "--dmd.ratio", "2",
             "--rl.start_step", "4", "--dynamic.decay_steps", "6", "--log.interval", "1",
             "--log.sample_interval", "0", "--log.progress_bar", "false", "--log.tensorboard", "false",
-            "--data.batch_size", "2", "--data.rl_batch_size", "1"]
+            "--data.batch_size", "2", "--data.rl_batch_size", "1", "--optim.ema_decay", "0.9"]
 
 
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -90,11 +90,17 @@ def _assert_same_run(reference: Path, resumed: Path, from_step: int) -> None:
     for step in range(from_step + 1, 2 * N + 1):
         for key in COMPARED:
             assert a[step].get(key) == b[step].get(key), (step, key, a[step].get(key), b[step].get(key))
-    wa = model_tensors(reference / "checkpoints" / f"step-{2 * N}")
-    wb = model_tensors(resumed / "checkpoints" / f"step-{2 * N}")
-    assert wa.keys() == wb.keys() and wa
+    wa = _trained_tensors(reference / "checkpoints" / f"step-{2 * N}")
+    wb = _trained_tensors(resumed / "checkpoints" / f"step-{2 * N}")
+    assert wa.keys() == wb.keys() and any(k.startswith("trainer.ema.") for k in wa)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def _trained_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The models' tensors and the generator EMA (sharded under FSDP2, gathered here) of a checkpoint."""
+    ema = {k: v for k, v in flatten(read_checkpoint(step_dir)).items() if k.startswith("trainer.ema.")}
+    return model_tensors(step_dir) | ema
 
 
 @pytest.fixture(scope="module")

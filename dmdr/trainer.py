@@ -134,7 +134,6 @@ class DMDRTrainer:
     optional_state_keys = ("ema",)
     """State a resumed run may have that its checkpoint lacks: EMA switched on at resume starts from the weights."""
 
-
     def __init__(self, cfg: TrainConfig, backbone: Backbone, roles: Roles, rewards: list[tuple[Reward, float]],
                  loader: Any, device: torch.device, dist: Any = None, skip_monitor: Any = None,
                  compute_dtype: torch.dtype | None = None):

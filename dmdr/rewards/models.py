@@ -126,25 +126,35 @@ class _OpenCLIPReward(_FrozenModelReward):
     def texts(self, prompts: list[str]) -> list[str]:
         return [self.prefix + p for p in prompts]
 
+    def image_features(self, images: Tensor) -> Tensor:
+        """Unnormalised image embeddings of ``[0, 1]`` RGB images (differentiable)."""
+        return self.model.encode_image(self.preprocess(images.to(self.device), dtype=self.dtype))
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> Tensor:
+        """Unnormalised text embeddings of the (prefixed) prompts."""
+        return self.model.encode_text(self.tokenizer(self.texts(list(prompts))).to(self.device))
+
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
-        pixels = self.preprocess(images.to(self.device), dtype=self.dtype)
-        with torch.no_grad():
-            tokens = self.tokenizer(self.texts(list(prompts))).to(self.device)
-            text = self.model.encode_text(tokens)
-        return _cosine(self.model.encode_image(pixels), text)
+        return _cosine(self.image_features(images), self.text_features(prompts))
 
 
 class HPSReward(_OpenCLIPReward):
-    """HPSv2.1: open_clip ``arch`` (*default* ViT-H-14) + the local HPS checkpoint; cosine score."""
+    """HPSv2.1: open_clip ``arch`` (*default* ViT-H-14) + the local HPS checkpoint; cosine score.
+
+    ``prefix`` is prepended to every prompt (*default* ``"Realistic photo "``, the training reward's).
+    """
 
     name = "hps"
     prefix = HPS_PREFIX
 
     def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu", arch: str = HPS_ARCH,
-                 resolution: int = 224, field: str = "rl.hps_checkpoint"):
+                 resolution: int = 224, field: str = "rl.hps_checkpoint", prefix: str = HPS_PREFIX):
         import open_clip
+
+        self.prefix = prefix  # training's "Realistic photo "; "" is the HPSv2 benchmark's own scoring
 
         path = _need_file(field, checkpoint, "a local HPSv2.1 checkpoint file, e.g. HPS_v2.1_compressed.pt")
         if arch not in open_clip.list_models():
@@ -231,18 +241,25 @@ class PickScoreReward(_FrozenModelReward):
         self.scale = float(scale)
         self.preprocess = _preprocess_for(model.config.vision_config.image_size, mean, std, resolution)
 
+    def image_features(self, images: Tensor) -> Tensor:
+        """Unnormalised projected image embeddings of ``[0, 1]`` RGB images (differentiable)."""
+        pixels = self.preprocess(images.to(self.device), dtype=self.dtype)
+        return self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> Tensor:
+        """Unnormalised projected text embeddings (padded to the model's context, truncated)."""
+        m = self.model
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=m.config.text_config.max_position_embeddings, return_tensors="pt")
+        tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+        return m.text_projection(m.text_model(**tok).pooler_output)
+
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
-        m = self.model
-        pixels = self.preprocess(images.to(self.device), dtype=self.dtype)
-        with torch.no_grad():
-            tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                 max_length=m.config.text_config.max_position_embeddings, return_tensors="pt")
-            tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
-            text = m.text_projection(m.text_model(**tok).pooler_output)
-        image = m.visual_projection(m.vision_model(pixel_values=pixels).pooler_output)
-        return self.scale * m.logit_scale.exp() * _cosine(image, text)
+        cosine = _cosine(self.image_features(images), self.text_features(prompts))
+        return self.scale * self.model.logit_scale.exp() * cosine
 
 
 def _image_stats(path: Path) -> tuple[Any, Any]:

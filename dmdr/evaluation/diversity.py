@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,7 +37,9 @@ def load_lpips(path: str | Path, net: str = "alex", flag: str = "--lpips-weights
     if net not in NETS:
         raise ModelLoadError(f"lpips_net {net!r}: choose one of {', '.join(NETS)}")
     state = _load_state_dict(Path(path).expanduser(), flag.lstrip("-"))
-    with contextlib.redirect_stdout(io.StringIO()):  # lpips prints its setup; the tool's output stays clean
+    # lpips builds torchvision's trunk with the deprecated `pretrained=False` and prints; keep the output clean
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(pretrained=False, net=net, pnet_rand=True, verbose=False)
     try:
         model.load_state_dict(state, strict=True)

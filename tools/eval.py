@@ -167,8 +167,6 @@ def run(args: argparse.Namespace, env) -> int:
     written = write_report(results, Path(args.out), prompts=prompts, seeds=seeds, metric_names=metric_names,
                            skipped=skipped, settings=settings)
     print(markdown_table(summaries(results), metric_names), end="")
-    for name, note in skipped.items():
-        print(f"note: {name} skipped: {note}")
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 

@@ -12,7 +12,8 @@ A model is an exported few-step folder (its saved schedule), a base diffusers fo
 multi-step CFG sampler, ``--steps`` default 28, ``--guidance`` default 7), a training checkpoint
 ``<output_dir>/checkpoints/step-N`` or a run folder (its latest checkpoint; ``--weights`` / ``--ema``).
 Every model samples the same noise for the same (prompt, seed), so models compare image by image.
-A metric whose checkpoint is not given is skipped with a one-line note. Writes ``results.md`` (the
+A metric whose checkpoint is not given is skipped with a one-line note; ``--plugin MODULE`` imports a
+module that registers more metrics (:func:`dmdr.evaluation.register_metric`). Writes ``results.md`` (the
 table: mean ± std [95% bootstrap CI], NFE, images/s), ``results.json`` (with every score) and
 ``grid.png`` (rows = prompts, columns = models) to ``--out``. Bad input prints one ``error:`` line, exit 2.
 """
@@ -71,6 +72,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.add_argument("--" + key.replace("_", "-"), dest=key, default="", help=help_text)
     parser.add_argument("--metric-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of a (plugged-in) metric, e.g. lpips_net=vgg; repeatable")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first: it registers more metrics (register_metric); repeatable")
     return parser.parse_args(argv)
 
 
@@ -104,6 +107,17 @@ def metric_options(args: argparse.Namespace) -> dict[str, str]:
     return options
 
 
+def import_plugins(modules: list[str]) -> None:
+    """Import each ``--plugin`` module (it calls :func:`dmdr.evaluation.register_metric`); one line if it fails."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"--plugin {name}: cannot import it ({e})") from None
+
+
 def pick_device(name: str, env_device: torch.device) -> torch.device:
     if name == "auto":
         return env_device
@@ -124,6 +138,7 @@ def run(args: argparse.Namespace, env) -> int:
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: must be >= 1")
     prompts = read_prompts(args.prompts)
+    import_plugins(args.plugin)
     paths = [args.model] if args.model else list(args.compare)
     for path in paths:  # every path checked before any slow load
         model_kind(path)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -182,3 +183,31 @@ def test_wrong_metric_checkpoint_is_one_line_before_sampling(tiny_assets, prompt
             "--clip-model", str(clip_folder[0]), "--aesthetic-head", str(hps_checkpoint[0])]
     _one_error(argv, capsys, "--aesthetic-head", "is not a LAION aesthetic head")
     assert not (tmp_path / "out").exists()
+
+
+PLUGIN = """
+from dmdr.evaluation import Metric, register_metric
+
+register_metric(Metric("mean_rgb", load=lambda options, device: lambda images, prompts: images.mean(dim=(1, 2, 3)),
+                       check=lambda options: None))
+"""
+
+
+def test_plugin_metric_on_saved_images(tiny_assets, prompt_file, tmp_path, monkeypatch, capsys):
+    """A metric registered by a --plugin module scores the images the tool samples (and saves)."""
+    from dmdr.evaluation import registry
+
+    monkeypatch.setattr(registry, "METRICS", dict(registry.METRICS))
+    (tmp_path / "dmdr_test_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    argv = ["--model", tiny_assets["model"], "--prompts", str(prompt_file), "--steps", "2", "--out", str(out),
+            "--plugin", "dmdr_test_plugin", "--metrics", "mean_rgb", "--save-images", "--no-progress"]
+    assert EVAL.main(argv) == 0
+    row = _results(out)["models"][0]
+    saved = [torch.tensor(np.array(Image.open(out / "tiny-sd3" / f"p{p:05d}-s0.png")), dtype=torch.float64) / 255
+             for p in range(len(PROMPTS))]
+    torch.testing.assert_close(torch.tensor(row["scores"]["mean_rgb"], dtype=torch.float64),
+                               torch.stack([im.mean() for im in saved]), rtol=0, atol=1 / 255)
+    assert row["nfe"] == 4 and row["steps"] == 2  # base model: CFG doubles the passes
+    _one_error([*argv[:-4], "--plugin", "no_such_module_xyz"], capsys, "--plugin no_such_module_xyz: cannot import")

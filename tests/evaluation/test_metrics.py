@@ -171,7 +171,7 @@ def test_wrong_architecture_checkpoints_are_one_line(hps_checkpoint, tiny_arch, 
     _one_line(ModelLoadError, lambda: METRICS["diversity"].load({"lpips_weights": str(hps_path)}, CPU),
               "--lpips-weights", "not an LPIPS-alex state dict", hps_path)
     _one_line(ModelLoadError, lambda: METRICS["diversity"].load(
-        {"lpips_weights": str(lpips_weights[0]), "lpips_net": "vgg"}, CPU), "not an LPIPS-vgg state dict")
+        {"lpips_weights": str(lpips_weights[0]), "lpips_net": "squeeze"}, CPU), "not an LPIPS-squeeze state dict")
     _one_line(ModelLoadError, lambda: METRICS["hps"].load({"hps_checkpoint": str(aesthetic_head[0]),
                                                            "hps_arch": tiny_arch}, CPU), "--hps-checkpoint")
     _one_line(ModelLoadError, lambda: METRICS["pickscore"].load({"pickscore_model": clip}, CPU), "--pickscore-model")

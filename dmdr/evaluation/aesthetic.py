@@ -40,9 +40,9 @@ def aesthetic_head(widths: list[int]) -> nn.Sequential:
 
 def load_head(path: str | Path, flag: str = "--aesthetic-head") -> nn.Sequential:
     """The head from its state-dict file (keys ``layers.N.*`` or ``N.*``); wrong layout -> one line."""
-    from dmdr.rewards.models import _load_state_dict
+    from dmdr.rewards.models import error_line, load_state_dict_file
 
-    state = _load_state_dict(Path(path).expanduser(), flag.lstrip("-"))
+    state = load_state_dict_file(Path(path).expanduser(), flag.lstrip("-"))
     state = {k[len("layers."):] if k.startswith("layers.") else k: v for k, v in state.items()}
     want = {f"{i}.{p}" for i in LINEAR_LAYERS for p in ("weight", "bias")}
     if set(state) != want or any(state[f"{i}.weight"].ndim != 2 for i in LINEAR_LAYERS):
@@ -53,8 +53,7 @@ def load_head(path: str | Path, flag: str = "--aesthetic-head") -> nn.Sequential
     try:
         head.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise ModelLoadError(f"{flag}: {path} is not a LAION aesthetic head: {' '.join(first[:2])[:200]}") from None
+        raise ModelLoadError(f"{flag}: {path} is not a LAION aesthetic head: {error_line(e)}") from None
     if widths[-1] != 1:
         raise ModelLoadError(f"{flag}: {path} outputs {widths[-1]} values, an aesthetic head outputs 1")
     return head.eval().requires_grad_(False)

@@ -32,11 +32,11 @@ def load_lpips(path: str | Path, net: str = "alex", flag: str = "--lpips-weights
     """``lpips.LPIPS(net)`` with every weight from the local file ``path`` (no download); one-line errors."""
     import lpips
 
-    from dmdr.rewards.models import _load_state_dict, _one_line
+    from dmdr.rewards.models import error_line, load_state_dict_file
 
     if net not in NETS:
         raise ModelLoadError(f"lpips_net {net!r}: choose one of {', '.join(NETS)}")
-    state = _load_state_dict(Path(path).expanduser(), flag.lstrip("-"))
+    state = load_state_dict_file(Path(path).expanduser(), flag.lstrip("-"))
     # lpips builds torchvision's trunk with the deprecated `pretrained=False` and prints; keep the output clean
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -45,7 +45,7 @@ def load_lpips(path: str | Path, net: str = "alex", flag: str = "--lpips-weights
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelLoadError(f"{flag}: {path} is not an LPIPS-{net} state dict (trunk + lin layers): "
-                             f"{_one_line(e)}") from None
+                             f"{error_line(e)}") from None
     return model.eval().requires_grad_(False)
 
 

@@ -129,7 +129,7 @@ def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype = t
     kind = model_kind(p)
     name = name or p.name
     if kind == "export":
-        from dmdr.export import InferenceSettings
+        from dmdr.export import SETTINGS_FILE, InferenceSettings
 
         s = InferenceSettings.read(p)
         backbone = load_backbone(p, dtype=dtype, device=device, t_min=s.t_min,
@@ -137,7 +137,7 @@ def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype = t
         n = steps or s.num_inference_steps
         return EvalModel(name, str(p), kind, backbone, backbone.teacher, n, resolution or s.resolution,
                          timesteps=few_step_timesteps(n, s.shift, s.t_min), shift=s.shift,
-                         info={"source": json.loads((p / "dmdr_inference.json").read_text()).get("source", {})})
+                         info={"source": json.loads((p / SETTINGS_FILE).read_text()).get("source", {})})
     if kind == "base":
         backbone = load_backbone(p, dtype=dtype, device=device)
         shift = float(backbone.extras.get("scheduler_config", {}).get("shift", 1.0))

@@ -42,7 +42,8 @@ HPS_ARCH = "ViT-H-14"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
-def _one_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
+    """The first informative line of an exception's message (at most 300 characters), for one-line errors."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     if not lines:
         return type(err).__name__
@@ -160,11 +161,11 @@ class HPSReward(_OpenCLIPReward):
         if arch not in open_clip.list_models():
             raise ConfigError(f"--{field}: open_clip has no model config {arch!r} for the HPS architecture")
         model = open_clip.create_model(arch, pretrained=None, device="cpu")
-        state = _load_state_dict(path, field)
+        state = load_state_dict_file(path, field)
         try:
             result = model.load_state_dict(state, strict=False)
         except RuntimeError as e:
-            raise ModelLoadError(f"--{field}: {path} does not fit open_clip {arch}: {_one_line(e)}") from None
+            raise ModelLoadError(f"--{field}: {path} does not fit open_clip {arch}: {error_line(e)}") from None
         if result.missing_keys or result.unexpected_keys:
             raise ModelLoadError(
                 f"--{field}: {path} does not fit open_clip {arch}: {len(result.missing_keys)} missing keys "
@@ -174,7 +175,9 @@ class HPSReward(_OpenCLIPReward):
                          _preprocess_for(pp.get("size"), pp.get("mean"), pp.get("std"), resolution))
 
 
-def _load_state_dict(path: Path, field: str) -> dict[str, Tensor]:
+def load_state_dict_file(path: Path, field: str) -> dict[str, Tensor]:
+    """A tensor state dict from ``.pt``/``.bin``/``.pth``/``.safetensors`` (a ``{"state_dict": ...}`` wrapper and
+    DDP's ``module.`` prefix removed); anything else is one :class:`ModelLoadError` naming ``--field``."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -183,7 +186,7 @@ def _load_state_dict(path: Path, field: str) -> dict[str, Tensor]:
         else:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise ModelLoadError(f"--{field}: {path} is not a readable checkpoint: {_one_line(e)}") from None
+        raise ModelLoadError(f"--{field}: {path} is not a readable checkpoint: {error_line(e)}") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not ckpt or not all(isinstance(v, Tensor) for v in ckpt.values()):
@@ -212,7 +215,7 @@ class CLIPReward(_OpenCLIPReward):
             model = open_clip.create_model(spec, device="cpu", require_pretrained=True)
             tokenizer = open_clip.get_tokenizer(spec)
         except Exception as e:  # noqa: BLE001 - wrong config / weights / tokenizer: one line for the user
-            raise ModelLoadError(f"--{field}: cannot load the open_clip model in {path}: {_one_line(e)}") from None
+            raise ModelLoadError(f"--{field}: cannot load the open_clip model in {path}: {error_line(e)}") from None
         pp = getattr(model.visual, "preprocess_cfg", {})
         super().__init__(_freeze(model, device), tokenizer,
                          _preprocess_for(pp.get("size"), pp.get("mean"), pp.get("std"), resolution))
@@ -234,7 +237,7 @@ class PickScoreReward(_FrozenModelReward):
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"--{field}: cannot load a CLIPModel + tokenizer from {path}: "
-                                 f"{_one_line(e)}") from None
+                                 f"{error_line(e)}") from None
         mean, std = _image_stats(path)
         self.model = _freeze(model, device)
         self.tokenizer = tokenizer
@@ -273,8 +276,9 @@ def _image_stats(path: Path) -> tuple[Any, Any]:
         return getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
     except Exception as e:  # noqa: BLE001
         log.warning("pickscore: unreadable preprocessor_config.json in %s (%s); using OpenAI CLIP stats", path,
-                    _one_line(e))
+                    error_line(e))
         return None, None
 
 
-__all__ = ["HPSReward", "CLIPReward", "PickScoreReward", "HPS_PREFIX", "HPS_ARCH"]
+__all__ = ["HPSReward", "CLIPReward", "PickScoreReward", "HPS_PREFIX", "HPS_ARCH", "load_state_dict_file",
+           "error_line"]

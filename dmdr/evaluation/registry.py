@@ -14,7 +14,9 @@ the images of every seed of ONE prompt and return one score, shape ``(1,)``.
 
 Adding a metric is one call, from any module imported before the evaluation runs::
 
-    register_metric(Metric("shapes", load=load_shape_checker, check=lambda options: None))
+    register_metric(Metric("shapeeval", load=load, check=lambda options: None, default=False))
+
+(:mod:`dmdr.evaluation.shapes`, the shapes world's ShapeEval, is exactly that.)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Metric:
         check: ``check(options) -> None | note``: ``None`` if ``load`` can run, else the one-line skip note.
         per: ``"image"`` (a score per image) or ``"prompt"`` (a score per prompt, over its seeds).
         min_seeds: the fewest seeds per prompt it needs (diversity: 2); skipped with a note below that.
+        default: run when ``--metrics`` is not given (``False``: only when named, e.g. world-specific metrics).
         higher_is_better: how the report reads the column.
     """
 
@@ -51,6 +54,7 @@ class Metric:
     check: Callable[[Options], str | None]
     per: Literal["image", "prompt"] = "image"
     min_seeds: int = 1
+    default: bool = True
     higher_is_better: bool = True
 
 
@@ -67,9 +71,9 @@ def register_metric(metric: Metric) -> Metric:
 
 
 def select_metrics(names: list[str] | None) -> list[Metric]:
-    """The metrics called ``names`` (all registered ones when ``None``); an unknown name is one line."""
+    """The metrics called ``names`` (the :attr:`Metric.default` ones when ``None``); an unknown name is one line."""
     if not names:
-        return list(METRICS.values())
+        return [m for m in METRICS.values() if m.default]
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise ConfigError(f"--metrics: unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})")

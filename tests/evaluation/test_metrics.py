@@ -225,3 +225,19 @@ def test_summary_statistics():
     assert lo < s["mean"] < hi and abs((hi - lo) / 2 - half) < 0.1 * half
     assert bootstrap_ci(x) == bootstrap_ci(x)  # deterministic
     assert summarize([1.5]) == {"mean": 1.5, "std": 0.0, "ci95": [1.5, 1.5], "n": 1}
+
+
+def test_shapeeval_metric_is_the_worlds_checker_and_opt_in():
+    from dmdr.worlds.shapes.scene import parse_prompt, render_batch, split_prompts
+    from dmdr.worlds.shapes.shapeeval import evaluate
+
+    prompts = split_prompts("heldout")[:6]
+    images = render_batch([parse_prompt(p) for p in prompts], torch.Generator().manual_seed(0))
+    scorer = METRICS["shapeeval"].load({}, CPU)
+    assert scorer(images, prompts).tolist() == [1.0] * 6  # renders pass every check
+    swapped = prompts[1:] + prompts[:1]  # each image scored against another prompt
+    want = [float(bool(r["overall"])) for r in evaluate(images, swapped)]
+    assert scorer(images, swapped).tolist() == want and sum(want) < 6
+    _one_line(UserError, lambda: scorer(images[:1], ["a photo of a cat"]), "shapeeval: ", "a photo of a cat")
+    assert "shapeeval" not in [m.name for m in select_metrics(None)]  # shapes prompts only: asked for by name
+    assert [m.name for m in select_metrics(["shapeeval"])] == ["shapeeval"]

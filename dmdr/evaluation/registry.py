@@ -12,7 +12,8 @@ A scorer is ``scorer(images, prompts) -> Tensor``: ``images`` ``(B, 3, H, W)`` R
 score per image, shape ``(B,)``. Per-prompt metrics (``per="prompt"``, e.g. diversity) are called with
 the images of every seed of ONE prompt and return one score, shape ``(1,)``.
 
-Adding a metric is one call, from any module imported before the evaluation runs::
+Adding a metric is one call, in any module imported before the evaluation runs (one of this package's,
+imported by its ``__init__``, or any module ``tools/eval.py --plugin MODULE`` imports)::
 
     register_metric(Metric("shapeeval", load=load, check=lambda options: None, default=False))
 

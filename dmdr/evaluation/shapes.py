@@ -1,7 +1,8 @@
 """ShapeEval (the shapes world's exact checker, :mod:`dmdr.worlds.shapes.shapeeval`) as an evaluation metric.
 
 Per image ``1.0`` when it passes every check of its prompt (colour, shape, count, position), else ``0.0``,
-so the report's mean is ShapeEval's overall accuracy. Needs no checkpoint, but only shapes-world prompts
+so the report's mean is ShapeEval's ``exact`` accuracy (the demo's ``overall`` is the mean of the four
+attribute accuracies, GenEval's convention; see :func:`dmdr.worlds.shapes.shapeeval.summarize`). Needs no checkpoint, but only shapes-world prompts
 make sense to it: it is not among the default metrics, ask for it with ``--metrics shapeeval ...``.
 """
 
@@ -23,7 +24,7 @@ def load(options: Options, device: torch.device) -> Scorer:
         except ValueError as e:  # a prompt the shapes world cannot parse
             raise DataError(f"shapeeval: {e} (use the shapes world's prompts, or leave shapeeval out of "
                             "--metrics)") from None
-        return torch.tensor([float(bool(r["overall"])) for r in rows])
+        return torch.tensor([float(bool(r["exact"])) for r in rows])
 
     return score
 

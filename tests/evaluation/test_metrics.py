@@ -236,7 +236,7 @@ def test_shapeeval_metric_is_the_worlds_checker_and_opt_in():
     scorer = METRICS["shapeeval"].load({}, CPU)
     assert scorer(images, prompts).tolist() == [1.0] * 6  # renders pass every check
     swapped = prompts[1:] + prompts[:1]  # each image scored against another prompt
-    want = [float(bool(r["overall"])) for r in evaluate(images, swapped)]
+    want = [float(bool(r["exact"])) for r in evaluate(images, swapped)]
     assert scorer(images, swapped).tolist() == want and sum(want) < 6
     _one_line(UserError, lambda: scorer(images[:1], ["a photo of a cat"]), "shapeeval: ", "a photo of a cat")
     assert "shapeeval" not in [m.name for m in select_metrics(None)]  # shapes prompts only: asked for by name

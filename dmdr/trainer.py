@@ -37,11 +37,19 @@ from dmdr.algorithm import (
     generator_input,
 )
 from dmdr.config import TrainConfig
-from dmdr.losses.rl.refl import refl_loss
-from dmdr.models.base import Backbone, Conditioning, Denoiser, conditioning_to, repeat_conditioning
+from dmdr.losses.rl import PolicyAccess, RLBatch, build_rl_method
+from dmdr.losses.rl.reference import FrozenReference
+from dmdr.models.base import (
+    Backbone,
+    Conditioning,
+    Denoiser,
+    conditioning_to,
+    index_conditioning,
+    repeat_conditioning,
+)
 from dmdr.observability import MetricsLogger, ProgressBar, Throughput, gpu_peak_tflops, peak_memory_gb
 from dmdr.rewards.base import Reward
-from dmdr.sampling import few_step_sample
+from dmdr.sampling import _default_cat, few_step_sample
 from dmdr.schedules import DynaRSSampler, dynadg_real_scale, few_step_timesteps
 
 log = logging.getLogger(__name__)
@@ -166,6 +174,11 @@ class DMDRTrainer:
         if cfg.optim.ema_decay > 0:
             self.ema = [p.detach().clone() for p in roles.generator_params]
         self._ema_from_weights = False
+        # The RL branch (dmdr/losses/rl/): one method called per generator step, plus what it declares it
+        # needs: a frozen reference snapshot (DPO) and per-rank sampler state (GRPO), both checkpointed.
+        self.rl = build_rl_method(cfg.rl, sampler=cfg.dmd.backward_simulation)
+        self.reference = (FrozenReference(roles.generator_params)
+                          if self.rl is not None and self.rl.needs_reference else None)
         self._negative: Conditioning | None = None
         self._data_iter: Iterator | None = None
         self._fake_losses: list[float] = []
@@ -184,6 +197,9 @@ class DMDRTrainer:
         }
         if self.ema is not None:
             state["ema"] = dict(zip(self.roles.generator_param_names(), self.ema))
+        if self.reference is not None:
+            state["rl_reference"] = dict(zip(self.roles.generator_param_names(), self.reference.values))
+            state["rl_reference_taken"] = self.reference.taken
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -195,12 +211,16 @@ class DMDRTrainer:
         if self.ema is not None and "ema" in state:
             for name, t in zip(self.roles.generator_param_names(), self.ema):
                 t.copy_(state["ema"][name])
+        if self.reference is not None and "rl_reference" in state:
+            for name, t in zip(self.roles.generator_param_names(), self.reference.values):
+                t.copy_(state["rl_reference"][name])
+            self.reference.taken = bool(state["rl_reference_taken"])
         # EMA switched on at resume: started from the resumed weights in train(), once the models are loaded.
         self._ema_from_weights = self.ema is not None and "ema" not in state
 
     def app_state(self) -> dict[str, Any]:
         """The whole ``Stateful`` tree of the run, as torch.distributed.checkpoint saves it."""
-        from dmdr.distributed.state import DataLoaderState, ModelOptimizerState, RNGState
+        from dmdr.distributed.state import DataLoaderState, ModelOptimizerState, PerRank, RNGState
 
         r = self.roles
         state: dict[str, Any] = {"trainer": self, "rng": RNGState({"noise": self.rng})}
@@ -214,6 +234,8 @@ class DMDRTrainer:
             state["data"] = DataLoaderState(self.loader)
         if self.skip_monitor is not None:
             state["data_monitor"] = DataLoaderState(self.skip_monitor)
+        if self.rl is not None and self.rl.stateful:
+            state["rl_sampler"] = PerRank(self.rl)
         return state
 
     # ------------------------------------------------------------------ schedule
@@ -223,7 +245,7 @@ class DMDRTrainer:
 
     def rl_active(self, k: int | None = None) -> bool:
         k = self.step if k is None else k
-        return self.cfg.rl.method != "none" and bool(self.rewards) and k >= self.cfg.rl.start_step
+        return self.rl is not None and bool(self.rewards) and k >= self.cfg.rl.start_step
 
     def real_scale(self, k: int) -> float:
         d = self.cfg.dynamic
@@ -331,8 +353,7 @@ class DMDRTrainer:
                    "schedule/guidance": w, "schedule/dynars_mean": self.dynars.mean(k),
                    "dmd/grad_abs_mean": terms.grad.abs().mean().item()}
         if self.rl_active(k):
-            images = self.backbone.codec.decode(x0)
-            rl, stats = refl_loss(images, prompts, self.rewards, cfg.rl.margin)
+            rl, stats = self.rl.loss(RLBatch(x0=x0, prompts=prompts, cond=cond), self.policy_access(), self.rewards)
             loss = loss + rl
             metrics["loss/rl"] = rl.item()
             metrics.update(stats)
@@ -346,6 +367,17 @@ class DMDRTrainer:
         metrics.update({"loss/generator": loss.item(), "grad_norm/generator": norm,
                         "lr/generator": self.generator_opt.param_groups[0]["lr"]})
         return metrics
+
+    def policy_access(self) -> PolicyAccess:
+        """What the RL method may call: the generator, its reference (taken at the first RL step), the noise."""
+        reference_fn = None
+        if self.reference is not None:
+            if not self.reference.taken:
+                self.reference.take()
+            reference_fn = self.reference.wrap(self.roles.generator_fn)
+        return PolicyAccess(fn=self.roles.generator_fn, param=self.param, timesteps=self.timesteps, rng=self.rng,
+                            noise=self._noise, decode=self.backbone.codec.decode, select=index_conditioning,
+                            cat=_default_cat, reference_fn=reference_fn)
 
     def critic_update(self, x0_sim: Tensor, cond: Conditioning) -> dict[str, float]:
         k = self.step

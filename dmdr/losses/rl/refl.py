@@ -31,3 +31,23 @@ def refl_loss(images: Tensor, prompts: list[str], rewards: Sequence[tuple[Reward
         stats[f"reward/{reward.name}"] = detached.mean().item()
         stats[f"reward/{reward.name}_std"] = detached.std(unbiased=False).item() if detached.numel() > 1 else 0.0
     return total, stats
+
+
+class ReFL:
+    """ReFL as an :class:`~dmdr.losses.rl.base.RLMethod`: the rewards of the decoded step estimate ``x0``.
+
+    No extra generator forward: the images are the DMD step's own clean estimate, in the graph.
+
+    Args:
+        margin: the per-reward ``relu(margin - score)`` margin (``rl.margin``).
+    """
+
+    name = "refl"
+    needs_reference = False
+    stateful = False
+
+    def __init__(self, margin: float = 0.7):
+        self.margin = float(margin)
+
+    def loss(self, batch, generator, rewards):  # noqa: ANN001 - see RLMethod
+        return refl_loss(generator.decode(batch.x0), batch.prompts, rewards, self.margin)

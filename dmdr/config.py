@@ -60,6 +60,16 @@ class DMDConfig:
     fake_scale: float = 2.0
     """Critic-LoRA scale s_f of the fake score."""
     eps: float = 1e-8
+    decoupled: bool = False
+    """Decoupled DMD (arXiv 2511.22677): DM and CA terms weighted and renoised separately; off = the coupled loss."""
+    dm_weight: float = 1.0
+    """Decoupled DMD: weight of the distribution-matching term DM = x0_fake - x0_cond."""
+    ca_weight: float = 1.0
+    """Decoupled DMD: weight of the CFG-augmentation term (w - 1) CA, CA = x0_uncond - x0_cond."""
+    ca_levels: Literal["shared", "beta"] = "shared"
+    """Decoupled DMD: the CA term's renoise levels: the DM term's own (shared), or its own Beta(ca_alpha, ca_beta)."""
+    ca_alpha: float = 1.0
+    ca_beta: float = 1.0
 
 
 @dataclass
@@ -350,6 +360,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(cfg.dmd.shift > 0, "dmd.shift", "must be > 0")
     _require(0 <= cfg.dmd.t_min < 1, "dmd.t_min", "must be in [0, 1)")
     _require(cfg.dmd.guidance_jitter >= 0, "dmd.guidance_jitter", "must be >= 0")
+    _require(cfg.dmd.ca_alpha > 0 and cfg.dmd.ca_beta > 0, "dmd.ca_alpha", "ca_alpha and ca_beta must be > 0")
     _require(cfg.dynamic.decay_steps >= 0, "dynamic.decay_steps", "must be >= 0")
     _require(cfg.dynamic.alpha > 0 and cfg.dynamic.beta > 0, "dynamic.alpha", "alpha and beta must be > 0")
     _require(cfg.model.critic_lora_rank >= 1, "model.critic_lora_rank", "must be >= 1")

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from dmdr.algorithm import (
+    DecoupledDMD,
     backward_simulate,
     critic_step_loss,
     dmd_generator_loss,
@@ -50,7 +51,7 @@ from dmdr.models.base import (
 from dmdr.observability import MetricsLogger, ProgressBar, Throughput, gpu_peak_tflops, peak_memory_gb
 from dmdr.rewards.base import Reward
 from dmdr.sampling import _default_cat, few_step_sample
-from dmdr.schedules import DynaRSSampler, dynadg_real_scale, few_step_timesteps
+from dmdr.schedules import DynaRSSampler, beta_levels, dynadg_real_scale, few_step_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +348,7 @@ class DMDRTrainer:
         w = draw_guidance(cfg.dmd.guidance, cfg.dmd.guidance_jitter, self.rng)
         s_r = self.real_scale(k)
         terms = dmd_generator_loss(x0, cond, uncond, r.critic_fn, self.param, t_d, w, s_r, cfg.dmd.fake_scale,
-                                   generator=self.rng, eps=cfg.dmd.eps)
+                                   generator=self.rng, eps=cfg.dmd.eps, decoupled=self._decoupled(x0.shape[0]))
         loss = terms.loss
         metrics = {"loss/dmd": terms.loss.item(), "schedule/lora_scale_real": s_r,
                    "schedule/guidance": w, "schedule/dynars_mean": self.dynars.mean(k),
@@ -367,6 +368,16 @@ class DMDRTrainer:
         metrics.update({"loss/generator": loss.item(), "grad_norm/generator": norm,
                         "lr/generator": self.generator_opt.param_groups[0]["lr"]})
         return metrics
+
+    def _decoupled(self, batch: int) -> DecoupledDMD | None:
+        """Decoupled DMD's settings for this step (None: the coupled loss, bit for bit)."""
+        d = self.cfg.dmd
+        if not d.decoupled:
+            return None
+        t_ca = None
+        if d.ca_levels == "beta":
+            t_ca = beta_levels(d.ca_alpha, d.ca_beta, batch, self.rng, d.t_min, self.device)
+        return DecoupledDMD(dm_weight=d.dm_weight, ca_weight=d.ca_weight, t_ca=t_ca)
 
     def policy_access(self) -> PolicyAccess:
         """What the RL method may call: the generator, its reference (taken at the first RL step), the noise."""

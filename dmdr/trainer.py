@@ -9,8 +9,9 @@ The trainer knows roles, not model families:
 * ``codec`` (VAE) for ReFL, ``text_encoder`` or an embedding cache for prompts.
 
 One iteration (ALGORITHM.md): backward-simulate ``x0_sim`` with the generator (no grad); if a
-generator step is due, build ``x_t`` from ``x0_sim``, take the DMD loss (+ ReFL once RL is on) and
-step; then train the critic on the same ``x0_sim``. ``k`` counts generator steps and drives
+generator step is due, build ``x_t`` from ``x0_sim``, take the DMD loss (+ the RL branch's loss once RL
+is on: ``rl.method`` refl, dpo or grpo, one call through :mod:`dmdr.losses.rl`) and step; then train
+the critic on the same ``x0_sim``. ``k`` counts generator steps and drives
 DynaDG, DynaRS, the RL switch and ``train.max_steps``.
 
 Everything that changes during training is reachable from :meth:`DMDRTrainer.app_state`, one
@@ -131,7 +132,7 @@ class DMDRTrainer:
         cfg: the resolved config.
         backbone: the loaded model family (teacher with critic LoRA already injected).
         roles: generator / teacher / trainable parameter lists.
-        rewards: ``(reward, weight)`` pairs for ReFL (may be empty when ``rl.method == "none"``).
+        rewards: ``(reward, weight)`` pairs of the RL branch (may be empty when ``rl.method == "none"``).
         loader: an iterable of batches ``{"prompts": [...], ...}`` (a StatefulDataLoader in production).
         device: where the step runs.
         dist: the distributed environment (see :mod:`dmdr.distributed`); ``None`` for one process.

@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for method in METHODS:  # a fresh process each: one branch's freed memory cannot hide the next's growth
             proc = subprocess.run([sys.executable, __file__, "--worker", method, "--mode", args.mode, "--steps",
-                                   str(args.steps), "--root", tmp], capture_output=True, text=True, check=True)
+                                   str(args.steps), "--root", tmp], capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return proc.returncode
             rows.append(json.loads(next(line for line in proc.stdout.splitlines()
                                         if line.startswith("RESULT "))[len("RESULT "):]))
     base = next(r for r in rows if r["method"] == "refl")

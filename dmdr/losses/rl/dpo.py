@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dmdr.losses.rl.base import PolicyAccess, RLBatch, poison_if, repeat_index, score
+from dmdr.parameterization import Parameterization
 from dmdr.rewards.base import Reward
 from dmdr.sampling import few_step_sample, randn_like
 
 
-def clean_estimate_error(param, x_t: Tensor, t: Tensor, pred: Tensor, x: Tensor) -> Tensor:  # noqa: ANN001
+def clean_estimate_error(param: Parameterization, x_t: Tensor, t: Tensor, pred: Tensor, x: Tensor) -> Tensor:
     """``e = mean_{C,H,W} (to_x0(x_t, t, pred) - x)^2`` per sample, fp32."""
     err = (param.to_x0(x_t.float(), t, pred.float()) - x.float()) ** 2
     return err.mean(dim=tuple(range(1, err.ndim)))

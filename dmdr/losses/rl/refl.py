@@ -7,11 +7,15 @@ decoded clean estimate ``x0`` of the generator step, inside the graph.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from dmdr.rewards.base import Reward
+
+if TYPE_CHECKING:
+    from dmdr.losses.rl.base import PolicyAccess, RLBatch
 
 
 def refl_loss(images: Tensor, prompts: list[str], rewards: Sequence[tuple[Reward, float]],
@@ -49,5 +53,6 @@ class ReFL:
     def __init__(self, margin: float = 0.7):
         self.margin = float(margin)
 
-    def loss(self, batch, generator, rewards):  # noqa: ANN001 - see RLMethod
+    def loss(self, batch: RLBatch, generator: PolicyAccess,
+             rewards: Sequence[tuple[Reward, float]]) -> tuple[Tensor, dict[str, float]]:
         return refl_loss(generator.decode(batch.x0), batch.prompts, rewards, self.margin)

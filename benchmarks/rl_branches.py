@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     base = next(r for r in rows if r["method"] == "refl")
     print(f"RL branches per generator step, tiny SD3, generator {args.mode}, batch 4, K = G = 4, N = 4 "
           "(ratios to ReFL)")
-    head = ["method", "gen fwd grad", "gen fwd no-grad", "critic fwd", "samples x ReFL", "extra copies",
+    head = ["method", "gen fwd grad", "gen fwd no-grad", "critic fwd", "samples x ReFL", "extra copies (MB)",
             "group MB", "peak RSS x ReFL", "step time x ReFL"]
     print(" | ".join(head))
     for r in rows:
@@ -124,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.get('generator_nograd_calls', 0):.0f} ({r.get('generator_nograd_samples', 0):.0f})",
             f"{r.get('critic_grad_calls', 0) + r.get('critic_nograd_calls', 0):.0f} "
             f"({r.get('critic_grad_samples', 0) + r.get('critic_nograd_samples', 0):.0f})",
-            f"{samples / base_samples:.2f}", f"{r['extra_copies']:.2f}", f"{r['group_mb']:.3f}",
+            f"{samples / base_samples:.2f}", f"{r['extra_copies']:.2f} ({r['extra_copies'] * r['trainable_mb']:.3f})",
+            f"{r['group_mb']:.3f}",
             f"{r['peak_rss_mb'] / max(base['peak_rss_mb'], 1e-9):.2f}", f"{r['step_s'] / base['step_s']:.2f}"]))
-    print("(calls per generator step, samples in parentheses; critic = the teacher with the critic LoRA)")
+    print("(calls per generator step, samples in parentheses; critic = the teacher with the critic LoRA; extra copies "
+          "of the generator's trainable weights)")
     return 0
 
 

@@ -14,11 +14,11 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,eval,hps]" && $(PIP) install -q --no-deps hpsv2==1.2.0
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) recipes/tiny_dmdr.py --train.output_dir runs/tiny-demo
+	$(PY) tools/demo.py --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m ruff check dmdr kernels recipes tools tests benchmarks

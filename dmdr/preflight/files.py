@@ -111,17 +111,20 @@ def writable_problem(path: str | Path) -> str | None:
     target = Path(path).expanduser()
     base = existing_ancestor(target)
     if not base.is_dir():
-        return f"{base} is a file, not a folder"
-    if base == target.absolute():
-        probe = base / f".preflight-{os.getpid()}"
-        try:
+        return f"is not writable: {base} is a file, not a folder"
+    # Probe by writing, not os.access: root passes os.access everywhere, and /proc or a read-only
+    # mount refuse only the real write. The probe is removed at once.
+    probe = base / f".preflight-{os.getpid()}"
+    try:
+        if base == target.absolute():
             probe.write_text("ok")
             probe.unlink()
-        except OSError as e:
-            return f"not writable ({e.strerror or e})"
-        return None
-    if not os.access(base, os.W_OK | os.X_OK):
-        return f"cannot be created: {base} is not writable"
+        else:
+            probe.mkdir()
+            probe.rmdir()
+    except OSError as e:
+        where = "" if base == target.absolute() else f", it would be created in {base}"
+        return f"is not writable ({e.strerror or e}{where})"
     return None
 
 

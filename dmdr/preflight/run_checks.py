@@ -326,7 +326,7 @@ def check_job(ctx: RunContext) -> list[Problem]:
     try:
         ctx.facts["mesh"] = resolve_dp(ctx.cfg.parallel, ctx.world_size)
     except ConfigError as e:
-        problems.append(Problem("parallel.dp_shard", fix=str(e).removeprefix("--")))
+        problems.append(Problem("", fix=str(e)))  # the message names both mesh settings
     return problems
 
 

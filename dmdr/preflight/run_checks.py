@@ -42,17 +42,33 @@ def _weight_problems(folder: Path, setting: str, value: str) -> list[Problem]:
     return problems
 
 
-def _lora_numel(headers: list[dict[str, Any]], targets: tuple[str, ...], rank: int) -> int:
-    """Parameters of a rank-``rank`` LoRA on every 2-D ``<module>.weight`` whose module matches ``targets``."""
+def _lora_size(headers: list[dict[str, Any]], targets: tuple[str, ...], rank: int) -> tuple[int, int]:
+    """``(parameters, tensors)`` of a rank-``rank`` LoRA on every 2-D ``<module>.weight`` matching ``targets``."""
     from dmdr.models.lora import _matches
 
-    total = 0
+    numel = tensors = 0
     for header in headers:
         for name, info in header.items():
             shape = info.get("shape", []) if isinstance(info, dict) else []
             if name.endswith(".weight") and len(shape) == 2 and _matches(name[: -len(".weight")], targets):
-                total += rank * (int(shape[0]) + int(shape[1]))
-    return total
+                numel += rank * (int(shape[0]) + int(shape[1]))
+                tensors += 2  # lora_A, lora_B
+    return numel, tensors
+
+
+def _split_header(headers: list[dict[str, Any]]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((parameters, tensors), (buffer elements, buffers))``: names not ending in weight/bias are buffers."""
+    params = [0, 0]
+    buffers = [0, 0]
+    for header in headers:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            numel = header_numel({name: info})
+            side = params if name.rsplit(".", 1)[-1] in ("weight", "bias") else buffers
+            side[0] += numel
+            side[1] += 1
+    return (params[0], params[1]), (buffers[0], buffers[1])
 
 
 def model_problems(path: str, family: str = "auto", *, setting: str = "model.path",
@@ -330,22 +346,36 @@ def check_job(ctx: RunContext) -> list[Problem]:
     return problems
 
 
-def checkpoint_bytes(cfg: Any, facts: dict[str, Any]) -> int | None:
-    """Bytes of one checkpoint: trainable parameters in fp32 with AdamW's two moments (+ the EMA).
+PER_TENSOR_BYTES = 1900
+"""DCP's bytes per saved tensor beyond its data: serialization (~1.6 KB) and ``.metadata`` (~0.3 KB); torch 2.14,
+measured on the tiny models' checkpoints (it dominates only there)."""
 
-    LoRA mode saves only the adapters (counted from the denoiser's weight headers and the LoRA
-    targets); full mode the whole fp32 generator copy too. None without the denoiser's headers.
+
+def checkpoint_bytes(cfg: Any, facts: dict[str, Any]) -> int | None:
+    """Estimated bytes of one checkpoint, from the denoiser's weight headers (None without them).
+
+    Trainable parameters in fp32 with AdamW's two moments (12 bytes each; + 4 for the EMA), the
+    denoiser's persistent buffers (e.g. SD3's ``pos_embed``, saved with the model state) at
+    ``model.dtype``, and :data:`PER_TENSOR_BYTES` per tensor. LoRA mode trains the two adapters (their
+    sizes from the LoRA targets' weight shapes); full mode the whole fp32 generator copy and the critic.
     """
     headers = facts.get("denoiser_headers")
     if not headers:
         return None
     m = cfg.model
     targets = tuple(m.lora_targets) or facts.get("lora_targets", ())
-    critic = _lora_numel(headers, targets, m.critic_lora_rank)
-    generator = (_lora_numel(headers, targets, m.generator_lora_rank) if m.generator_mode == "lora"
-                 else int(facts["denoiser_numel"]))
-    ema = generator if cfg.optim.ema_decay > 0 else 0
-    return 4 * (3 * (generator + critic) + ema)
+    (params, param_tensors), (buffers, buffer_tensors) = _split_header(headers)
+    critic = _lora_size(headers, targets, m.critic_lora_rank)
+    copies = 1  # the teacher's buffers go with the critic's (trainable-only) model state
+    if m.generator_mode == "lora":
+        generator = _lora_size(headers, targets, m.generator_lora_rank)
+    else:
+        generator, copies = (params, param_tensors), 2
+    numel, tensors = generator[0] + critic[0], generator[1] + critic[1]
+    ema = generator if cfg.optim.ema_decay > 0 else (0, 0)
+    buffer_bytes = copies * buffers * (4 if m.dtype == "fp32" else 2)
+    data = 12 * numel + 4 * ema[0] + buffer_bytes
+    return data + PER_TENSOR_BYTES * (4 * tensors + ema[1] + copies * buffer_tensors)
 
 
 @register_check

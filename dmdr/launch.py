@@ -71,7 +71,10 @@ def main(recipe: Callable[[], TrainConfig], argv: list[str] | None = None,
         cfg, problems = resolve(recipe, argv)
         if prepare is not None and not writable_problem(cfg.train.output_dir):
             check_output_dir(cfg.train.output_dir)
-            prepare(cfg)
+            try:
+                prepare(cfg)
+            except UserError as err:  # the recipe's own assets: the checks after it may depend on them
+                raise PreflightError([*problems, Problem("", fix=str(err))]) from None
         ctx = preflight_run(cfg, problems)
         if dry_run:
             if rank == 0:

@@ -21,7 +21,7 @@ from dmdr.preflight.files import torch_checkpoint_problem, weight_file_problem
 
 HPS_WHAT = "a local HPSv2.1 checkpoint file, e.g. HPS_v2.1_compressed.pt"
 CLIP_WHAT = "a local open_clip folder (open_clip_config.json + open_clip_pytorch_model.bin/.safetensors)"
-RECIPES = {"sd35_dmdr": "sd3", "sd3m_dmdr": "sd3", "zimage_dmdr": "zimage", "tiny_dmdr": "sd3"}
+RECIPES = {"sd35_dmdr": "sd3", "sd3m_dmdr": "sd3", "zimage_dmdr": "zimage", "tiny_dmdr": "sd3", "shapes_dmdr": "shapes"}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,13 @@ def assets(tiny_assets, tmp_path_factory) -> dict[str, str]:
     (pick / "config.json").write_text("{}")
     (pick / "tokenizer.json").write_text("{}")
     save_file({"logit_scale": torch.ones(())}, str(pick / "model.safetensors"))
+    from dmdr.worlds.shapes.pipeline import WORLD_NAME, WORLD_VERSION
+
+    shapes = root / "shapes-teacher"  # what the shapes recipe checks of its teacher: an SD3 folder + world.json
+    shutil.copytree(tiny_assets["model"], shapes)
+    (shapes / "world.json").write_text(json.dumps({"world": WORLD_NAME, "version": WORLD_VERSION}))
     return {**tiny_assets, "zimage": str(build_tiny_zimage(root / "tiny-zimage")), "hps": str(hps),
-            "clip": str(clip), "pickscore": str(pick), "root": str(root)}
+            "clip": str(clip), "pickscore": str(pick), "shapes": str(shapes), "root": str(root)}
 
 
 @pytest.fixture
@@ -64,10 +69,13 @@ def nothing_loads(monkeypatch):
         monkeypatch.setattr(cls, "__init__", forbidden)
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
+    # Nothing was built, so there are no FSDP cycles to free; a full gc of pytest's heap costs seconds per call.
+    monkeypatch.setattr("dmdr.launch.collect_released_objects", lambda: None)
 
 
 def _argv(assets, tmp_path: Path, family: str = "sd3") -> list[str]:
-    return ["--model.path", assets["zimage" if family == "zimage" else "model"], "--data.sources", assets["prompts"],
+    model = {"zimage": assets["zimage"], "shapes": assets.get("shapes")}.get(family, assets["model"])
+    return ["--model.path", model, "--data.sources", assets["prompts"],
             "--rl.hps_checkpoint", assets["hps"], "--rl.clip_model", assets["clip"],
             "--train.output_dir", str(tmp_path / "out")]
 
@@ -131,7 +139,7 @@ def _bad(kind: str, assets, tmp: Path, monkeypatch) -> tuple[list[str], str]:
     if kind == "pickscore-unset":
         return ["--rl.rewards", "hps,pickscore"], "--rl.pickscore_model '': not set"
     if kind == "unknown-reward":
-        return ["--rl.rewards", "hps,aesthetic"], "--rl.rewards 'aesthetic': unknown reward"
+        return ["--rl.rewards", "hps,aesthetic"], "--rl.rewards 'aesthetic': unknown reward 'aesthetic' (known: "
     if kind == "resume-not-checkpoint":
         return ["--checkpoint.resume", str(tmp)], "--checkpoint.resume"
     if kind == "output-unwritable":
@@ -194,8 +202,8 @@ def test_rewards_are_not_required_when_rl_is_not_reached(assets, tmp_path, capsy
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_dry_run_prints_the_plan_and_loads_nothing(recipe, assets, tmp_path, capsys, nothing_loads):
-    family = RECIPES[recipe]
-    assert _main(recipe, [*_argv(assets, tmp_path, family), "--dry-run"]) == 0
+    assert _main(recipe, [*_argv(assets, tmp_path, RECIPES[recipe]), "--dry-run"]) == 0
+    family = "sd3" if RECIPES[recipe] == "shapes" else RECIPES[recipe]
     out = capsys.readouterr().out
     cfg = json.loads(out[out.index("{"):out.index("\nplan of the run")])
     assert cfg["model"]["family"] == family and cfg["train"]["output_dir"] == str(tmp_path / "out")

@@ -10,7 +10,8 @@ import json
 from typing import Any
 
 from dmdr.preflight import RunContext
-from dmdr.preflight.run_checks import checkpoint_bytes, rl_reached, text_encoders_needed
+from dmdr.preflight.rewards import rl_reached
+from dmdr.preflight.run_checks import checkpoint_bytes, text_encoders_needed
 
 
 def _count(n: int | None) -> str:

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from dmdr.config import TrainConfig, apply_overrides
 from dmdr.data.cache import cache_embeddings
 from dmdr.errors import UserError
-from dmdr.preflight import raise_problems
+from dmdr.preflight import PreflightError, job_shape, raise_problems, reports
 from dmdr.preflight.tools import cache_tool_problems
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None, encoder: Any = None) -> int:
                                  shard_prompts=args.shard_prompts, rank=rank, world=world, meta=meta,
                                  progress=progress)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, PreflightError) or reports(*job_shape()[:2]):  # the same message from every rank: once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[rank {rank}] wrote {stats['prompts']} prompts to {args.out} ({stats['duplicates']} duplicates "
           f"skipped) in {time.perf_counter() - start:.1f}s")

@@ -328,34 +328,51 @@ def set_value(cfg: TrainConfig, key: str, raw: str) -> None:
     setattr(sub, name, _convert(key, raw, tp))
 
 
-def apply_overrides(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
-    """Apply ``--section.field value`` pairs from ``argv`` to ``cfg`` (in place) and validate."""
+def apply_overrides(cfg: TrainConfig, argv: list[str], problems: list[tuple[str, str]] | None = None) -> TrainConfig:
+    """Apply ``--section.field value`` pairs from ``argv`` to ``cfg`` (in place) and validate.
+
+    With ``problems`` given, nothing raises: every bad argument and failed check is appended as
+    ``(key, message)`` (the field keeps its recipe value) so that preflight reports them all at once.
+    """
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.field value")
-        key = arg[2:]
-        if "=" in key:
-            key, raw = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"--{key} needs a value")
-            raw = argv[i + 1]
-            i += 2
-        set_value(cfg, key, raw)
-    validate(cfg)
+        key, raw = arg[2:], None
+        try:
+            if not arg.startswith("--"):
+                i += 1
+                raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.field value")
+            if "=" in key:
+                key, raw = key.split("=", 1)
+                i += 1
+            else:
+                if i + 1 >= len(argv):
+                    i += 1
+                    raise ConfigError(f"--{key} needs a value")
+                raw = argv[i + 1]
+                i += 2
+            set_value(cfg, key, raw)
+        except ConfigError as err:
+            if problems is None:
+                raise
+            problems.append((key if arg.startswith("--") else "", str(err)))
+    validate(cfg, problems)
     return cfg
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"--{key}: {message}")
+def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) -> None:
+    """Range and consistency checks that types alone cannot express.
 
+    Raises a one-line :class:`ConfigError` on the first failed check, or, with ``problems`` given,
+    appends every failed check to it as ``(key, "--key: message")``.
+    """
+    def _require(ok: bool, key: str, message: str) -> None:
+        if ok:
+            return
+        if problems is None:
+            raise ConfigError(f"--{key}: {message}")
+        problems.append((key, f"--{key}: {message}"))
 
-def validate(cfg: TrainConfig) -> None:
-    """Range and consistency checks that types alone cannot express."""
     _require(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
     _require(cfg.dmd.num_steps >= 1, "dmd.num_steps", "must be >= 1")
     _require(cfg.dmd.ratio >= 1, "dmd.ratio", "must be >= 1")

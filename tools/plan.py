@@ -17,7 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+TOOLS = Path(__file__).resolve().parent
+RECIPES = TOOLS.parent / "recipes"
+# ``python tools/plan.py`` puts tools/ first on sys.path, where tools/profile.py would shadow the standard
+# library's ``profile`` (which torch.distributed.checkpoint imports through cProfile).
+sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != TOOLS]
 
 
 def load_recipe(name: str):

@@ -26,6 +26,7 @@ def _json(plan_main, capsys, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_sd3m_plan_fits_and_counts_every_part(plan_main, capsys):
     data = _json(plan_main, capsys, "--recipe", "sd3m_dmdr", "--rl.rewards", "hps,clip,pickscore",
                  "--rl.weights", "0.3,0.3,0.3")
@@ -41,6 +42,7 @@ def test_sd3m_plan_fits_and_counts_every_part(plan_main, capsys):
     assert cold["seconds_per_generator_step"] > 0 and data["run_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_advice_makes_a_plan_fit(plan_main, capsys):
     argv = ["--recipe", "sd35_dmdr", "--gpu", "a100-40", "--parallel.activation_checkpointing", "none"]
     data = _json(plan_main, capsys, *argv)

@@ -79,9 +79,15 @@ def measured_saved_bytes(fn, exclude: set[int]) -> int:
     return sum(seen.values())
 
 
+@pytest.fixture(scope="module")
+def specs(folders):
+    """One spec per family (it holds both adapters whatever the generator mode)."""
+    return {f: build_model_spec(_cfg(folders[f], "lora")) for f in folders}
+
+
 @pytest.mark.parametrize("family", ["sd3", "zimage"])
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_activation_estimate_matches_saved_tensors(folders, family, mode):
+def test_activation_estimate_matches_saved_tensors(folders, specs, family, mode):
     cfg = _cfg(folders[family], mode)
     backbone = load_backbone(cfg.model.path, dtype=torch.float32, load_text_encoder=False,
                              max_sequence_length=TEXT)
@@ -96,7 +102,7 @@ def test_activation_estimate_matches_saved_tensors(folders, family, mode):
     exclude = {p.untyped_storage().data_ptr() for m in (generator, backbone.teacher)
                for p in [*m.parameters(), *m.buffers()]}
     measured = measured_saved_bytes(lambda: generator(x, t, cond, lora_scales=scales), exclude)
-    spec = build_model_spec(cfg)
+    spec = specs[family]
     assert tokens_of(spec, cfg) == Tokens(LATENT * LATENT // 4, TEXT + (77 if family == "sd3" else 0))
     planned = denoiser_activations(spec, cfg, batch, "generator")
     assert abs(planned - measured) <= 0.25 * measured, (planned, measured)

@@ -134,7 +134,7 @@ def test_sd35_large_block_flops_match_flop_counter():
     counted = _count(lambda: block(*args))
     planned = sd3_block_flops(block, tokens, ("critic",)).forward
     assert abs(planned - counted) <= 0.05 * counted, (planned, counted)
-    assert planned > 1e12  # a real block at 1024 px: ~1.6 TFLOP per sample, not a toy
+    assert planned > 5e11  # a real block at 1024 px: ~0.8 TFLOP per sample, not a toy
 
 
 def test_zimage_block_flops_match_flop_counter():

@@ -184,7 +184,7 @@ def stage_memory(spec: ModelSpec, cfg: TrainConfig, layout: Layout, rl: bool,
     out.items["FSDP2 all-gather / reduce-scatter"] = _comm_buffers(spec, cfg, layout)
     out.activations["critic step"] = denoiser_activations(spec, cfg, batch, "critic")
     gen = denoiser_activations(spec, cfg, batch, "generator")
-    after = _teacher_pass(spec, cfg, 3 * batch)
+    after = _teacher_pass(spec, cfg, 3 * batch) if cfg.dmd.weight > 0 else 0  # weight 0: no score pass
     if rl and reward_acts is not None:
         after = max(after, batch * (vae_act + sum(reward_acts.values())))
     out.activations["generator step" + (" + ReFL" if rl else "")] = gen + after

@@ -113,8 +113,9 @@ def stage_flops(spec: ModelSpec, cfg: TrainConfig, rl: bool, frozen: FrozenCosts
         "critic steps": ratio * batch * (critic_fwd + sum(b.backward("lora") for b in critic_blocks)
                                          + recompute(critic_blocks)),
         "generator step": batch * (gen_fwd + sum(b.backward(gen_mode) for b in gen_blocks) + recompute(gen_blocks)),
-        "teacher 3x-batch pass": 3 * batch * critic_fwd,
     }
+    if cfg.dmd.weight > 0:  # dmd.weight 0 (RL alone) runs no score pass
+        parts["teacher 3x-batch pass"] = 3 * batch * critic_fwd
     if not (cfg.data.embedding_cache and cfg.data.cache_miss != "encode"):
         text = 0
         for c in spec.text_encoders:

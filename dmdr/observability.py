@@ -123,11 +123,10 @@ def gpu_peak_tflops(device: torch.device) -> float | None:
         return float(os.environ["DMDR_PEAK_TFLOPS"])
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0)):
-        if key in name:
-            return tflops
-    return None
+    from dmdr.planning.gpus import match_cuda_name  # the one GPU table (the planner's)
+
+    gpu = match_cuda_name(torch.cuda.get_device_name(device))
+    return gpu.bf16_tflops if gpu is not None else None
 
 
 class ProgressBar:

@@ -138,15 +138,26 @@ class ModelFolder:
         no weight is read: :func:`dmdr.distributed.meta_load.materialize_from_safetensors` fills the
         parameters later from :meth:`weights_folder`, which must hold safetensors files.
         """
-        from dmdr.distributed.meta_load import meta_params, safetensors_files
+        from dmdr.distributed.meta_load import safetensors_files
 
         self.check(name)
+        safetensors_files(self.path / name)  # the sharded loader reads safetensors only: fail before building
+        return self.build_config_on_meta(name, dtype)
+
+    def build_config_on_meta(self, name: str, dtype: torch.dtype) -> Any:
+        """:meth:`build_on_meta` from the component's ``config.json`` alone: no weight file needs to exist.
+
+        For readers of the architecture only (the planner, :mod:`dmdr.planning`, builds the shipped
+        config-only folders with it); the trainer goes through :meth:`build_on_meta`, which checks the
+        weights first and then calls this.
+        """
+        from dmdr.distributed.meta_load import meta_params
+
         library, _ = self.component_class(name)
         cls, cls_name = self._class(name)
         if library != "diffusers":
             raise ModelLoadError(f"{self.path}/{name}: {cls_name} is a {library} class; only diffusers models "
                                  "are built on the meta device")
-        safetensors_files(self.path / name)  # the sharded loader reads safetensors only: fail before building
         try:
             config = cls.load_config(str(self.path / name), local_files_only=True)
             with meta_params():

@@ -1,0 +1,58 @@
+"""The run planner: will a recipe fit on a cluster, how long will it take, and what to change.
+
+Answers come from the real model definitions and the project's own sharding, not a spreadsheet:
+
+* :mod:`~dmdr.planning.specs`: every network of a run built on the meta device from its config files
+  (shipped under ``configs/``, or the user's folder), LoRA injected by the trainer's ``build_roles``;
+* :mod:`~dmdr.planning.memory`: per-GPU bytes of parameters, gradients, AdamW state, frozen networks and
+  FSDP2 buffers, following ``fully_shard`` per block then root; activations per stage;
+* :mod:`~dmdr.planning.activations`, :mod:`~dmdr.planning.flops`: what autograd saves and what the
+  matmuls cost, per block from the architecture (grounded against the tiny models in tests/planning);
+* :mod:`~dmdr.planning.planner`: one generator step (``dmd.ratio`` iterations) in FLOPs and seconds at a
+  stated MFU, per stage (cold start, RL) and for the run; :mod:`~dmdr.planning.gpus` the GPU table;
+* :mod:`~dmdr.planning.advise`: the cheapest overrides that make it fit; :mod:`~dmdr.planning.report`.
+
+CLI: ``tools/plan.py``. Extension point for a new family (SDXL is being added): its configs under
+``configs/``, a ``PlanFamily`` in :data:`~dmdr.planning.specs.PLAN_FAMILIES`, a block activation model in
+:data:`~dmdr.planning.activations.FAMILY_ACTIVATIONS` and a FLOP model in
+:data:`~dmdr.planning.flops.FAMILY_FLOPS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dmdr.config import TrainConfig
+from dmdr.planning.advise import Advice, advise, largest_batches, with_overrides
+from dmdr.planning.gpus import GPU
+from dmdr.planning.planner import DEFAULT_MFU, FrozenCosts, Plan, frozen_costs, plan
+from dmdr.planning.specs import ModelSpec, build_model_spec
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    advice: Advice
+    spec: ModelSpec
+    frozen: FrozenCosts
+
+
+def make_plan(cfg: TrainConfig, gpu_key: str, gpu: GPU, world: int, recipe: str = "", model: str = "",
+              mfu: float = DEFAULT_MFU) -> PlanResult:
+    """Build the model spec of ``cfg``, plan it on ``world`` GPUs and advise."""
+    spec = build_model_spec(cfg, recipe, model)
+    frozen = frozen_costs(spec, cfg)
+    p = plan(cfg, spec, gpu_key, gpu, world, recipe, mfu, frozen)
+    return PlanResult(p, advise(cfg, spec, p, frozen), spec, frozen)
+
+
+def largest_batch_table(cfg: TrainConfig, result: PlanResult) -> dict[str, list[int]]:
+    """The largest per-GPU batch that fits per stage, for each activation-checkpointing policy."""
+    out = {}
+    for ac in ("none", "every_k", "full"):
+        c = with_overrides(cfg, (("parallel.activation_checkpointing", ac),))
+        out[ac] = largest_batches(c, result.spec, result.plan, result.frozen)
+    return out
+
+
+__all__ = ["PlanResult", "make_plan", "largest_batch_table", "build_model_spec", "plan", "advise"]

@@ -1,0 +1,273 @@
+"""Model specs for the planner: every network of a run built on the meta device from its config files.
+
+Nothing here reads a weight. A *model folder* is a diffusers pipeline folder with the configs only
+(``model_index.json`` and each component's ``config.json``); the planner ships the public configs of
+the models the recipes train (:data:`SHIPPED`, under ``dmdr/planning/configs/``; sources in its
+README) and reads a user's real folder the same way. The denoiser is built by the trainer's own
+builder (:meth:`dmdr.models.loading.ModelFolder.build_config_on_meta`), wrapped in the family's
+:class:`~dmdr.models.base.Denoiser`, and given the generator and critic LoRA by the trainer's
+:func:`dmdr.build.build_roles`, so parameter shapes, FSDP units (``Denoiser.blocks()`` then the root)
+and adapter sizes are the run's own. Text encoders (transformers), the VAE (diffusers) and the reward
+models (open_clip / transformers) are built on meta from their configs too.
+
+Adding a family (SDXL is being added): ship its configs, add a :class:`PlanFamily` with its
+activation and FLOP model (:mod:`dmdr.planning.activations`, :mod:`dmdr.planning.flops`) to
+:data:`PLAN_FAMILIES`, and map its recipe in :data:`RECIPE_MODELS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmdr.config import TrainConfig
+from dmdr.errors import ConfigError, ModelLoadError
+from dmdr.models.loading import ModelFolder, detect_family, read_model_index
+
+CONFIGS = Path(__file__).parent / "configs"
+SHIPPED = {"sd3.5-large": CONFIGS / "sd3.5-large", "sd3-medium": CONFIGS / "sd3-medium",
+           "z-image-turbo": CONFIGS / "z-image-turbo"}
+"""Config-only folders of the models the recipes train."""
+RECIPE_MODELS = {"sd35_dmdr": "sd3.5-large", "sd3m_dmdr": "sd3-medium", "zimage_dmdr": "z-image-turbo"}
+"""Which shipped model a recipe trains (``--model`` or ``--model.path`` choose another)."""
+REWARD_CONFIGS = {"hps": CONFIGS / "rewards" / "hps", "clip": CONFIGS / "rewards" / "clip",
+                  "pickscore": CONFIGS / "rewards" / "pickscore"}
+"""HPSv2.1 (open_clip ViT-H-14), DFN5B-CLIP ViT-H-14-378 (open_clip), PickScore (transformers CLIP ViT-H-14)."""
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PlanFamily:
+    """What the planner needs to know about a family beyond its configs."""
+
+    denoiser: str
+    """``module:Class`` of the family's :class:`~dmdr.models.base.Denoiser`."""
+    text_components: tuple[str, ...]
+    """``model_index.json`` names of the text encoders."""
+
+
+PLAN_FAMILIES: dict[str, PlanFamily] = {
+    "sd3": PlanFamily("dmdr.models.sd3:SD3Denoiser", ("text_encoder", "text_encoder_2", "text_encoder_3")),
+    "zimage": PlanFamily("dmdr.models.zimage:ZImageDenoiser", ("text_encoder",)),
+}
+
+
+@dataclass
+class Tensors:
+    """Shapes and element sizes of a group of tensors (one FSDP unit, one adapter, ...)."""
+
+    shapes: list[tuple[tuple[int, ...], int]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, tensors: list[torch.Tensor]) -> Tensors:
+        return cls([(tuple(t.shape), t.element_size()) for t in tensors])
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s, _ in self.shapes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(s) * e for s, e in self.shapes)
+
+    def shard_numel(self, world: int) -> int:
+        """Elements on the largest shard when each tensor is split along dim 0 over ``world`` ranks (FSDP2)."""
+        return sum(_shard_rows(s, world) for s, _ in self.shapes)
+
+    def shard_bytes(self, world: int, element_size: int | None = None) -> int:
+        return sum(_shard_rows(s, world) * (element_size or e) for s, e in self.shapes)
+
+
+def _shard_rows(shape: tuple[int, ...], world: int) -> int:
+    """FSDP2's dim-0 chunking (``torch.chunk``): rank 0 holds ``ceil(d0 / world)`` rows (the most)."""
+    if not shape:
+        return 1
+    rows = math.ceil(shape[0] / world) if world > 1 else shape[0]
+    return rows * math.prod(shape[1:])
+
+
+@dataclass
+class Component:
+    """A frozen network (text encoder, VAE, reward model): its parameters and the module on meta."""
+
+    name: str
+    cls_name: str
+    params: Tensors
+    module: nn.Module | None = None
+    blocks: list[Tensors] = field(default_factory=list)
+    """Its outermost repeated layers (what ``parallel.frozen_encoders shard`` shards one by one)."""
+
+
+@dataclass
+class DenoiserSpec:
+    """The teacher network with both adapters, by FSDP unit, and its architecture."""
+
+    family: str
+    denoiser: nn.Module
+    """The meta-device :class:`~dmdr.models.base.Denoiser` (LoRA injected as the trainer does)."""
+    config: dict[str, Any]
+    blocks: list[Tensors]
+    """Frozen base parameters of each ``Denoiser.blocks()`` entry (each one FSDP unit)."""
+    root: Tensors
+    """Frozen base parameters outside the blocks (the root FSDP unit)."""
+    buffers: int
+    """Buffer bytes (FSDP2 does not shard buffers: every rank holds them)."""
+    generator_lora: Tensors
+    critic_lora: Tensors
+    block_generator_lora: list[Tensors]
+    block_critic_lora: list[Tensors]
+
+    @property
+    def base(self) -> Tensors:
+        return Tensors([s for t in [*self.blocks, self.root] for s in t.shapes])
+
+
+@dataclass
+class ModelSpec:
+    """Every network a run holds, from its config files."""
+
+    name: str
+    path: Path
+    family: str
+    denoiser: DenoiserSpec
+    text_encoders: list[Component]
+    vae: Component
+    rewards: dict[str, Component]
+    latent_channels: int
+    vae_scale_factor: int
+    patch_size: int
+
+
+def resolve_model_folder(cfg: TrainConfig, recipe: str, model: str = "") -> tuple[str, Path]:
+    """``(name, folder)`` of the model to plan: ``model`` (a shipped name or a folder), else
+    ``model.path``, else the recipe's shipped model."""
+    choice = model or cfg.model.path or RECIPE_MODELS.get(recipe, "")
+    if not choice:
+        raise ConfigError(f"recipe {recipe!r} has no shipped model configs; pass --model "
+                          f"({', '.join(SHIPPED)}) or --model.path <a diffusers folder>")
+    if choice in SHIPPED:
+        return choice, SHIPPED[choice]
+    path = Path(choice).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"--model {choice!r} is neither a shipped model ({', '.join(SHIPPED)}) nor a folder")
+    return path.name, path
+
+
+def _meta_transformers(folder: Path, cls_name: str) -> nn.Module:
+    """A transformers model of class ``cls_name`` from ``folder/config.json``, on the meta device."""
+    import transformers
+
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        raise ModelLoadError(f"{folder}: transformers has no class {cls_name}")
+    config = cls.config_class.from_dict(json.loads((folder / "config.json").read_text()))
+    with torch.device("meta"):
+        return cls._from_config(config)
+
+
+def _component(name: str, cls_name: str, module: nn.Module, dtype: torch.dtype | None) -> Component:
+    from dmdr.distributed.parallelize import outer_block_lists
+
+    if dtype is not None:
+        module.to(dtype)
+    blocks = [Tensors.of(list(b.parameters())) for lst in outer_block_lists(module) for b in lst]
+    return Component(name, cls_name, Tensors.of(list(module.parameters())), module, blocks)
+
+
+def build_reward_spec(name: str) -> Component:
+    """A reward model on meta from its shipped config (fp32: open_clip and transformers load it so)."""
+    if name not in REWARD_CONFIGS:
+        raise ConfigError(f"--rl.rewards: the planner has no config of reward {name!r} "
+                          f"(has: {', '.join(REWARD_CONFIGS)})")
+    folder = REWARD_CONFIGS[name]
+    if (folder / "open_clip_config.json").is_file():
+        import open_clip
+
+        model_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+        with torch.device("meta"):
+            module = open_clip.model.CLIP(**model_cfg)
+        return _component(name, "open_clip.CLIP", module, None)
+    return _component(name, "CLIPModel", _meta_transformers(folder, "CLIPModel"), None)
+
+
+def _load_class(path: str) -> type:
+    module, _, cls = path.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_denoiser_spec(cfg: TrainConfig, folder: ModelFolder, family: str) -> DenoiserSpec:
+    """The teacher on meta with the generator and critic LoRA, injected by the trainer's own code."""
+    from dmdr.build import build_roles
+    from dmdr.models.base import Backbone
+
+    fam = PLAN_FAMILIES[family]
+    net = folder.build_config_on_meta("transformer", _DTYPES[cfg.model.dtype])
+    net.requires_grad_(False)
+    adapter = importlib.import_module(fam.denoiser.partition(":")[0])
+    teacher = _load_class(fam.denoiser)(net, t_min=cfg.dmd.t_min)
+    backbone = Backbone(family=family, teacher=teacher, text_encoder=None, codec=None, latent_channels=0,
+                        vae_scale_factor=8, lora_targets=tuple(adapter.LORA_TARGETS))
+    lora_cfg = _lora_mode(cfg)
+    build_roles(lora_cfg, backbone)  # generator LoRA (always, to size it) and critic LoRA, as a run injects them
+    blocks = teacher.blocks()
+
+    def split(module: nn.Module) -> tuple[Tensors, Tensors, Tensors]:
+        base, gen, crit = [], [], []
+        for pname, p in module.named_parameters():
+            (gen if ".lora_" in f".{pname}" and pname.endswith(".generator") else
+             crit if ".lora_" in f".{pname}" and pname.endswith(".critic") else base).append(p)
+        return Tensors.of(base), Tensors.of(gen), Tensors.of(crit)
+
+    per_block = [split(b) for b in blocks]
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root = [p for n, p in teacher.named_parameters() if id(p) not in in_blocks and ".lora_" not in f".{n}"]
+    root_gen = [p for n, p in teacher.named_parameters() if id(p) not in in_blocks and n.endswith(".generator")]
+    root_crit = [p for n, p in teacher.named_parameters() if id(p) not in in_blocks and n.endswith(".critic")]
+    gen = Tensors([s for b in per_block for s in b[1].shapes] + Tensors.of(root_gen).shapes)
+    crit = Tensors([s for b in per_block for s in b[2].shapes] + Tensors.of(root_crit).shapes)
+    buffers = sum(b.numel() * b.element_size() for b in teacher.buffers())
+    return DenoiserSpec(family=family, denoiser=teacher, config=dict(net.config), blocks=[b[0] for b in per_block],
+                        root=Tensors.of(root), buffers=buffers, generator_lora=gen, critic_lora=crit,
+                        block_generator_lora=[b[1] for b in per_block], block_critic_lora=[b[2] for b in per_block])
+
+
+def _lora_mode(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``generator_mode lora``: the planner sizes the full copy from the base, the adapter from this."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.model.generator_mode = "lora"
+    return out
+
+
+def build_model_spec(cfg: TrainConfig, recipe: str = "", model: str = "") -> ModelSpec:
+    """Every network of the run ``cfg`` on the meta device, from the model's config files."""
+    name, path = resolve_model_folder(cfg, recipe, model)
+    folder = read_model_index(path)
+    family = detect_family(folder, cfg.model.family).name
+    if family not in PLAN_FAMILIES:
+        raise ConfigError(f"the planner has no model of family {family!r} yet (has: {', '.join(PLAN_FAMILIES)})")
+    dtype = _DTYPES[cfg.model.dtype]
+    denoiser = build_denoiser_spec(cfg, folder, family)
+    texts = []
+    for comp in PLAN_FAMILIES[family].text_components:
+        if folder.declared(comp):
+            _, cls_name = folder.component_class(comp)
+            texts.append(_component(comp, cls_name, _meta_transformers(path / comp, cls_name), dtype))
+    vae = _component("vae", "AutoencoderKL", folder.build_config_on_meta("vae", dtype), None)
+    rewards = {} if cfg.rl.method == "none" else {
+        r: build_reward_spec(r) for r in cfg.rl.rewards if r in REWARD_CONFIGS}
+    vae_cfg = vae.module.config
+    c = denoiser.config
+    patch = int(c["patch_size"]) if "patch_size" in c else int(c["all_patch_size"][0])
+    return ModelSpec(name=name, path=path, family=family, denoiser=denoiser, text_encoders=texts, vae=vae,
+                     rewards=rewards, latent_channels=int(c["in_channels"]),
+                     vae_scale_factor=2 ** (len(vae_cfg.block_out_channels) - 1), patch_size=patch)

@@ -1,7 +1,7 @@
 """Reading a checkpoint without running code from it: plain-data unpickling for everything DCP stores as pickles.
 
 torch.distributed.checkpoint writes every non-tensor value of the state (step counters, dicts, our per-rank
-blobs) with ``torch.save``, and its ``DefaultLoadPlanner`` reads them back with ``torch.load(weights_only=False)``;
+blobs) with ``torch.save``, and its ``DefaultLoadPlanner`` unpickles them fully;
 its ``FileSystemReader`` reads the folder's ``.metadata`` with ``pickle.load``. A crafted file could name any
 callable there and have it run on every rank at resume. dmdr loads through:
 

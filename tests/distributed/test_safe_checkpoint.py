@@ -232,15 +232,43 @@ def test_checkpoint_without_record_loads_with_a_warning(tmp_path, caplog):
     assert record_mismatch(None, RECORD, step_dir) is None
 
 
-def test_teacher_fingerprint_tells_teachers_apart_not_folders(tmp_path):
-    from dmdr.models.tiny import build_tiny_sd3
+def _header(file: Path) -> bytes:
+    data = file.read_bytes()
+    return data[: 8 + int.from_bytes(data[:8], "little")]
 
-    a = build_tiny_sd3(tmp_path / "a", seed=0)
-    b = build_tiny_sd3(tmp_path / "b", seed=1)  # same architecture and headers, other weights
-    moved = shutil.copytree(a, tmp_path / "moved")
-    assert teacher_fingerprint(a) == teacher_fingerprint(moved)
+
+def _teacher(folder: Path, seed: int, shards: int = 1) -> Path:
+    """A denoiser folder as ``save_pretrained`` writes it: config.json and safetensors (sharded with an index)."""
+    from safetensors.torch import save_file
+
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "config.json").write_text(json.dumps({"num_layers": 2, "hidden": 64}))
+    gen = torch.Generator().manual_seed(seed)
+    names = [f"blocks.{i}.weight" for i in range(4)]
+    tensors = {n: torch.randn(64, 300, generator=gen) for n in names}  # 75 KiB each: windows hit distinct bytes
+    if shards == 1:
+        save_file(tensors, folder / "transformer" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+        return folder
+    weight_map = {}
+    for k in range(shards):
+        file = f"diffusion_pytorch_model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: t for i, (n, t) in enumerate(tensors.items()) if i % shards == k}
+        save_file(part, folder / "transformer" / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_teacher_fingerprint_tells_teachers_apart_not_folders(tmp_path):
+    a, b = _teacher(tmp_path / "a", seed=0), _teacher(tmp_path / "b", seed=1)  # same headers, other values
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert _header(a / weights) == _header(b / weights)
     assert teacher_fingerprint(a) != teacher_fingerprint(b)
-    config = json.loads((moved / "transformer" / "config.json").read_text())
-    config["_note"] = "edited"
-    (moved / "transformer" / "config.json").write_text(json.dumps(config))
+    moved = shutil.copytree(a, tmp_path / "moved")
+    assert teacher_fingerprint(moved) == teacher_fingerprint(a)
+    (moved / "transformer" / "config.json").write_text(json.dumps({"num_layers": 3, "hidden": 64}))
     assert teacher_fingerprint(moved) != teacher_fingerprint(a)
+    sharded = _teacher(tmp_path / "sharded", seed=0, shards=2)
+    assert teacher_fingerprint(sharded) == teacher_fingerprint(_teacher(tmp_path / "sharded-again", seed=0, shards=2))
+    assert teacher_fingerprint(sharded) not in (teacher_fingerprint(a), teacher_fingerprint(b))

@@ -483,18 +483,28 @@ class CheckpointManager:
                          planner=safe_planner(path), no_dist=not self.env.is_distributed)
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - the user gets one line
             raise_dcp_error(err, f"cannot load checkpoint {path}")
+        # Per-rank blobs are decoded here, not by DCP: every rank must hear of a refused one (or it would hang).
+        decoded: dict[str, Any] = {}
+        refused: CheckpointError | None = None
+        for name, blobs in state.items():
+            if isinstance(app_state[name], RankLocal):
+                ranks = [self.env.rank] if old_world == self.env.world_size else range(old_world)
+                try:
+                    decoded[name] = [load_plain(blobs[f"rank{r}"], f"checkpoint {path} entry '{name}.rank{r}'")
+                                     for r in ranks]
+                except CheckpointError as err:
+                    refused = refused or err
+        reason = self._first_reason(str(refused) if refused else None)
+        if reason:
+            raise refused or CheckpointError(reason)
         for name, obj in app_state.items():
             if name not in state:
                 continue
-            if isinstance(obj, RankLocal):
-                blobs = state[name]
-                what = f"checkpoint {path} entry '{name}.rank{{}}'"
+            if name in decoded:
                 if old_world == self.env.world_size:
-                    rank = self.env.rank
-                    obj.load_state_dict(load_plain(blobs[f"rank{rank}"], what.format(rank)))
+                    obj.load_state_dict(decoded[name][0])
                 else:
-                    obj.load_resharded_state([load_plain(blobs[f"rank{r}"], what.format(r))
-                                              for r in range(old_world)])
+                    obj.load_resharded_state(decoded[name])
             else:
                 obj.load_state_dict(state[name])
         if self.env.is_main:

@@ -191,6 +191,9 @@ def build_run(cfg: TrainConfig) -> Session:
     loader = build_prompt_loader(cfg.data, dp_rank=env.dp_rank, dp_world=env.dp_world_size, seed=cfg.train.seed,
                                  embedding_cache=cache)
     rewards = build_rewards(cfg, env.device)
+    # A checkpoint of another family, generator mode or teacher is refused before any model loads.
+    checkpoints = CheckpointManager.from_config(cfg, env)
+    checkpoints.check_record(cfg.checkpoint.resume)
     need_encoder = cache is None or cfg.data.cache_miss == "encode"
     backbone, generator, adapter = build_models(cfg, env.device, mesh, load_text_encoder=need_encoder)
     prepare_text_encoders(cfg, backbone, mesh, env.device)
@@ -205,7 +208,6 @@ def build_run(cfg: TrainConfig) -> Session:
     trainer = DMDRTrainer(cfg, backbone, roles, rewards, loader, env.device, dist=env,
                           skip_monitor=SkipMonitor.from_config(cfg.data),
                           compute_dtype=None if mesh is not None else DTYPES[cfg.parallel.param_dtype])
-    checkpoints = CheckpointManager.from_config(cfg, env)
     resumed = checkpoints.resume(trainer.app_state(), cfg.checkpoint.resume)
     if resumed is not None:
         log.info("resumed from generator step %d", resumed)

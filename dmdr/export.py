@@ -258,15 +258,17 @@ def _dcp_read(state: dict[str, Any], checkpoint: str | Path, what: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from dmdr.distributed.checkpoint import dcp_error_line
+    from dmdr.distributed.checkpoint import raise_dcp_error
+    from dmdr.distributed.safe_load import SafeFileSystemReader, safe_planner
 
     try:
         with warnings.catch_warnings():  # DCP warns that it "assumes" one process even with no_dist
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+            dcp.load(state, checkpoint_id=str(checkpoint), storage_reader=SafeFileSystemReader(str(checkpoint)),
+                     planner=safe_planner(checkpoint), no_dist=True)
     # DCP wraps per-rank failures in CheckpointException, a BaseException (not caught by `except Exception`)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - the user gets one line
-        raise CheckpointError(f"cannot read {what} from {checkpoint}: {dcp_error_line(e)}") from e
+        raise_dcp_error(e, f"cannot read {what} from {checkpoint}")
 
 
 @torch.no_grad()
@@ -314,7 +316,9 @@ def load_generator(cfg: TrainConfig, checkpoint: str | Path, device: torch.devic
     from dmdr.build import DTYPES, build_roles, collect_roles
     from dmdr.distributed.checkpoint import read_marker
     from dmdr.models import GENERATOR, load_backbone
+    from dmdr.provenance import check_export_source
 
+    check_export_source(cfg, checkpoint)  # another family / mode / teacher, or a non-plain pickle: refused first
     m = cfg.model
     entry = "models" if m.generator_mode == "lora" else "generator"  # DMDRTrainer.app_state's names
     held = read_marker(checkpoint).get("entries", {})

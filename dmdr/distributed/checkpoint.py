@@ -29,6 +29,14 @@ World-size changes (resharding):
   it was built with (RNGs seeded from ``train.seed`` and the new rank; the data loader restarts its
   pass over the data in its seed's order), and rank 0 logs a warning naming the entries. Training
   then continues correctly but not bit-for-bit like the W-rank run would have.
+
+Trust. Loading runs no code from the folder: the marker is JSON; every file is checked against it (sizes,
+the SHA-256 of ``.metadata``, CRC32s) before DCP opens any; DCP's ``.metadata`` and its non-tensor items,
+and our per-rank blobs, are unpickled as plain data only (:mod:`dmdr.distributed.safe_load`); and the
+marker's record (:mod:`dmdr.provenance`: family, generator mode, teacher fingerprint) must match the run's
+before any weights load. The checksums detect corruption, not forgery (whoever can write the folder can
+rewrite the marker): a checkpoint someone else wrote can still hold wrong *values* (weights, counters,
+data positions), so trust its author for what it trains into, not for your machine's safety.
 """
 
 from __future__ import annotations
@@ -52,8 +60,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dmdr.distributed.env import DistEnv
+from dmdr.distributed.safe_load import SafeFileSystemReader, load_plain, safe_planner
 from dmdr.distributed.state import RankLocal
 from dmdr.errors import CheckpointError
+from dmdr.provenance import RECORD_KEY, record_mismatch
 
 log = logging.getLogger("dmdr")
 
@@ -62,6 +72,7 @@ POINTER = "latest"
 _PREFIX = "step-"
 _TMP = ".tmp-step-"
 _FORMAT = 1
+_RECORD_FIX = "resume with the same settings, or start the new run in another --train.output_dir"
 
 
 def _step_of(path: Path) -> int | None:
@@ -122,8 +133,19 @@ def _to_bytes(state: Any) -> bytes:
     return buf.getvalue()
 
 
-def _from_bytes(blob: bytes) -> Any:
-    return torch.load(io.BytesIO(blob), weights_only=False)
+def rank_error(err: BaseException) -> BaseException:
+    """The failing rank's own exception inside DCP's :class:`CheckpointException` (``err`` itself otherwise)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        return next(iter(err.failures.values()))[0]
+    return err
+
+
+def raise_dcp_error(err: BaseException, context: str) -> None:
+    """Re-raise a DCP failure as one line: our own :class:`CheckpointError` as is, any other after ``context``."""
+    own = rank_error(err)
+    if isinstance(own, CheckpointError):
+        raise type(own)(str(own)) from None
+    raise CheckpointError(f"{context}: {dcp_error_line(err)}") from err
 
 
 def dcp_error_line(err: BaseException) -> str:
@@ -132,15 +154,14 @@ def dcp_error_line(err: BaseException) -> str:
     DCP wraps per-rank failures in :class:`CheckpointException`, a ``BaseException`` (so ``except
     Exception`` does not catch it: catch ``(Exception, CheckpointException)``).
     """
-    if isinstance(err, CheckpointException) and err.failures:
-        err = next(iter(err.failures.values()))[0]
+    err = rank_error(err)
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
 
 
 def saved_keys(path: str | Path) -> set[str]:
     """The flattened state keys a DCP checkpoint folder holds (``entry.key.subkey``), from its metadata."""
-    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    return set(SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
 def _drop_unsaved_optional(name: str, obj: Any, state: dict[str, Any], held: set[str]) -> None:
@@ -212,16 +233,19 @@ class CheckpointManager:
             :meth:`save` returns once the state is staged in host memory; the checkpoint is finalised
             (marker, rename, ``latest``) at the next :meth:`save`, :meth:`wait` or :meth:`close`.
         env: the distributed environment (None = one process).
+        record: what the run trains (:func:`dmdr.provenance.run_record`): written into every marker and
+            compared at :meth:`load`, which refuses a checkpoint whose record differs (None: not checked).
     """
 
     def __init__(self, output_dir: str | Path, keep_last: int = 3, async_save: bool = False,
-                 env: DistEnv | None = None):
+                 env: DistEnv | None = None, record: dict[str, Any] | None = None):
         if keep_last < 1:
             raise CheckpointError(f"--checkpoint.keep_last {keep_last}: must be >= 1")
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
         self.async_save = async_save
         self.env = env or DistEnv()
+        self.record = record
         self._pending: tuple[Any, int, Path, dict[str, Any]] | None = None
         self._group = None
         if async_save and self.env.is_distributed:
@@ -230,8 +254,11 @@ class CheckpointManager:
 
     @classmethod
     def from_config(cls, cfg: Any, env: DistEnv | None = None) -> CheckpointManager:
-        """From a :class:`~dmdr.config.TrainConfig` (``train.output_dir`` and the ``checkpoint`` section)."""
-        return cls(cfg.train.output_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, env)
+        """From a :class:`~dmdr.config.TrainConfig` (``train.output_dir``, the ``checkpoint`` section, the record)."""
+        from dmdr.provenance import run_record
+
+        return cls(cfg.train.output_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, env,
+                   record=run_record(cfg))
 
     # ------------------------------------------------------------------ paths
     def step_dir(self, step: int) -> Path:
@@ -269,6 +296,8 @@ class CheckpointManager:
                 kinds[name] = "global"
         meta = {"format": _FORMAT, "step": step, "world_size": self.env.world_size,
                 "dp_world_size": self.env.dp_world_size, "entries": kinds}
+        if self.record is not None:
+            meta[RECORD_KEY] = self.record
         if self.async_save and not final:
             with _quiet_single_process():
                 future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group,
@@ -372,25 +401,59 @@ class CheckpointManager:
 
     def _verify_all_ranks(self, path: Path, checksums: bool) -> str | None:
         share = (self.env.rank, self.env.world_size)
-        reason = verify_checkpoint(path, checksums=checksums, share=share)
+        return self._first_reason(verify_checkpoint(path, checksums=checksums, share=share))
+
+    def _first_reason(self, reason: str | None) -> str | None:
+        """The first rank's non-None ``reason``, on every rank (so that all ranks stop together)."""
         if not self.env.is_distributed:
             return reason
         reasons: list[str | None] = [None] * self.env.world_size
         dist.all_gather_object(reasons, reason)
         return next((r for r in reasons if r), None)
 
+    def check_record(self, resume: str = "auto") -> None:
+        """Refuse, before any model is built, a checkpoint ``resume`` would load whose record differs from the run's.
+
+        ``auto`` looks at :meth:`latest`; a checkpoint without a record (or no checkpoint) passes here,
+        :meth:`load` warns or reports it.
+        """
+        if resume == "never" or self.record is None:
+            return
+        path = self.latest() if resume == "auto" else Path(resume)
+        if path is None or not (path / MARKER).is_file():
+            return
+        try:
+            saved = read_marker(path).get(RECORD_KEY)
+        except CheckpointError:
+            return  # load() reports the unreadable marker
+        reason = self._first_reason(record_mismatch(saved, self.record, path) if saved else None)
+        if reason:
+            raise CheckpointError(f"{reason}: {_RECORD_FIX}")
+
     def load(self, app_state: dict[str, Any], path: str | Path, checksums: bool = True) -> int:
         """Load ``app_state`` in place from the checkpoint folder ``path``; returns its step.
 
+        The folder is verified (sizes, SHA-256 of ``.metadata``, CRC32s) and its record compared with
+        this run's before DCP reads anything in it; DCP then reads with the plain-data reader and
+        planner of :mod:`dmdr.distributed.safe_load`.
+
         Raises:
             CheckpointError: the folder is incomplete, truncated or corrupt (the message names the
-                file), or it does not hold an entry of ``app_state``.
+                file), it was trained with another family, generator mode or teacher (the message names
+                the setting, saved vs current), it does not hold an entry of ``app_state``, or it holds a
+                pickle that is not plain data.
         """
         path = Path(path)
         reason = self._verify_all_ranks(path, checksums)
         if reason:
             raise CheckpointError(reason)
         meta = read_marker(path)
+        if self.record is not None:
+            reason = self._first_reason(record_mismatch(meta.get(RECORD_KEY), self.record, path))
+            if reason:
+                raise CheckpointError(f"{reason}: {_RECORD_FIX}")
+        # DCP swallows a failed metadata read into a multi-line "metadata is None": read it here first.
+        SafeFileSystemReader(str(path)).read_metadata()
         old_world = int(meta["world_size"])
         state: dict[str, Any] = {}
         skipped = []
@@ -416,18 +479,32 @@ class CheckpointManager:
                         path.name, old_world, self.env.world_size, ", ".join(skipped))
         try:
             with _quiet_single_process():
-                dcp.load(state, checkpoint_id=str(path), no_dist=not self.env.is_distributed)
+                dcp.load(state, checkpoint_id=str(path), storage_reader=SafeFileSystemReader(str(path)),
+                         planner=safe_planner(path), no_dist=not self.env.is_distributed)
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - the user gets one line
-            raise CheckpointError(f"cannot load checkpoint {path}: {dcp_error_line(err)}") from err
+            raise_dcp_error(err, f"cannot load checkpoint {path}")
+        # Per-rank blobs are decoded here, not by DCP: every rank must hear of a refused one (or it would hang).
+        decoded: dict[str, Any] = {}
+        refused: CheckpointError | None = None
+        for name, blobs in state.items():
+            if isinstance(app_state[name], RankLocal):
+                ranks = [self.env.rank] if old_world == self.env.world_size else range(old_world)
+                try:
+                    decoded[name] = [load_plain(blobs[f"rank{r}"], f"checkpoint {path} entry '{name}.rank{r}'")
+                                     for r in ranks]
+                except CheckpointError as err:
+                    refused = refused or err
+        reason = self._first_reason(str(refused) if refused else None)
+        if reason:
+            raise refused or CheckpointError(reason)
         for name, obj in app_state.items():
             if name not in state:
                 continue
-            if isinstance(obj, RankLocal):
-                blobs = state[name]
+            if name in decoded:
                 if old_world == self.env.world_size:
-                    obj.load_state_dict(_from_bytes(blobs[f"rank{self.env.rank}"]))
+                    obj.load_state_dict(decoded[name][0])
                 else:
-                    obj.load_resharded_state([_from_bytes(blobs[f"rank{r}"]) for r in range(old_world)])
+                    obj.load_resharded_state(decoded[name])
             else:
                 obj.load_state_dict(state[name])
         if self.env.is_main:

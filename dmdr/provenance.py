@@ -1,0 +1,108 @@
+"""What a checkpoint was trained from: model family, generator mode and a fingerprint of the teacher's weights.
+
+Every checkpoint's ``COMPLETE.json`` holds this record (key :data:`RECORD_KEY`, from :func:`run_record`);
+resume (:meth:`dmdr.distributed.checkpoint.CheckpointManager.load`) and export
+(:func:`check_export_source`) compare it with the current config before any weights load and refuse a
+difference in one line naming the setting, saved vs current (:func:`record_mismatch`).
+
+The teacher fingerprint (:func:`teacher_fingerprint`) is cheap, no full read: SHA-256 over the denoiser's
+``transformer/config.json``, and for each of its safetensors files the header (tensor names, dtypes, shapes,
+offsets), the size and three 64 KiB windows of the data (start, middle, end): two fine-tunes of one
+architecture have equal headers but not equal bytes. It does not depend on where the folder is, so a
+teacher that moved (``--model.path``) still matches.
+
+Checkpoints written before this record existed carry none: they are loaded with a warning (the entry
+names and DCP's shape checks still catch most mismatches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from dmdr.errors import CheckpointError, ModelLoadError
+
+log = logging.getLogger("dmdr")
+
+RECORD_KEY = "run"
+"""Key of the record in a checkpoint's ``COMPLETE.json``."""
+_WINDOW = 1 << 16
+_DENOISER = "transformer"
+_FIELDS = (("family", "model.family"), ("generator_mode", "model.generator_mode"))
+
+
+def _hash_safetensors(h: Any, file: Path) -> None:
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{file} is not a safetensors file (shorter than its 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        start = 8 + n
+        if start > size:
+            raise ModelLoadError(f"{file} is truncated: its header claims {n} bytes, the file has {size}")
+        h.update(file.name.encode() + head + fh.read(n) + size.to_bytes(8, "little"))
+        span = size - start
+        for at in sorted({start, start + max(0, span // 2 - _WINDOW // 2), max(start, size - _WINDOW)}):
+            fh.seek(at)
+            h.update(fh.read(_WINDOW))
+
+
+def teacher_fingerprint(model_path: str | Path) -> str:
+    """16 hex digits identifying the teacher denoiser of a diffusers folder (see the module doc)."""
+    from dmdr.distributed.meta_load import safetensors_files
+
+    folder = Path(model_path) / _DENOISER
+    config = folder / "config.json"
+    try:
+        h = hashlib.sha256(config.read_bytes())
+    except OSError as e:
+        raise ModelLoadError(f"cannot read the teacher's {config} ({e.strerror or e})") from None
+    for file in sorted(safetensors_files(folder), key=lambda p: p.name):
+        _hash_safetensors(h, file)
+    return h.hexdigest()[:16]
+
+
+def run_record(cfg: Any) -> dict[str, str]:
+    """The record of a :class:`~dmdr.config.TrainConfig`: family (resolved from the folder), mode, teacher."""
+    from dmdr.models.loading import detect_family, read_model_index
+
+    m = cfg.model
+    family = detect_family(read_model_index(m.path), m.family).name
+    return {"family": family, "generator_mode": m.generator_mode, "teacher": teacher_fingerprint(m.path),
+            "teacher_path": str(m.path)}
+
+
+def record_mismatch(saved: dict[str, Any] | None, current: dict[str, Any], checkpoint: str | Path) -> str | None:
+    """One line naming what differs between ``saved`` (a checkpoint's record) and ``current``, or None.
+
+    ``saved`` None (a checkpoint from before the record existed) logs a warning and passes.
+    """
+    if not saved:
+        log.warning("checkpoint %s records no model family, generator mode or teacher fingerprint (written by an "
+                    "older dmdr): not checked, make sure it was trained from this teacher and config", checkpoint)
+        return None
+    for key, setting in _FIELDS:
+        if key in saved and saved[key] != current[key]:
+            return (f"checkpoint {checkpoint} was trained with {setting}={saved[key]}, the current config has "
+                    f"{setting}={current[key]}")
+    if "teacher" in saved and saved["teacher"] != current["teacher"]:
+        return (f"checkpoint {checkpoint} was trained from another teacher: {saved.get('teacher_path', '?')} "
+                f"(fingerprint {saved['teacher']}) then, model.path {current['teacher_path']} (fingerprint "
+                f"{current['teacher']}) now")
+    return None
+
+
+def check_export_source(cfg: Any, checkpoint: str | Path) -> None:
+    """Export and sampling, before any weights load: refuse ``checkpoint`` when its record differs from the
+    run config ``cfg``, or when its non-tensor items are not plain data
+    (:func:`~dmdr.distributed.offline.check_plain_items`)."""
+    from dmdr.distributed.checkpoint import read_marker
+    from dmdr.distributed.offline import check_plain_items
+
+    reason = record_mismatch(read_marker(checkpoint).get(RECORD_KEY), run_record(cfg), checkpoint)
+    if reason:
+        raise CheckpointError(f"{reason}; pass the matching --model-path (or export with the run's own config)")
+    check_plain_items(checkpoint)

@@ -42,7 +42,7 @@ from dmdr.models.base import Backbone, Conditioning, Denoiser, conditioning_to, 
 from dmdr.observability import MetricsLogger, ProgressBar, Throughput, gpu_peak_tflops, peak_memory_gb
 from dmdr.rewards.base import Reward
 from dmdr.sampling import few_step_sample
-from dmdr.schedules import DynaRSSampler, dynadg_real_scale, few_step_timesteps
+from dmdr.schedules import DynaRSSampler, dynadg_real_scale, generator_levels
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,8 @@ class DMDRTrainer:
         self.compute_dtype = compute_dtype
         self.stopped_early = False
         self.param = backbone.parameterization
-        self.timesteps = few_step_timesteps(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min)
+        self.timesteps = generator_levels(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min, cfg.dmd.timesteps,
+                                          self.param)
         self.dynars = DynaRSSampler(cfg.dynamic.alpha, cfg.dynamic.beta, cfg.dynamic.decay_steps,
                                     t_min=cfg.dmd.t_min, enabled=cfg.dynamic.dynars)
         self.counters = Counters()

@@ -49,6 +49,10 @@ LORA_TARGETS = (
 """The UNet's ``Linear`` layers of its transformer blocks and the ``Conv2d`` / time projections of its
 resnets and resamplers (the usual SDXL LoRA set; the ``conv_in`` / ``conv_out`` ends are left out)."""
 
+FEW_STEP_TIMESTEPS = {4: (999, 749, 499, 249), 1: (399,)}
+"""DMD2's and the authors' fixed SDXL generator timesteps by step count (``dmd.timesteps``); the one-step
+generator is called at 399 on pure noise (their ``sdxl_Base.py`` demo: ``LCMScheduler``, ``timesteps=[399]``)."""
+
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 PREDICTION_TYPE = "epsilon"
 

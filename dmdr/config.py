@@ -55,6 +55,10 @@ class DMDConfig:
     """Fixed generator timesteps in the network's own units, one per step (SDXL: ``999,749,499,249``;
     its one-step generator ``399``); empty = ``num_steps`` shifted levels from ``linspace(1, t_min)``."""
     backward_simulation: Literal["ode", "sde"] = "ode"
+    sampler: Literal["ode", "sde"] = "ode"
+    """Inference sampler (sample images, ``tools/sample.py``, the exported pipeline): ``ode`` deterministic
+    steps (flows: Euler, the exported ``FlowMatchEulerDiscreteScheduler``); ``sde`` x0 then renoise with fresh
+    noise (SDXL: the exported ``LCMScheduler``). They coincide for one step."""
     ratio: int = 5
     """Critic (fake score) updates per generator update."""
     guidance: float = 7.0

@@ -439,7 +439,8 @@ class DMDRTrainer:
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample_images(self, prompts: list[str], seed: int = 1234) -> Tensor:
-        """Few-step samples (decoded to [0, 1]) for fixed prompts and fixed noise."""
+        """Few-step samples (decoded to [0, 1]) for fixed prompts and fixed noise, with the ``dmd.sampler``
+        (an ``sde`` sampler's fresh noise continues the seeded stream, as a diffusers pipeline's ``generator``)."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         shape = (len(prompts), *self.backbone.latent_shape(self.cfg.model.resolution))
         noise = torch.randn(shape, generator=g, device=self.device)
@@ -448,7 +449,8 @@ class DMDRTrainer:
         else:
             cond = conditioning_to(self.backbone.extras["sample_cond"], self.device)
         with self.autocast():
-            latents = few_step_sample(self.roles.generator_fn, noise, cond, self.timesteps, self.param, mode="ode")
+            latents = few_step_sample(self.roles.generator_fn, noise, cond, self.timesteps, self.param,
+                                      mode=self.cfg.dmd.sampler, generator=g)
             return self.backbone.codec.decode(latents).float()
 
     # ------------------------------------------------------------------ loop

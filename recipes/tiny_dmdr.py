@@ -84,6 +84,7 @@ def prepare_assets(cfg: TrainConfig) -> None:
         from dmdr.models.sdxl import FEW_STEP_TIMESTEPS
 
         cfg.dmd.timesteps = FEW_STEP_TIMESTEPS.get(cfg.dmd.num_steps, ())
+        cfg.dmd.sampler = "sde"  # what the exported LCMScheduler pipeline runs (sdxl_dmdr.py)
     if family == "zimage":  # the chat template alone takes ~30 of the byte-level tiny tokenizer's tokens
         cfg.model.max_sequence_length = max(cfg.model.max_sequence_length, 64)
     if not cfg.data.sources:

@@ -4,9 +4,6 @@ reproduces dmdr's sampler, and the recipes' one-line refusal of another family's
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from test_export import PROMPTS, _tool
-from tiny_helpers import REPO, tiny_config
+from tiny_helpers import tiny_config
 
 from dmdr import export
 from dmdr.launch import run
@@ -100,21 +97,40 @@ def test_stock_sdxl_pipeline_reproduces_the_training_sampler(name, runs, tmp_pat
             assert np.abs(pa - pb).max() <= 1
 
 
-def _launch(recipe: str, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ""}
-    return subprocess.run([sys.executable, str(REPO / "recipes" / f"{recipe}.py"), *argv], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env=env)
-
-
 @pytest.mark.parametrize("recipe,folder,needle", [
     ("sdxl_dmdr", "sd3", "is a StableDiffusion3Pipeline folder, not sdxl (set model.family to sd3 or auto)"),
     ("sd3m_dmdr", "sdxl", "is a StableDiffusionXLPipeline folder, not sd3 (set model.family to sdxl or auto)"),
 ])
-def test_recipe_refuses_another_familys_folder_in_one_line(recipe, folder, needle, sdxl_model, tiny_assets, tmp_path):
+def test_recipe_refuses_another_familys_folder_in_one_line(recipe, folder, needle, sdxl_model, tiny_assets, tmp_path,
+                                                           capsys):
+    from tiny_helpers import load_recipe
+
+    from dmdr.launch import main
+
     path = sdxl_model if folder == "sdxl" else tiny_assets["model"]
-    proc = _launch(recipe, ["--model.path", str(path), "--data.sources", tiny_assets["prompts"], "--rl.method", "none",
-                            "--train.output_dir", str(tmp_path / "out"), "--train.device", "cpu"], tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    argv = ["--model.path", str(path), "--data.sources", tiny_assets["prompts"], "--rl.method", "none",
+            "--data.num_workers", "0", "--train.output_dir", str(tmp_path / "out"), "--train.device", "cpu"]
+    capsys.readouterr()
+    assert main(getattr(load_recipe(recipe), recipe), argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "zimage"])
+def test_tiny_recipe_builds_the_matching_tiny_pipeline(family, tmp_path):
+    from tiny_helpers import load_recipe
+
+    from dmdr.config import apply_overrides
+    from dmdr.models.loading import detect_family, read_model_index
+
+    recipe = load_recipe("tiny_dmdr")
+    cfg = apply_overrides(recipe.tiny_dmdr(), ["--model.family", family, "--train.output_dir", str(tmp_path)])
+    recipe.prepare_assets(cfg)
+    assert detect_family(read_model_index(cfg.model.path), family).name == family
+    assert Path(cfg.model.path).name == f"tiny-{family}"
+    if family == "sdxl":
+        assert cfg.dmd.timesteps == (999, 749, 499, 249) and cfg.dmd.sampler == "sde"
+    else:
+        assert cfg.dmd.timesteps == () and cfg.model.max_sequence_length == 64

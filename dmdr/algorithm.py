@@ -40,12 +40,19 @@ def backward_simulate(generator_fn: GeneratorFn, noise: Tensor, cond: Any, times
 
 def generator_input(x0_sim: Tensor, timesteps: Tensor, param: Parameterization,
                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Per sample, one level drawn uniformly from the first N few-step levels, and ``x_t`` at it."""
+    """Per sample, one level drawn uniformly from the first N few-step levels, and ``x_t`` at it.
+
+    At the first level the input is the fresh noise itself, what the sampler starts from: for flows
+    (``t_0 = 1``) that is the renoised sample anyway; for epsilon models it is what their fixed first
+    timestep sees at inference (SDXL's one-step generator is called at 399 on pure noise).
+    """
     n = timesteps.numel() - 1
     device = generator.device if generator is not None else torch.device("cpu")
     idx = torch.randint(0, n, (x0_sim.shape[0],), generator=generator, device=device).cpu()
     t = timesteps[idx].to(x0_sim.device)
-    return param.renoise(x0_sim, randn_like(x0_sim, generator), t), t
+    noise = randn_like(x0_sim, generator)
+    first = (idx == 0).to(x0_sim.device).reshape(-1, *([1] * (x0_sim.ndim - 1)))
+    return torch.where(first, noise, param.renoise(x0_sim, noise, t)), t
 
 
 def draw_guidance(w0: float, jitter: float, generator: torch.Generator | None = None) -> float:

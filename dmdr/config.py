@@ -26,7 +26,7 @@ class ModelConfig:
 
     path: str = ""
     """Local diffusers-format folder of the teacher (``from_pretrained(path, local_files_only=True)``)."""
-    family: Literal["auto", "sd3", "zimage"] = "auto"
+    family: Literal["auto", "sd3", "zimage", "sdxl"] = "auto"
     """Model family; ``auto`` reads ``model_index.json``."""
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Storage dtype of the frozen weights (the teacher, text encoders, VAE)."""
@@ -51,7 +51,14 @@ class DMDConfig:
     """Generator sampling steps N (1 to 4 in practice)."""
     shift: float = 3.0
     t_min: float = 0.001
+    timesteps: tuple[float, ...] = ()
+    """Fixed generator timesteps in the network's own units, one per step (SDXL: ``999,749,499,249``;
+    its one-step generator ``399``); empty = ``num_steps`` shifted levels from ``linspace(1, t_min)``."""
     backward_simulation: Literal["ode", "sde"] = "ode"
+    sampler: Literal["ode", "sde"] = "ode"
+    """Inference sampler (sample images, ``tools/sample.py``, the exported pipeline): ``ode`` deterministic
+    steps (flows: Euler, the exported ``FlowMatchEulerDiscreteScheduler``); ``sde`` x0 then renoise with fresh
+    noise (SDXL: the exported ``LCMScheduler``). They coincide for one step."""
     ratio: int = 5
     """Critic (fake score) updates per generator update."""
     guidance: float = 7.0
@@ -377,6 +384,10 @@ def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) ->
     _require(cfg.dmd.num_steps >= 1, "dmd.num_steps", "must be >= 1")
     _require(cfg.dmd.ratio >= 1, "dmd.ratio", "must be >= 1")
     _require(cfg.dmd.shift > 0, "dmd.shift", "must be > 0")
+    _require(not cfg.dmd.timesteps or len(cfg.dmd.timesteps) == cfg.dmd.num_steps, "dmd.timesteps",
+             f"{len(cfg.dmd.timesteps)} timesteps for dmd.num_steps={cfg.dmd.num_steps} (give one per step)")
+    _require(all(a > b for a, b in zip(cfg.dmd.timesteps, cfg.dmd.timesteps[1:])) and
+             all(ts > 0 for ts in cfg.dmd.timesteps), "dmd.timesteps", "must be positive and decreasing")
     _require(0 <= cfg.dmd.t_min < 1, "dmd.t_min", "must be in [0, 1)")
     _require(cfg.dmd.guidance_jitter >= 0, "dmd.guidance_jitter", "must be >= 0")
     _require(cfg.dmd.weight >= 0, "dmd.weight", "must be >= 0 (0 = the RL loss alone)")

@@ -34,7 +34,17 @@ callback (:class:`StopAfterSteps`, diffusers' documented ``pipe._interrupt`` swi
 and Euler steps are then dmdr's own, to fp32 rounding.
 
 No CFG: ``StableDiffusion3Pipeline`` guides when ``guidance_scale > 1`` (we pass 1.0),
-``ZImagePipeline`` when ``guidance_scale > 0`` (we pass 0.0).
+``ZImagePipeline`` when ``guidance_scale > 0`` (we pass 0.0), ``StableDiffusionXLPipeline`` when
+``guidance_scale > 1`` (we pass 0.0, as the authors' SDXL demo).
+
+SDXL (epsilon UNet on integer timesteps, :mod:`dmdr.models.sdxl`): the exported scheduler is an
+``LCMScheduler`` on the teacher's betas, called with ``timesteps=[...]`` = the run's ``dmd.timesteps``
+(e.g. ``[999, 749, 499, 249]`` or ``[399]``). Its step is dmdr's ``sde`` sampler (``dmd.sampler``): the
+clean estimate ``(x - sqrt(1 - ab_t) eps) / sqrt(ab_t)`` (LCM's boundary condition multiplies it by
+``c_out = 1 - O(1e-8)`` and adds ``c_skip = O(1e-8)`` of the input at these timesteps), renoised with fresh
+noise to the next timestep, and the last step returns the clean estimate. The pipeline draws its initial
+latents and then each step's noise from the ``generator`` it is given, the order dmdr's sampler draws them
+in, so the same seeded generator gives dmdr's sample to fp32 rounding. The UNet goes to ``unet/``.
 """
 
 from __future__ import annotations
@@ -61,8 +71,13 @@ WEIGHTS = ("auto", "ema", "trained")
 """Choices of ``weights`` / ``--weights`` (see the module doc)."""
 EMA_PREFIX = "trainer.ema."
 """DCP key prefix of the trainer's EMA tensors (:meth:`dmdr.trainer.DMDRTrainer.state_dict`, entry ``trainer``)."""
-NO_CFG = {"StableDiffusion3Pipeline": 1.0, "ZImagePipeline": 0.0}
-"""The ``guidance_scale`` that switches CFG off: SD3 guides iff > 1, Z-Image iff > 0."""
+NO_CFG = {"StableDiffusion3Pipeline": 1.0, "ZImagePipeline": 0.0, "StableDiffusionXLPipeline": 0.0}
+"""The ``guidance_scale`` that switches CFG off: SD3 and SDXL guide iff > 1, Z-Image iff > 0."""
+EPSILON_PIPELINES = {"StableDiffusionXLPipeline": "unet"}
+"""Pipelines of epsilon-prediction UNets (exported with an ``LCMScheduler``), and their denoiser component."""
+LCM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+            "rescale_betas_zero_snr")
+"""The teacher scheduler's settings the exported ``LCMScheduler`` keeps (they define ``alphas_cumprod``)."""
 
 
 class StopAfterSteps:
@@ -88,13 +103,30 @@ class InferenceSettings:
     t_min: float
     resolution: int
     max_sequence_length: int
+    timesteps: tuple[float, ...] = ()
+    """The run's ``dmd.timesteps`` (fixed model timesteps; SDXL's integers), empty for a shifted schedule."""
+
+    @property
+    def epsilon(self) -> bool:
+        """An epsilon-prediction UNet pipeline (``LCMScheduler`` + ``timesteps``) rather than a flow."""
+        return self.pipeline_class in EPSILON_PIPELINES
+
+    @property
+    def denoiser_component(self) -> str:
+        return EPSILON_PIPELINES.get(self.pipeline_class, "transformer")
+
+    @property
+    def scheduler_class(self) -> str:
+        return "LCMScheduler" if self.epsilon else "FlowMatchEulerDiscreteScheduler"
 
     @property
     def levels(self) -> list[float]:
         """The N + 1 levels ``t_0 = 1 .. t_N = t_min`` of the training sampler (float32 values)."""
-        from dmdr.schedules import few_step_timesteps
+        from dmdr.parameterization import FlowMatching
+        from dmdr.schedules import generator_levels
 
-        return few_step_timesteps(self.num_inference_steps, self.shift, self.t_min).tolist()
+        return generator_levels(self.num_inference_steps, self.shift, self.t_min, self.timesteps,
+                                FlowMatching(self.t_min, timestep_scale=NUM_TRAIN_TIMESTEPS)).tolist()
 
     @property
     def sigmas(self) -> list[float]:
@@ -112,6 +144,9 @@ class InferenceSettings:
         rounding); otherwise the N sigmas alone (last step to 0: off by ``t_min * v_last``).
         """
         n = self.num_inference_steps
+        if self.epsilon:  # LCMScheduler: the fixed timesteps are the whole schedule, its last step is exact
+            return {"num_inference_steps": n, "timesteps": [int(t) for t in self.timesteps],
+                    "guidance_scale": self.guidance_scale, "height": self.resolution, "width": self.resolution}
         kwargs: dict[str, Any] = {
             "num_inference_steps": n, "guidance_scale": self.guidance_scale, "height": self.resolution,
             "width": self.resolution, "max_sequence_length": self.max_sequence_length,
@@ -123,8 +158,12 @@ class InferenceSettings:
         return kwargs
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": SETTINGS_FORMAT, **asdict(self), "guidance_scale": self.guidance_scale,
-                "sigmas": self.sigmas, "exact": {"sigmas": self.levels, "stop_after_steps": self.num_inference_steps},
+        data = {"format": SETTINGS_FORMAT, **asdict(self), "timesteps": list(self.timesteps),
+                "guidance_scale": self.guidance_scale}
+        if self.epsilon:
+            return {**data, "scheduler": {"class": self.scheduler_class}}
+        return {**data, "sigmas": self.sigmas,
+                "exact": {"sigmas": self.levels, "stop_after_steps": self.num_inference_steps},
                 "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", "shift": 1.0,
                               "use_dynamic_shifting": False}}
 
@@ -132,14 +171,26 @@ class InferenceSettings:
     def from_json(cls, data: dict[str, Any]) -> InferenceSettings:
         try:
             return cls(str(data["pipeline_class"]), int(data["num_inference_steps"]), float(data["shift"]),
-                       float(data["t_min"]), int(data["resolution"]), int(data["max_sequence_length"]))
+                       float(data["t_min"]), int(data["resolution"]), int(data["max_sequence_length"]),
+                       tuple(float(t) for t in data.get("timesteps", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"{SETTINGS_FILE} lacks or mangles {e}; re-export the pipeline") from None
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, pipeline_class: str) -> InferenceSettings:
         d = cfg.dmd
-        return cls(pipeline_class, d.num_steps, d.shift, d.t_min, cfg.model.resolution, cfg.model.max_sequence_length)
+        settings = cls(pipeline_class, d.num_steps, d.shift, d.t_min, cfg.model.resolution,
+                       cfg.model.max_sequence_length, tuple(d.timesteps))
+        if settings.epsilon and len(settings.timesteps) != d.num_steps:
+            raise ConfigError(f"the run has no dmd.timesteps: a {pipeline_class} export needs the fixed integer "
+                              "timesteps its generator was trained at (e.g. 999,749,499,249)")
+        if settings.epsilon and d.sampler != "sde" and d.num_steps > 1:
+            warnings.warn(f"dmd.sampler={d.sampler}: the exported LCMScheduler renoises with fresh noise (the sde "
+                          "sampler), so its multi-step samples differ from the run's sample images", stacklevel=2)
+        if not settings.epsilon and d.sampler != "ode":
+            raise ConfigError(f"dmd.sampler={d.sampler}: the exported FlowMatchEulerDiscreteScheduler runs the ode "
+                              "sampler only; sample this run with tools/sample.py --run")
+        return settings
 
     @classmethod
     def read(cls, folder: str | Path) -> InferenceSettings:
@@ -150,6 +201,11 @@ class InferenceSettings:
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"{file} is missing or unreadable ({e}): not a folder written by "
                                  "tools/convert_to_diffusers.py") from None
+
+
+def lcm_scheduler_config(teacher: dict[str, Any] | None) -> dict[str, Any]:
+    """The exported ``LCMScheduler`` config: the teacher's betas (so ``alphas_cumprod`` is the training table)."""
+    return {k: v for k, v in (teacher or {}).items() if k in LCM_KEYS}
 
 
 def scheduler_config(teacher: dict[str, Any] | None) -> dict[str, Any]:
@@ -385,9 +441,10 @@ def write_pipeline(source: str | Path, out: str | Path, transformer: nn.Module, 
 
     Written into a temporary sibling and renamed into place, so ``out`` is never half-written.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 
     source, out = Path(source), Path(out)
+    denoiser = settings.denoiser_component
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -398,12 +455,15 @@ def write_pipeline(source: str | Path, out: str | Path, transformer: nn.Module, 
         # Only the components the pipeline lists: hub folders also hold single-file checkpoints and the like.
         for name, entry in index.items():
             listed = isinstance(entry, list) and len(entry) == 2 and None not in entry
-            if listed and name not in ("transformer", "scheduler") and (source / name).is_dir():
+            if listed and name not in (denoiser, "scheduler") and (source / name).is_dir():
                 shutil.copytree(source / name, tmp / name)
-        transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-        FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(teacher_scheduler)).save_pretrained(
-            tmp / "scheduler")
-        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+        transformer.save_pretrained(tmp / denoiser, safe_serialization=True)
+        if settings.epsilon:
+            scheduler = LCMScheduler.from_config(lcm_scheduler_config(teacher_scheduler))
+        else:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(teacher_scheduler))
+        scheduler.save_pretrained(tmp / "scheduler")
+        index["scheduler"] = ["diffusers", settings.scheduler_class]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         meta = {**settings.to_json(), "source": provenance}
         (tmp / SETTINGS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -428,7 +488,36 @@ def _weights_line(provenance: dict[str, Any]) -> str:
     return "weights as trained"
 
 
+def _readme_epsilon(s: InferenceSettings, provenance: dict[str, Any]) -> str:
+    n = s.num_inference_steps
+    timesteps = [int(t) for t in s.timesteps]
+    return f"""# dmdr few-step generator ({n} step{"s" if n > 1 else ""})
+
+Distilled with dmdr (DMDR) from {provenance.get("teacher", "the teacher")}, checkpoint
+{provenance.get("checkpoint", "?")} (generator mode {provenance.get("generator_mode", "?")};
+{_weights_line(provenance)}).
+Sample with the bundled LCMScheduler at the fixed timesteps {timesteps}, no classifier-free guidance
+(guidance_scale={s.guidance_scale}), {s.resolution}x{s.resolution} pixels. Each step predicts the clean image and
+renoises it with fresh noise to the next timestep (dmdr's sampler); a seeded `generator` gives dmdr's sample.
+Everything is also in `{SETTINGS_FILE}`.
+
+```python
+import torch
+from diffusers import {s.pipeline_class}
+
+pipe = {s.pipeline_class}.from_pretrained("path/to/this/folder")
+image = pipe("a photo of a cat", num_inference_steps={n}, timesteps={timesteps}, guidance_scale={s.guidance_scale},
+             height={s.resolution}, width={s.resolution}, generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+The SDXL VAE overflows in fp16: keep `pipe.vae` in fp32 (the pipeline upcasts it when its config says
+`force_upcast`) or use the fp16-fix VAE.
+"""
+
+
 def _readme(s: InferenceSettings, provenance: dict[str, Any]) -> str:
+    if s.epsilon:
+        return _readme_epsilon(s, provenance)
     n = s.num_inference_steps
     return f"""# dmdr few-step generator ({n} steps)
 

@@ -10,8 +10,12 @@ Two parameterizations exist:
   velocity ``v = eps - x0``, and the clean estimate is the Euler step to ``t_min``:
   ``x0_hat = x_t + (t_min - t) v_hat``.
 * :class:`EpsilonPrediction` (SDXL-style UNets): ``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps`` with
-  ``ab = alphas_cumprod`` interpolated at ``t (T - 1)``; the model predicts ``eps`` and
+  ``ab = alphas_cumprod`` at ``t (T - 1)`` (interpolated, or at the nearest integer timestep with
+  ``discrete=True``, as the SDXL UNet was trained); the model predicts ``eps`` and
   ``x0_hat = (x_t - sqrt(1 - ab) eps_hat) / sqrt(ab)``.
+
+Both map the network's own timestep units back to ``t`` (:meth:`Parameterization.level`), so a recipe can
+give a family's fixed few-step timesteps (SDXL's integer ``999, 749, 499, 249``) in the units users know.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ class Parameterization(Protocol):
     def model_timestep(self, t: Tensor) -> Tensor:
         """The timestep value the network is called with."""
 
+    def level(self, model_timestep: float) -> float:
+        """The level ``t`` whose network call uses ``model_timestep`` (the inverse of :meth:`model_timestep`)."""
+
 
 class FlowMatching:
     """Rectified-flow / flow-matching parameterization with velocity prediction.
@@ -92,6 +99,9 @@ class FlowMatching:
     def model_timestep(self, t: Tensor) -> Tensor:
         return t * self.timestep_scale
 
+    def level(self, model_timestep: float) -> float:
+        return float(model_timestep) / self.timestep_scale
+
     def __repr__(self) -> str:
         return f"FlowMatching(t_min={self.t_min})"
 
@@ -101,14 +111,23 @@ class EpsilonPrediction:
 
     A continuous ``t in [0, 1]`` maps to the fractional index ``t (T - 1)``; ``alphas_cumprod`` is
     interpolated linearly there, and the network is called with that fractional index.
+
+    Args:
+        alphas_cumprod: the scheduler's ``(T,)`` table (``T = num_train_timesteps``).
+        t_min: the lowest level the critic and renoise draws reach (DynaRS clips there).
+        discrete: snap ``t (T - 1)`` to the nearest integer timestep for the table lookup and the network
+            call (SDXL's UNet only saw integer timesteps). Renoise, clean estimate and sampler step then use
+            exactly the scheduler's ``alphas_cumprod[k]``, so a float32 ``t = k / (T - 1)`` gives the same
+            numbers as diffusers' integer-timestep schedulers.
     """
 
-    def __init__(self, alphas_cumprod: Tensor, t_min: float = 0.0):
+    def __init__(self, alphas_cumprod: Tensor, t_min: float = 0.0, discrete: bool = False):
         ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
         if ab.numel() < 2 or not torch.all((ab > 0) & (ab <= 1)):
             raise ValueError("alphas_cumprod must hold at least 2 values in (0, 1]")
         self.alphas_cumprod = ab
         self.t_min = float(t_min)
+        self.discrete = bool(discrete)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -118,6 +137,8 @@ class EpsilonPrediction:
         """``alphas_cumprod`` at continuous level ``t``, shaped to broadcast against ``like``."""
         t = torch.as_tensor(t, dtype=torch.float64, device="cpu").clamp(0, 1)
         pos = t * (self.num_train_timesteps - 1)
+        if self.discrete:
+            pos = pos.round()
         lo = pos.floor().long().clamp(max=self.num_train_timesteps - 2)
         frac = pos - lo
         ab = self.alphas_cumprod[lo] * (1 - frac) + self.alphas_cumprod[lo + 1] * frac
@@ -140,10 +161,15 @@ class EpsilonPrediction:
         return self.renoise(self.to_x0(x_t, t, pred), pred, t_next)
 
     def model_timestep(self, t: Tensor) -> Tensor:
-        return t * (self.num_train_timesteps - 1)
+        pos = t * (self.num_train_timesteps - 1)
+        return pos.round() if self.discrete else pos
+
+    def level(self, model_timestep: float) -> float:
+        return float(model_timestep) / (self.num_train_timesteps - 1)
 
     def __repr__(self) -> str:
-        return f"EpsilonPrediction(T={self.num_train_timesteps}, t_min={self.t_min})"
+        return (f"EpsilonPrediction(T={self.num_train_timesteps}, t_min={self.t_min}"
+                f"{', discrete' if self.discrete else ''})")
 
 
 def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: TimeLike) -> Tensor:

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from dmdr.parameterization import Parameterization
+
 
 def shift_timesteps(t: Tensor, shift: float) -> Tensor:
     """The SD3 resolution shift ``t <- s t / (1 + (s - 1) t)``."""
@@ -30,6 +32,27 @@ def few_step_timesteps(num_steps: int, shift: float = 1.0, t_min: float = 0.001)
     t = shift_timesteps(t, shift)
     t[-1] = t_min
     return t.to(torch.float32)
+
+
+def generator_levels(num_steps: int, shift: float, t_min: float, model_timesteps: tuple[float, ...] | list[float] = (),
+                     param: Parameterization | None = None) -> Tensor:
+    """The generator's ``num_steps + 1`` levels (float32), ending at ``t_min``.
+
+    Without ``model_timesteps``: :func:`few_step_timesteps`. With them (a family's fixed schedule in the
+    network's own units, e.g. SDXL's integer ``999, 749, 499, 249``, or ``399`` for its one-step
+    generator): ``param.level`` of each, then ``t_min``. The sampler never calls the network at the last
+    level (it returns the clean estimate there), so for epsilon models it only closes the list.
+    """
+    if not model_timesteps:
+        return few_step_timesteps(num_steps, shift, t_min)
+    if param is None:
+        raise ValueError("explicit model timesteps need the parameterization that maps them to levels")
+    if len(model_timesteps) != num_steps:
+        raise ValueError(f"{len(model_timesteps)} model timesteps for {num_steps} steps")
+    levels = [param.level(ts) for ts in model_timesteps] + [t_min]
+    if any(not t_min < lv <= 1.0 for lv in levels[:-1]) or any(a <= b for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"model timesteps {list(model_timesteps)} must decrease and map into (t_min, 1]")
+    return torch.tensor(levels, dtype=torch.float32)
 
 
 def cosine_decay(step: int, decay_steps: int) -> float:

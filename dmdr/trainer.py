@@ -52,7 +52,7 @@ from dmdr.models.base import (
 from dmdr.observability import MetricsLogger, ProgressBar, Throughput, gpu_peak_tflops, peak_memory_gb
 from dmdr.rewards.base import Reward
 from dmdr.sampling import _default_cat, few_step_sample
-from dmdr.schedules import DynaRSSampler, beta_levels, dynadg_real_scale, few_step_timesteps
+from dmdr.schedules import DynaRSSampler, beta_levels, dynadg_real_scale, generator_levels
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ class DMDRTrainer:
         self.compute_dtype = compute_dtype
         self.stopped_early = False
         self.param = backbone.parameterization
-        self.timesteps = few_step_timesteps(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min)
+        self.timesteps = generator_levels(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min, cfg.dmd.timesteps,
+                                          self.param)
         self.dynars = DynaRSSampler(cfg.dynamic.alpha, cfg.dynamic.beta, cfg.dynamic.decay_steps,
                                     t_min=cfg.dmd.t_min, enabled=cfg.dynamic.dynars)
         self.counters = Counters()
@@ -484,7 +485,8 @@ class DMDRTrainer:
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample_images(self, prompts: list[str], seed: int = 1234) -> Tensor:
-        """Few-step samples (decoded to [0, 1]) for fixed prompts and fixed noise."""
+        """Few-step samples (decoded to [0, 1]) for fixed prompts and fixed noise, with the ``dmd.sampler``
+        (an ``sde`` sampler's fresh noise continues the seeded stream, as a diffusers pipeline's ``generator``)."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         shape = (len(prompts), *self.backbone.latent_shape(self.cfg.model.resolution))
         noise = torch.randn(shape, generator=g, device=self.device)
@@ -493,7 +495,8 @@ class DMDRTrainer:
         else:
             cond = conditioning_to(self.backbone.extras["sample_cond"], self.device)
         with self.autocast():
-            latents = few_step_sample(self.roles.generator_fn, noise, cond, self.timesteps, self.param, mode="ode")
+            latents = few_step_sample(self.roles.generator_fn, noise, cond, self.timesteps, self.param,
+                                      mode=self.cfg.dmd.sampler, generator=g)
             return self.backbone.codec.decode(latents).float()
 
     # ------------------------------------------------------------------ loop

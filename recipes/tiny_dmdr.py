@@ -1,4 +1,4 @@
-"""DMDR end to end on a tiny random SD3 pipeline, on CPU, in well under two minutes.
+"""DMDR end to end on a tiny random SD3 (or Z-Image, or SDXL) pipeline, on CPU, in well under two minutes.
 
 Everything the real recipes do happens here at toy size: the model folder is loaded through the
 same ``from_pretrained(local_files_only=True)`` path, the critic LoRA serves as real and fake score
@@ -6,10 +6,13 @@ with DynaDG, renoise levels follow DynaRS, ReFL switches on at ``rl.start_step``
 brightness reward standing in for HPS/CLIP), metrics, samples and DCP checkpoints are written, and
 a second run with the same output folder resumes.
 
-On first use it writes its own assets into ``<output_dir>/assets``: a tiny SD3 pipeline folder and a
-prompt file. Pass ``--model.path`` / ``--data.sources`` to use your own.
+On first use it writes its own assets into ``<output_dir>/assets``: a tiny pipeline folder of
+``--model.family`` (``sd3``, the default, ``zimage`` or ``sdxl``) and a prompt file. Pass ``--model.path`` /
+``--data.sources`` to use your own. For ``sdxl`` the generator runs at SDXL's fixed integer timesteps
+(``999, 749, 499, 249``; ``399`` with ``--dmd.num_steps 1``) unless ``--dmd.timesteps`` says otherwise.
 
     python recipes/tiny_dmdr.py --train.output_dir runs/tiny-demo
+    python recipes/tiny_dmdr.py --model.family sdxl --train.output_dir runs/tiny-sdxl
 """
 
 import os
@@ -64,18 +67,26 @@ def prepare_assets(cfg: TrainConfig) -> None:
     assets = Path(cfg.train.output_dir) / "assets"
     assets.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}"
+    family = "sd3" if cfg.model.family == "auto" else cfg.model.family
     if not cfg.model.path:
-        model_dir = assets / "tiny-sd3"
+        model_dir = assets / f"tiny-{family}"
         if not (model_dir / "model_index.json").exists():
-            from dmdr.models.tiny import build_tiny_sd3
+            from dmdr.models.tiny import build_tiny
 
-            tmp = assets / f".tiny-sd3.{tag}"
-            build_tiny_sd3(tmp, seed=cfg.train.seed)
+            tmp = assets / f".tiny-{family}.{tag}"
+            build_tiny(family, tmp, seed=cfg.train.seed)
             try:
                 os.rename(tmp, model_dir)
             except OSError:  # another rank got there first
                 shutil.rmtree(tmp, ignore_errors=True)
         cfg.model.path = str(model_dir)
+    if family == "sdxl" and not cfg.dmd.timesteps:
+        from dmdr.models.sdxl import FEW_STEP_TIMESTEPS
+
+        cfg.dmd.timesteps = FEW_STEP_TIMESTEPS.get(cfg.dmd.num_steps, ())
+        cfg.dmd.sampler = "sde"  # what the exported LCMScheduler pipeline runs (sdxl_dmdr.py)
+    if family == "zimage":  # the chat template alone takes ~30 of the byte-level tiny tokenizer's tokens
+        cfg.model.max_sequence_length = max(cfg.model.max_sequence_length, 64)
     if not cfg.data.sources:
         prompts = assets / "prompts.txt"
         if not prompts.exists():

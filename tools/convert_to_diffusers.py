@@ -6,8 +6,9 @@
 Reads ``<run>/config.json`` and the checkpoint, loads the teacher folder (``model.path``, or
 ``--model-path`` when it moved), rebuilds the generator as training did (LoRA mode: the ``generator``
 adapter merged into the transformer at scale 1.0; full mode: the full copy) and writes the teacher's
-other components as they are, the distilled transformer, a few-step ``FlowMatchEulerDiscreteScheduler``
-and ``dmdr_inference.json`` + ``README.md`` with the call that reproduces dmdr's sampler (see
+other components as they are, the distilled transformer (SDXL: ``unet``), a few-step
+``FlowMatchEulerDiscreteScheduler`` (SDXL: an ``LCMScheduler`` for ``timesteps=[...]``) and
+``dmdr_inference.json`` + ``README.md`` with the call that reproduces dmdr's sampler (see
 :mod:`dmdr.export`). The critic LoRA is not exported. ``--weights``: ``ema`` exports the generator's
 exponential moving average (runs with ``optim.ema_decay > 0``), ``trained`` the weights as the optimizer
 left them, ``auto`` (default) the EMA when the checkpoint holds one; ``dmdr_inference.json``'s
@@ -16,6 +17,9 @@ left them, ``auto`` (default) the EMA when the checkpoint holds one; ``dmdr_infe
     pipe = StableDiffusion3Pipeline.from_pretrained("exports/sd35-4step")
     settings = json.load(open("exports/sd35-4step/dmdr_inference.json"))
     image = pipe(prompt, num_inference_steps=4, sigmas=settings["sigmas"], guidance_scale=1.0).images[0]
+
+    pipe = StableDiffusionXLPipeline.from_pretrained("exports/sdxl-4step")  # SDXL: fixed integer timesteps
+    image = pipe(prompt, num_inference_steps=4, timesteps=[999, 749, 499, 249], guidance_scale=0).images[0]
 
 Bad input (missing run, no or corrupt checkpoint, teacher folder gone) prints one ``error:`` line and exits 2.
 """

@@ -6,8 +6,9 @@
     python tools/sample.py --pipeline exports/sd35-4step --prompts "a cat" --out grid.png [--approx]
 
 ``--run``: the generator is rebuilt as training built it (:func:`dmdr.export.load_generator`) and sampled
-by the trainer's own ``sample_images`` (N-step Euler on the shifted schedule, no CFG, noise from
-``--seed``); ``--weights`` as in ``tools/convert_to_diffusers.py`` (default ``auto``: the generator's
+by the trainer's own ``sample_images`` (the run's ``dmd.sampler``: N-step Euler on the shifted schedule for
+SD3 / Z-Image, x0-then-renoise at the fixed integer timesteps for SDXL; no CFG, noise from ``--seed``);
+``--weights`` as in ``tools/convert_to_diffusers.py`` (default ``auto``: the generator's
 EMA when the checkpoint holds one). ``--pipeline``: the stock diffusers pipeline of a folder written by
 ``tools/convert_to_diffusers.py``, called with its ``dmdr_inference.json`` settings (the exact
 reproduction of the training sampler; ``--approx`` uses the plain N sigmas whose last step goes to 0)
@@ -109,11 +110,14 @@ def sample_pipeline(args: argparse.Namespace, prompts: list[str], device: torch.
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     side = settings.resolution // 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # AutoencoderKLCodec's
-    shape = (len(prompts), pipe.transformer.config.in_channels, side, side)
+    shape = (len(prompts), getattr(pipe, settings.denoiser_component).config.in_channels, side, side)
     g = torch.Generator(device=device).manual_seed(args.seed)  # the noise of DMDRTrainer.sample_images
     noise = torch.randn(shape, generator=g, device=device)
+    kwargs = settings.pipeline_kwargs(exact=not args.approx)
+    if settings.epsilon:  # LCMScheduler's per-step noise continues the stream (dmdr's sde sampler)
+        kwargs["generator"] = g
     with torch.no_grad():  # a copy of the list: ZImagePipeline rewrites the prompts it is given in place
-        out = pipe(list(prompts), latents=noise, output_type="pt", **settings.pipeline_kwargs(exact=not args.approx))
+        out = pipe(list(prompts), latents=noise, output_type="pt", **kwargs)
     return out.images.float()
 
 

@@ -210,13 +210,13 @@ def _clean_paths(root: nn.Module) -> dict[int, list[str]]:
     A module reachable under several names (tied embeddings: ``shared`` and ``encoder.embed_tokens``)
     has several paths; the files may use any of them.
     """
-    from dmdr.models.lora import LoRALinear
+    from dmdr.models.lora import LoRALayer
 
     paths: dict[int, list[str]] = {id(root): [""]}
 
     def visit(module: nn.Module, path: str, seen: set[int]) -> None:
         for name, child in module.named_children():
-            skip = name in _WRAPPER_SEGMENTS or (name == "base" and isinstance(module, LoRALinear))
+            skip = name in _WRAPPER_SEGMENTS or (name == "base" and isinstance(module, LoRALayer))
             child_path = path if skip else (f"{path}.{name}" if path else name)
             known = paths.setdefault(id(child), [])
             if child_path not in known:

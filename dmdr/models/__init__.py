@@ -2,7 +2,7 @@
 
 * :func:`load_backbone` reads a local diffusers folder (``model_index.json`` decides the family) and
   returns the frozen teacher, text encoder(s) and VAE; adapters: :mod:`dmdr.models.sd3`,
-  :mod:`dmdr.models.zimage` (registry in :mod:`dmdr.models.loading`).
+  :mod:`dmdr.models.zimage`, :mod:`dmdr.models.sdxl` (registry in :mod:`dmdr.models.loading`).
 * :func:`make_generator` and :func:`add_critic_lora` build the trainable roles on it.
 * :mod:`dmdr.models.tiny` writes tiny random pipeline folders for tests and the demo.
 
@@ -20,10 +20,11 @@ from dmdr.models.base import (
 )
 from dmdr.models.loading import FAMILIES, load_backbone, register_family
 from dmdr.models.roles import CRITIC, GENERATOR, add_critic_lora, make_generator
-from dmdr.models.tiny import build_tiny, build_tiny_sd3, build_tiny_zimage
+from dmdr.models.tiny import build_tiny, build_tiny_sd3, build_tiny_sdxl, build_tiny_zimage
 
 __all__ = [
     "Backbone", "Conditioning", "Denoiser", "LatentCodec", "TextEncoder", "cat_conditioning",
     "repeat_conditioning", "FAMILIES", "load_backbone", "register_family", "CRITIC", "GENERATOR",
-    "add_critic_lora", "make_generator", "build_tiny", "build_tiny_sd3", "build_tiny_zimage",
+    "add_critic_lora", "make_generator", "build_tiny", "build_tiny_sd3", "build_tiny_sdxl",
+    "build_tiny_zimage",
 ]

@@ -252,7 +252,7 @@ def load_backbone(path: str | Path, family: str = "auto", dtype: torch.dtype = t
 
     Args:
         path: the pipeline folder (``model_index.json`` at its top).
-        family: ``auto`` (read ``model_index.json``) or a registered family name (``sd3``, ``zimage``).
+        family: ``auto`` (read ``model_index.json``) or a registered family name (``sd3``, ``zimage``, ``sdxl``).
         dtype: storage dtype of every loaded weight.
         device: where the modules are moved.
         load_text_encoder: ``False`` skips the text encoders and tokenizers (prompt embeddings come
@@ -312,20 +312,23 @@ def load_text_encoders(path: str | Path, family: str = "auto", dtype: torch.dtyp
     return adapter.load_text_encoder(folder, options)
 
 
-def load_transformer_and_vae(folder: ModelFolder, options: LoadOptions) -> tuple[torch.nn.Module, torch.nn.Module,
-                                                                                 dict[str, Any]]:
-    """The frozen ``transformer`` and ``vae`` components of a folder, and the extras they set.
+def load_transformer_and_vae(folder: ModelFolder, options: LoadOptions, denoiser: str = "transformer",
+                             vae_dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, torch.nn.Module,
+                                                                           dict[str, Any]]:
+    """The frozen denoiser (component ``denoiser``: ``transformer``, or SDXL's ``unet``) and ``vae`` of a
+    folder, and the extras they set.
 
-    With ``options.defer_denoiser`` the transformer is built on the meta device (no weights read) and
+    With ``options.defer_denoiser`` the denoiser is built on the meta device (no weights read) and
     its weight folder goes to ``extras["denoiser_weights"]``; otherwise both load on ``options.device``.
+    ``vae_dtype``: the VAE's storage dtype when it differs from ``options.dtype``.
     """
-    extras: dict[str, Any] = {"pipeline_class": folder.pipeline_class}
+    extras: dict[str, Any] = {"pipeline_class": folder.pipeline_class, "denoiser_component": denoiser}
     if options.defer_denoiser:
-        transformer = folder.build_on_meta("transformer", options.dtype)
-        extras["denoiser_weights"] = folder.weights_folder("transformer")
+        transformer = folder.build_on_meta(denoiser, options.dtype)
+        extras["denoiser_weights"] = folder.weights_folder(denoiser)
     else:
-        transformer = folder.load("transformer", options.dtype)
-    vae = folder.load("vae", options.dtype)
+        transformer = folder.load(denoiser, options.dtype)
+    vae = folder.load("vae", vae_dtype or options.dtype)
     freeze(transformer, vae)
     if not options.defer_denoiser:
         transformer.to(options.device)
@@ -343,3 +346,4 @@ def freeze(*modules: torch.nn.Module | None) -> None:
 
 register_family("sd3", "StableDiffusion3Pipeline", "dmdr.models.sd3")
 register_family("zimage", "ZImagePipeline", "dmdr.models.zimage")
+register_family("sdxl", "StableDiffusionXLPipeline", "dmdr.models.sdxl")

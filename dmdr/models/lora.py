@@ -2,11 +2,13 @@
 
 Why not peft's layers: peft keeps one float scale per adapter and changes it by mutating every
 layer, so the DMDR trick (real score at ``s_r``, fake score at ``s_f``, and the unconditional branch,
-as ONE batched forward with a per-sample scale) cannot be expressed. Here every wrapped linear
-reads its adapters' scales from a shared :class:`LoRAScales` object, which holds a float or a
-per-sample ``(B,)`` tensor per adapter. Changing a scale re-wraps, recompiles and copies nothing.
+as ONE batched forward with a per-sample scale) cannot be expressed. Here every wrapped layer
+(``nn.Linear``: :class:`LoRALinear`; ``nn.Conv2d``, for UNets: :class:`LoRAConv2d`) reads its adapters'
+scales from a shared :class:`LoRAScales` object, which holds a float or a per-sample ``(B,)`` tensor per
+adapter. Changing a scale re-wraps, recompiles and copies nothing.
 
-The matmul goes through :func:`dmdr.kernels.lora_linear` (fused Triton on GPU, torch reference on CPU).
+The linear's matmul goes through :func:`dmdr.kernels.lora_linear` (fused Triton on GPU, torch reference
+on CPU); the convolution's adapter is two plain ``conv2d`` calls.
 
 Initialisation (one rule for every path: a model loaded whole, or built on the meta device, sharded
 and materialised at any world size): ``lora_B = 0`` (the adapter starts as a no-op) and ``lora_A``
@@ -94,10 +96,11 @@ def _is_zero(scale: float | Tensor) -> bool:
     return not isinstance(scale, Tensor) and scale == 0.0
 
 
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus named low-rank adapters ``B A`` at runtime scales."""
+class LoRALayer(nn.Module):
+    """A frozen base layer plus named low-rank adapters at runtime scales (see :class:`LoRALinear`,
+    :class:`LoRAConv2d`). Subclasses give the adapter shapes and the forward."""
 
-    def __init__(self, base: nn.Linear, scales: LoRAScales):
+    def __init__(self, base: nn.Module, scales: LoRAScales):
         super().__init__()
         self.base = base
         self.scales = scales
@@ -106,20 +109,15 @@ class LoRALinear(nn.Module):
         self.lora_scaling: dict[str, float] = {}
 
     @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
     def weight(self) -> Tensor:  # some diffusers code reads .weight.dtype of projections
         return self.base.weight
 
     @property
     def bias(self) -> Tensor | None:
         return self.base.bias
+
+    def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def add_adapter(self, name: str, rank: int, alpha: float, *, seed: int = 0, module_name: str = "") -> None:
         """Add adapter ``name``: ``B = 0``, ``A`` from :func:`lora_init` (``seed``, ``module_name``, ``name``).
@@ -134,7 +132,7 @@ class LoRALinear(nn.Module):
         w = self.base.weight
         # fp32 master weights whatever the base dtype: a bf16 adapter would round away the tiny
         # AdamW updates of DMDR's learning rates (1e-6 .. 5e-9); forward casts to the input dtype.
-        shape_a, shape_b = (rank, self.in_features), (self.out_features, rank)
+        shape_a, shape_b = self.adapter_shapes(rank)
         if w.is_meta:
             a = torch.empty(shape_a, device="meta", dtype=torch.float32)
             b = torch.empty(shape_b, device="meta", dtype=torch.float32)
@@ -153,6 +151,37 @@ class LoRALinear(nn.Module):
                 out.append((name, scale * self.lora_scaling[name]))
         return out
 
+    @staticmethod
+    def _adapter(params: nn.ParameterDict, name: str, x: Tensor) -> Tensor:
+        p = params[name]
+        return p if p.dtype == x.dtype else p.to(x.dtype)  # differentiable cast: grads land in fp32
+
+    def delta_weight(self, name: str) -> Tensor:  # pragma: no cover - abstract
+        """``B A`` of adapter ``name`` in the base weight's shape (fp32, without the scales)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        ranks = {n: p.shape[0] for n, p in self.lora_A.items()}
+        return f"adapters={ranks}"
+
+
+class LoRALinear(LoRALayer):
+    """A frozen ``nn.Linear`` plus named low-rank adapters ``B A`` at runtime scales."""
+
+    def __init__(self, base: nn.Linear, scales: LoRAScales):
+        super().__init__(base, scales)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, self.in_features), (self.out_features, rank)
+
     def forward(self, x: Tensor) -> Tensor:
         active = self._active()
         if not active:
@@ -165,14 +194,55 @@ class LoRALinear(nn.Module):
             out = out + (expand_like(scale, delta) if isinstance(scale, Tensor) else scale) * delta
         return out
 
-    @staticmethod
-    def _adapter(params: nn.ParameterDict, name: str, x: Tensor) -> Tensor:
-        p = params[name]
-        return p if p.dtype == x.dtype else p.to(x.dtype)  # differentiable cast: grads land in fp32
+    def delta_weight(self, name: str) -> Tensor:
+        return self.lora_B[name].float() @ self.lora_A[name].float()
 
-    def extra_repr(self) -> str:
-        ranks = {n: p.shape[0] for n, p in self.lora_A.items()}
-        return f"adapters={ranks}"
+
+class LoRAConv2d(LoRALayer):
+    """A frozen ``nn.Conv2d`` plus named low-rank adapters at runtime scales (UNet convolutions).
+
+    peft's layout: ``A`` is a convolution with the base's kernel, stride, padding and dilation into
+    ``rank`` channels, ``B`` a 1x1 convolution back to ``out_channels``; ``lora_A`` is
+    ``(rank, in, kh, kw)``, ``lora_B`` ``(out, rank, 1, 1)`` (peft's weight shapes and key names), and the
+    merged update is ``B A`` as one ``(out, in, kh, kw)`` kernel. The output is
+    ``base(x) + s alpha/r B(A(x))`` with ``s`` a float or a per-sample ``(B,)`` tensor broadcast over
+    ``(B, C, H, W)``: the real, unconditional and fake scores still run as one batched forward.
+    Grouped convolutions are not wrapped (no SDXL layer LoRA targets has groups).
+    """
+
+    def __init__(self, base: nn.Conv2d, scales: LoRAScales):
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise ValueError("LoRA on a Conv2d needs groups=1 and zero padding")
+        super().__init__(base, scales)
+
+    @property
+    def in_channels(self) -> int:
+        return self.base.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.base.out_channels
+
+    def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        kh, kw = self.base.kernel_size
+        return (rank, self.in_channels, kh, kw), (self.out_channels, rank, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = self.base
+        out = base(x)
+        for name, scale in self._active():
+            low = F.conv2d(x, self._adapter(self.lora_A, name, x), None, base.stride, base.padding, base.dilation)
+            delta = F.conv2d(low, self._adapter(self.lora_B, name, x))
+            out = out + (expand_like(scale, delta) if isinstance(scale, Tensor) else scale) * delta
+        return out
+
+    def delta_weight(self, name: str) -> Tensor:
+        a, b = self.lora_A[name].float(), self.lora_B[name].float()
+        return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+
+
+_WRAPPERS: tuple[tuple[type[nn.Module], type[LoRALayer]], ...] = ((nn.Linear, LoRALinear), (nn.Conv2d, LoRAConv2d))
+"""Which layer types take LoRA, and their wrappers."""
 
 
 def _lora_seed(seed: int, module: str, adapter: str) -> int:
@@ -181,10 +251,11 @@ def _lora_seed(seed: int, module: str, adapter: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def lora_init(shape: tuple[int, int] | torch.Size, *, seed: int, module: str, adapter: str) -> Tensor:
-    """The initial ``lora_A`` (rank, in_features) of adapter ``adapter`` on linear ``module``: fp32, CPU.
+def lora_init(shape: tuple[int, ...] | torch.Size, *, seed: int, module: str, adapter: str) -> Tensor:
+    """The initial ``lora_A`` (``(rank, in_features)``, or ``(rank, in, kh, kw)`` for a convolution) of adapter
+    ``adapter`` on layer ``module``: fp32, CPU.
 
-    peft's init (``nn.Linear``'s kaiming-uniform, ``a = sqrt(5)``: ``U(-1/sqrt(in), 1/sqrt(in))``) drawn
+    peft's init (kaiming-uniform, ``a = sqrt(5)``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``) drawn
     from a generator seeded by ``(seed, module, adapter)``, so it depends on nothing else (no global
     RNG, no rank, no world size, no injection order). ``lora_B`` starts at zero.
     """
@@ -221,7 +292,7 @@ def _matches(qualified_name: str, targets: Iterable[str]) -> bool:
 
 def inject_lora(model: nn.Module, adapter: str, rank: int, alpha: float, targets: Iterable[str],
                 scales: LoRAScales | None = None, *, seed: int = 0) -> LoRAScales:
-    """Add adapter ``adapter`` to every linear of ``model`` whose name matches one of ``targets``.
+    """Add adapter ``adapter`` to every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` whose name matches ``targets``.
 
     A target is a module-name suffix (``"attn.to_q"`` matches ``"blocks.3.attn.to_q"``) or a regex
     prefixed ``re:``. Linears already wrapped get one more adapter. Returns the model's scales
@@ -242,21 +313,22 @@ def inject_lora(model: nn.Module, adapter: str, rank: int, alpha: float, targets
         raise ValueError("model already has LoRA layers bound to another LoRAScales")
     wrapped = 0
     for qualified, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALayer):
             if _matches(qualified, targets):
                 module.add_adapter(adapter, rank, alpha, seed=seed, module_name=qualified)
                 wrapped += 1
             continue
-        if not isinstance(module, nn.Linear) or not _matches(qualified, targets):
+        wrapper = next((w for base, w in _WRAPPERS if isinstance(module, base)), None)
+        if wrapper is None or not _matches(qualified, targets):
             continue
-        if qualified.endswith(".base") and isinstance(_parent(model, qualified), LoRALinear):
+        if qualified.endswith(".base") and isinstance(_parent(model, qualified), LoRALayer):
             continue
-        layer = LoRALinear(module, scales)
+        layer = wrapper(module, scales)
         layer.add_adapter(adapter, rank, alpha, seed=seed, module_name=qualified)
         _set_submodule(model, qualified, layer)
         wrapped += 1
     if wrapped == 0:
-        raise ValueError(f"LoRA targets {targets} match no nn.Linear in {type(model).__name__}")
+        raise ValueError(f"LoRA targets {targets} match no nn.Linear or nn.Conv2d in {type(model).__name__}")
     return scales
 
 
@@ -270,9 +342,9 @@ def _set_submodule(model: nn.Module, qualified: str, new: nn.Module) -> None:
     setattr(parent, qualified.rpartition(".")[2], new)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALayer):
             yield name, module
 
 
@@ -309,7 +381,6 @@ def merge_adapter(model: nn.Module, adapter: str, scale: float = 1.0) -> None:
     for _, layer in lora_layers(model):
         if adapter not in layer.lora_A:
             continue
-        a, b = layer.lora_A[adapter].float(), layer.lora_B[adapter].float()
-        delta = (b @ a) * (scale * layer.lora_scaling[adapter])
+        delta = layer.delta_weight(adapter) * (scale * layer.lora_scaling[adapter])
         layer.base.weight.add_(delta.to(layer.base.weight.dtype))
         layer.lora_B[adapter].zero_()

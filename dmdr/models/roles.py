@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dmdr.models.base import Backbone, Denoiser
-from dmdr.models.lora import LoRALinear, find_scales, inject_lora, lora_parameters
+from dmdr.models.lora import LoRALayer, find_scales, inject_lora, lora_parameters
 
 GENERATOR = "generator"
 CRITIC = "critic"
@@ -29,7 +29,7 @@ def _freeze_base(net: nn.Module) -> None:
     """``requires_grad`` only on LoRA adapter weights (of every adapter) in ``net``."""
     net.requires_grad_(False)
     for module in net.modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALayer):
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
 

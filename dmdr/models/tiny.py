@@ -1,4 +1,4 @@
-"""Tiny random SD3 and Z-Image pipeline folders, for tests and the demo.
+"""Tiny random SD3, Z-Image and SDXL pipeline folders, for tests and the demo.
 
 Each builder writes a complete diffusers folder (``model_index.json``, every component's config and
 weights, the scheduler and the tokenizers) with :meth:`DiffusionPipeline.save_pretrained`, so the
@@ -19,6 +19,12 @@ Z-Image    transformer: 2 main layers + 1 noise and 1 context refiner, 2 heads x
            patch 2, 16 latent channels. VAE as SD3's (Flux scaling/shift). Text: Qwen3 (width 32,
            2 layers) with a Qwen-style chat template. Images: any multiple of 4 pixels
            (pass ``height``/``width`` to the stock pipeline, whose default is 1024).
+SDXL       UNet: 2 levels (16, 32 channels, one resnet each; the second with one cross-attention
+           transformer, 4 heads), a cross-attention mid block, SDXL's ``text_time`` added
+           conditioning, 4 latent channels, ``sample_size`` 8. VAE: 2 blocks (8, 16) -> 2 pixels per
+           latent cell, 4 latent channels, SDXL's scaling 0.13025 and ``force_upcast``. Text: a CLIP
+           text model and a CLIP with projection (width 16, 2 layers, projection 16). Scheduler: SDXL
+           base's ``EulerDiscreteScheduler`` (scaled-linear betas, epsilon). Default images: 16x16.
 ========== =================================================================================
 """
 
@@ -107,13 +113,13 @@ def _vae(shift_factor: float, scaling_factor: float):
     )
 
 
-def _clip_text_model(vocab_size: int, bos: int, eos: int, pad: int):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def _clip_text_model(vocab_size: int, bos: int, eos: int, pad: int, projection: bool = True):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=16,
                          hidden_act="gelu", bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
-    return CLIPTextModelWithProjection(cfg)
+    return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
 
 
 def build_tiny_sd3(path: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
@@ -190,14 +196,60 @@ def build_tiny_zimage(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+SDXL_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1,
+                  "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False}
+"""SDXL base's scheduler settings (its ``scheduler_config.json``)."""
+
+
+def build_tiny_sdxl(path: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
+    """Write a tiny random ``StableDiffusionXLPipeline`` folder to ``path`` and return it.
+
+    Args:
+        path: destination folder (created; existing files are overwritten).
+        seed: torch seed of the random weights (same seed, same weights).
+        sample_size: the UNet's default latent side (the stock pipeline's default image is
+            ``2 * sample_size`` pixels); any even latent side works.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok1, tok2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
+        enc1 = _clip_text_model(len(tok1), tok1.bos_token_id, tok1.eos_token_id, tok1.pad_token_id,
+                                projection=False)
+        enc2 = _clip_text_model(len(tok2), tok2.bos_token_id, tok2.eos_token_id, tok2.pad_token_id)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type="UNetMidBlock2DCrossAttn",
+            norm_num_groups=8, cross_attention_dim=32, attention_head_dim=(2, 4), transformer_layers_per_block=1,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 16,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=8, sample_size=16, scaling_factor=0.13025, force_upcast=True,
+        )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=enc1, text_encoder_2=enc2, tokenizer=tok1, tokenizer_2=tok2, unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def build_tiny(family: str, path: str | Path, seed: int = 0) -> Path:
-    """Write the tiny random pipeline folder of ``family`` (``sd3`` or ``zimage``) to ``path``."""
-    builders = {"sd3": build_tiny_sd3, "zimage": build_tiny_zimage}
+    """Write the tiny random pipeline folder of ``family`` (``sd3``, ``zimage`` or ``sdxl``) to ``path``."""
+    builders = {"sd3": build_tiny_sd3, "zimage": build_tiny_zimage, "sdxl": build_tiny_sdxl}
     if family not in builders:
         raise ValueError(f"no tiny builder for family {family!r} (have: {', '.join(builders)})")
     return builders[family](path, seed=seed)
 
 
 __all__ = [
-    "build_tiny", "build_tiny_sd3", "build_tiny_zimage", "clip_tokenizer", "t5_tokenizer", "qwen_tokenizer",
+    "build_tiny", "build_tiny_sd3", "build_tiny_sdxl", "build_tiny_zimage", "clip_tokenizer", "t5_tokenizer",
+    "qwen_tokenizer",
 ]

@@ -1,7 +1,7 @@
 """Sharded model building (issue 3): at W=2 ``build_models`` builds the teacher and the generator on the
 meta device, shards them and reads each rank's rows, and the gathered parameters equal the W=1 plain
-path's exactly (base weights and LoRA initialisations, full-copy and LoRA generators, SD3 and Z-Image),
-with the same forwards; each rank keeps only its own rows (peak memory: benchmarks/memory.py)."""
+path's exactly (base weights and LoRA initialisations, full-copy and LoRA generators, SD3, Z-Image
+and SDXL), with the same forwards; each rank keeps only its own rows (peak memory: benchmarks/memory.py)."""
 
 from __future__ import annotations
 
@@ -21,18 +21,20 @@ from dmdr.models import CRITIC, GENERATOR, load_backbone
 from dmdr.models.base import Denoiser
 from dmdr.models.loading import load_text_encoders
 from dmdr.models.lora import lora_layers
-from dmdr.models.tiny import build_tiny_sd3, build_tiny_zimage
+from dmdr.models.tiny import build_tiny_sd3, build_tiny_sdxl, build_tiny_zimage
 
 # (family, generator mode, model dtype): fp32 cases also compare forwards; the bf16 case checks that
 # the fp32 full copy holds the bf16 teacher's values (files are fp32) and that the base stays bf16.
 CASES = [("sd3", "full", "fp32"), ("sd3", "lora", "fp32"), ("zimage", "full", "fp32"),
-         ("zimage", "lora", "fp32"), ("sd3", "full", "bf16")]
+         ("zimage", "lora", "fp32"), ("sd3", "full", "bf16"), ("sdxl", "full", "fp32"), ("sdxl", "lora", "fp32")]
+CHANNELS = {"sd3": 16, "zimage": 16, "sdxl": 4}
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sharded")
-    return {"sd3": build_tiny_sd3(root / "sd3"), "zimage": build_tiny_zimage(root / "zimage")}
+    return {"sd3": build_tiny_sd3(root / "sd3"), "zimage": build_tiny_zimage(root / "zimage"),
+            "sdxl": build_tiny_sdxl(root / "sdxl")}
 
 
 def _cfg(path: Path, mode: str, dtype: str) -> TrainConfig:
@@ -54,6 +56,9 @@ def _cond(family: str, n: int = 2) -> dict[str, Tensor]:
     if family == "sd3":
         return {"prompt_embeds": torch.randn(n, 77 + 16, 32, generator=g),
                 "pooled_prompt_embeds": torch.randn(n, 32, generator=g)}
+    if family == "sdxl":
+        return {"prompt_embeds": torch.randn(n, 77, 32, generator=g),
+                "pooled_prompt_embeds": torch.randn(n, 16, generator=g)}
     mask = torch.arange(16)[None, :] < torch.tensor([9, 16][:n])[:, None]
     return {"prompt_embeds": torch.randn(n, 16, 32, generator=g) * mask[..., None], "prompt_mask": mask}
 
@@ -73,7 +78,7 @@ def _set_lora_b(net: nn.Module) -> None:
 
 def _forwards(family: str, teacher: Denoiser, generator: Denoiser, adapter: str | None) -> list[Tensor]:
     _set_lora_b(teacher.net)
-    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, CHANNELS[family], 8, 8, generator=torch.Generator().manual_seed(3))
     t, cond = torch.tensor([0.3, 0.8]), _cond(family)
     others = {GENERATOR: 0.0} if adapter else {}
     with torch.no_grad():
@@ -152,7 +157,7 @@ def test_deferred_backbone_holds_no_weights(folders):
         params = list(b.teacher.parameters())
         assert params and all(p.is_meta and p.dtype == torch.bfloat16 for p in params)
         assert all(not buf.is_meta for buf in b.teacher.buffers())
-        assert b.extras["denoiser_weights"] == Path(path) / "transformer"
+        assert b.extras["denoiser_weights"] == Path(path) / ("unet" if b.family == "sdxl" else "transformer")
         assert not any(p.is_meta for p in b.codec.vae.parameters())
 
 

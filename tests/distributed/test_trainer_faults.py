@@ -230,3 +230,36 @@ def test_rl_branch_trains_zimage_at_w2(assets, zimage, tmp_path, method):
         r = records[k]
         assert r["train/skipped_steps"] == 0 and r[f"rl/{method}_loss"] == r[f"rl/{method}_loss"]
         assert r["grad_norm/generator"] > 0
+
+
+def test_sdxl_full_generator_fsdp2_resume_is_exact(tmp_path):
+    """The tiny SDXL (UNet blocks as FSDP2 units, AC full, Conv2d critic LoRA, full generator, 1 step at t=399)
+    at W=2: stopped at a checkpoint and relaunched, it continues exactly as the straight run."""
+    from dmdr.models.tiny import build_tiny_sdxl
+
+    model = build_tiny_sdxl(tmp_path / "tiny-sdxl")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt number {i} of a small world" for i in range(40)) + "\n")
+
+    def cmd(out: Path, steps: int) -> list[str]:
+        return _cmd({"model": str(model), "prompts": str(prompts)}, out) + [
+            "--model.family", "sdxl", "--model.generator_mode", "full", "--dmd.num_steps", "1",
+            "--parallel.activation_checkpointing", "full", "--dmd.ratio", "1", "--rl.start_step", "2",
+            "--checkpoint.interval", "2", "--train.max_steps", str(steps)]
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _run(cmd(straight, 4), tmp_path / "straight.txt")
+    _run(cmd(split, 2), tmp_path / "split1.txt")
+    _run(cmd(split, 4), tmp_path / "split2.txt")
+    assert "resumed from generator step 2" in (tmp_path / "split2.txt").read_text()
+    config = json.loads((straight / "config.json").read_text())
+    assert config["dmd"]["timesteps"] == [399.0] and config["model"]["family"] == "sdxl"
+    a, b = _metrics(straight), _metrics(split)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in COMPARED:
+            assert a[step].get(key) == b[step].get(key), (step, key)
+    wa, wb = _trained_tensors(straight / "checkpoints" / "step-4"), _trained_tensors(split / "checkpoints" / "step-4")
+    assert any(k.startswith("generator.model.") and "down_blocks" in k for k in wa)
+    assert any("conv1.lora_A.critic" in k for k in wa)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

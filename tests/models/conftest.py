@@ -1,4 +1,4 @@
-"""Tiny random SD3 and Z-Image pipeline folders, written once per test session."""
+"""Tiny random SD3, Z-Image and SDXL pipeline folders, written once per test session."""
 
 import pytest
 import torch
@@ -7,13 +7,13 @@ from dmdr.models import load_backbone
 from dmdr.models.tiny import build_tiny
 
 # Short texts keep the tiny models fast; equality with the pipelines holds at any length.
-MAX_SEQ = {"sd3": 16, "zimage": 64}
+MAX_SEQ = {"sd3": 16, "zimage": 64, "sdxl": 77}
 
 
 @pytest.fixture(scope="session")
 def family_paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {family: build_tiny(family, root / f"tiny-{family}") for family in ("sd3", "zimage")}
+    return {family: build_tiny(family, root / f"tiny-{family}") for family in ("sd3", "zimage", "sdxl")}
 
 
 @pytest.fixture(scope="session")

@@ -20,9 +20,10 @@ def _randomise(net, adapter, seed=0):
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-@pytest.mark.parametrize("family", ["sd3", "zimage"])
+@pytest.mark.parametrize("family", ["sd3", "zimage", "sdxl"])
 def test_per_sample_scales_equal_separate_forwards(load, family):
-    """One forward over (uncond, cond, fake) at scales (s_r, s_r, s_f) equals three forwards."""
+    """One forward over (uncond, cond, fake) at scales (s_r, s_r, s_f) equals three forwards (SDXL: with
+    LoRA on the UNet's convolutions too)."""
     b = load(family)
     generator, adapter = make_generator(b, "lora", rank=4, alpha=8)
     add_critic_lora(b, rank=4, alpha=4)
@@ -36,7 +37,7 @@ def test_per_sample_scales_equal_separate_forwards(load, family):
     # uncond and cond differ in caption length for Z-Image: the batch is padded and masked inside.
     batch_cond = cat_conditioning([enc.negative(), cond, cond])
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 8, 8, generator=g).expand(3, -1, -1, -1).contiguous()
+    x = torch.randn(1, *b.latent_shape(16), generator=g).expand(3, -1, -1, -1).contiguous()
     t = torch.full((3,), 0.6)
     s_r, s_f = 0.35, 2.0
     with torch.no_grad():

@@ -122,3 +122,27 @@ def test_critic_loss_targets_velocity():
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(x0.shape, generator=g)
     assert torch.allclose(loss, ((noise - x0) ** 2).mean())
+
+
+def test_generator_input_is_pure_noise_at_the_first_level():
+    """The generator's training input at level 0 is what its sampler starts from: the noise itself (SDXL's
+    one-step generator sees pure noise at 399); other levels are renoised; flows (t_0 = 1) are unchanged."""
+    from dmdr.algorithm import generator_input
+    from dmdr.schedules import generator_levels
+
+    ab = torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64)
+    p = EpsilonPrediction(ab, discrete=True)
+    levels = generator_levels(4, 1.0, 0.0, (999, 749, 499, 249), p)
+    x0 = torch.randn(64, 2, 3, generator=torch.Generator().manual_seed(0))
+    x_t, t = generator_input(x0, levels, p, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 4, (64,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    first = idx == 0
+    assert 0 < first.sum() < 64 and torch.equal(t, levels[idx])
+    assert torch.equal(x_t[first], noise[first])
+    assert torch.equal(x_t[~first], p.renoise(x0, noise, t)[~first])
+    flow = FlowMatching()
+    flow_levels = generator_levels(4, 3.0, 0.001)
+    x_t, t = generator_input(x0, flow_levels, flow, torch.Generator().manual_seed(1))
+    assert torch.equal(x_t, flow.renoise(x0, noise, t))

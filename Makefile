@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check dmdr kernels recipes tools tests benchmarks
-	$(VENV)/bin/pytest tests -q
+	$(VENV)/bin/pytest tests -q --durations=30
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest tests -q -m "not slow"

@@ -148,7 +148,7 @@ def render(form: str, settings: Any, provenance: dict[str, Any], cfg: Any, base:
         f"max_sequence_length={settings.max_sequence_length}. The sigmas already include the training shift "
         f"{settings.shift}; the scheduler's shift is 1.0 so that they are used as given. Everything is also in "
         "`dmdr_inference.json`.\n",
-        _usage(form, settings, base_ref, files),
+        _usage(form, settings, base_ref, files, str(provenance.get("dtype", "fp32"))),
         f"sigmas = {settings.sigmas}\n",
         _exact(settings),
         _training(cfg, provenance),
@@ -177,41 +177,48 @@ def _call(s: Any) -> str:
             f"width={s.resolution}, max_sequence_length={s.max_sequence_length}).images[0]")
 
 
-def _usage(form: str, s: Any, base_ref: str, files: dict[str, str]) -> str:
+TORCH_DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
+
+
+def _usage(form: str, s: Any, base_ref: str, files: dict[str, str], dtype: str) -> str:
     here = "path/to/this/folder"
     cls = s.pipeline_class
+    td = f"torch_dtype={TORCH_DTYPES.get(dtype, 'torch.float32')}"
     settings = f'settings = json.load(open("{here}/dmdr_inference.json"))\n'
-    lora_call = ('pipe.load_lora_weights("{lora}")\n'
-                 'pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{lora}", subfolder="scheduler")\n')
+
+    def lora_lines(folder: str) -> str:
+        scheduler = f'FlowMatchEulerDiscreteScheduler.from_pretrained("{folder}", subfolder="scheduler")'
+        return f'pipe.load_lora_weights("{folder}")\npipe.scheduler = {scheduler}\n'
+
     if form == "pipeline":
         return ("A complete diffusers pipeline (generator merged into the transformer, few-step scheduler):\n\n"
-                f"```python\nimport json\nfrom diffusers import {cls}\n\n"
-                f'pipe = {cls}.from_pretrained("{here}")\n{settings}{_call(s)}\n```\n\n'
+                f"```python\nimport json\n\nimport torch\nfrom diffusers import {cls}\n\n"
+                f'pipe = {cls}.from_pretrained("{here}", {td})\n{settings}{_call(s)}\n```\n\n'
                 "LoRA-trained runs are also released as a LoRA for the stock base pipeline "
                 "(`tools/convert_to_diffusers.py --lora`), called the same way after\n\n"
-                f"```python\nfrom diffusers import FlowMatchEulerDiscreteScheduler\n\n"
-                f'pipe = {cls}.from_pretrained("{base_ref}")\n{lora_call.format(lora="path/to/lora/folder")}```\n')
+                "```python\nfrom diffusers import FlowMatchEulerDiscreteScheduler\n\n"
+                f'pipe = {cls}.from_pretrained("{base_ref}", {td})\n{lora_lines("path/to/lora/folder")}```\n')
     merged = ("The merged form of the same generator (`tools/convert_to_diffusers.py` without `--lora` / "
-              f"`--single-file`) is a full pipeline folder:\n\n```python\n"
-              f'pipe = {cls}.from_pretrained("path/to/merged/folder")\n{_call(s)}\n```\n')
+              "`--single-file`) is a full pipeline folder, called the same way:\n\n```python\n"
+              f'pipe = {cls}.from_pretrained("path/to/merged/folder", {td})\n{_call(s)}\n```\n')
+    head = f"```python\nimport json\n\nimport torch\nfrom diffusers import FlowMatchEulerDiscreteScheduler, {cls}"
     if form == "lora":
         return (f"`{files['lora']}`: the generator's LoRA in diffusers' format (keys `transformer.<module>.lora_A/"
                 "lora_B.weight`, the scale alpha/rank folded into lora_B, so it loads at scale 1.0). Load it onto the "
                 "stock base pipeline and use the few-step scheduler of this folder (the base's own scheduler would "
                 "shift the sigmas again):\n\n"
-                f"```python\nimport json\nfrom diffusers import FlowMatchEulerDiscreteScheduler, {cls}\n\n"
-                f'pipe = {cls}.from_pretrained("{base_ref}")\n{lora_call.format(lora=here)}{settings}'
+                f'{head}\n\npipe = {cls}.from_pretrained("{base_ref}", {td})\n{lora_lines(here)}{settings}'
                 f"{_call(s)}\n```\n\n{merged}")
     model_class = TRANSFORMER_CLASSES.get(cls, "<the transformer class>")
     return (f"`{files['single_file']}`: the distilled transformer as one safetensors file with diffusers' key "
             "names (UIs that load diffusers-keyed diffusion models take it as it is). In diffusers, give the base "
             "folder as `config` (diffusers infers the architecture only from the original checkpoint layouts):\n\n"
-            f"```python\nimport json\nfrom diffusers import FlowMatchEulerDiscreteScheduler, {cls}, {model_class}\n\n"
-            f'transformer = {model_class}.from_single_file("{here}/{files["single_file"]}", '
-            f'config="{base_ref}",\n{" " * 14}subfolder="transformer")\n'
-            f'pipe = {cls}.from_pretrained("{base_ref}", transformer=transformer)\n'
-            'pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{here}", subfolder="scheduler")\n'
-            .replace("{here}", here) + f"{settings}{_call(s)}\n```\n\n{merged}")
+            f"{head}, {model_class}\n\n"
+            f'transformer = {model_class}.from_single_file(\n    "{here}/{files["single_file"]}",\n'
+            f'    config="{base_ref}", subfolder="transformer", {td})\n'
+            f'pipe = {cls}.from_pretrained("{base_ref}", transformer=transformer, {td})\n'
+            f'pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{here}", subfolder="scheduler")\n'
+            f"{settings}{_call(s)}\n```\n\n{merged}")
 
 
 def _exact(s: Any) -> str:

@@ -199,3 +199,52 @@ def extract_lora(tuned: nn.Module, base: dict[str, Tensor], rank: int) -> Extrac
                           "nothing to extract (was the run trained?)")
     return Extraction(layers, rank, math.sqrt(err2 / total2) if total2 else 0.0, left_out,
                       math.sqrt(other2 / other_base2) if other_base2 else 0.0)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_release(folder: str | Path, base: str | Path = "") -> object:
+    """The stock diffusers pipeline of an export folder of any form, as its model card loads it.
+
+    ``pipeline``: ``from_pretrained(folder)``. ``lora``: the base pipeline (``base``, default the run's teacher
+    recorded in ``dmdr_inference.json``), ``load_lora_weights(folder)`` and the folder's few-step scheduler.
+    ``single-file``: the transformer by ``from_single_file(config=base)`` into the base pipeline, same scheduler.
+    """
+    import json
+
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    from dmdr.errors import UserError
+    from dmdr.export import SETTINGS_FILE, InferenceSettings
+    from dmdr.model_card import TRANSFORMER_CLASSES
+
+    folder = Path(folder)
+    settings = InferenceSettings.read(folder)  # one line if this is not an export
+    source = json.loads((folder / SETTINGS_FILE).read_text()).get("source", {})
+    form, files = source.get("form", "pipeline"), source.get("files", {})
+    base = Path(base or source.get("teacher", ""))
+    if form != "pipeline" and not (base / "model_index.json").is_file():
+        raise ConfigError(f"{folder} is a {form} export of the base pipeline {str(base)!r}, which is not a diffusers "
+                          "folder here; pass the base folder (--model-path)")
+    try:
+        if form == "pipeline":
+            return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+        kwargs = {}
+        if form == "single-file":  # the whole pipeline in the file's dtype, as the card calls it
+            import diffusers
+
+            kwargs["torch_dtype"] = _DTYPES.get(source.get("dtype"), torch.float32)
+            model_class = getattr(diffusers, TRANSFORMER_CLASSES[settings.pipeline_class])
+            kwargs["transformer"] = model_class.from_single_file(
+                str(folder / files["single_file"]), config=str(base), subfolder="transformer", local_files_only=True,
+                torch_dtype=kwargs["torch_dtype"])
+        pipe = DiffusionPipeline.from_pretrained(str(base), local_files_only=True, **kwargs)
+        if form == "lora":
+            pipe.load_lora_weights(str(folder))
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder), subfolder="scheduler")
+        return pipe
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad folder, reported in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{folder}: cannot load the {form} export ({first[:300]})") from e
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

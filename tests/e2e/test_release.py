@@ -266,3 +266,22 @@ def test_release_bad_input_is_one_line(kind, needle, runs, tmp_path, capsys):
         assert [p.name for p in out.iterdir()] == ["notes.txt"]
     else:
         assert not out.exists()
+
+
+def test_sample_tool_on_the_lora_release_matches_the_merged_export(runs, exports, releases, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    sample = tool("sample")
+    grids = {}
+    for name, folder in (("lora", releases["lora"]), ("merged", exports["lora"])):
+        grids[name] = tmp_path / name / "grid.png"
+        assert sample.main(["--pipeline", str(folder), "--prompts", *PROMPTS, "--out", str(grids[name]),
+                            "--seed", "5"]) == 0
+    for i in range(len(PROMPTS)):
+        a, b = (np.asarray(Image.open(grids[n].with_name(f"grid-{i:03d}.png")), dtype=np.int32) for n in grids)
+        assert np.abs(a - b).max() <= 1
+    capsys.readouterr()
+    assert sample.main(["--pipeline", str(releases["lora"]), "--model-path", str(tmp_path / "gone"),
+                        "--prompts", "a cat", "--out", str(tmp_path / "x.png")]) == 2
+    one_error_line(capsys.readouterr().err, "pass the base folder (--model-path)")

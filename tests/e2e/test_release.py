@@ -45,6 +45,7 @@ def releases(runs, tmp_path_factory) -> dict[str, Path]:
         "zimage": ["--run", str(runs["zimage"]), "--lora"],
         "svd": ["--run", str(runs["full"]), "--lora", "--lora-rank", "2"],
         "single": ["--run", str(runs["lora"]), "--single-file", "--dtype", "fp16"],
+        "zimage-single": ["--run", str(runs["zimage"]), "--single-file"],
     }
     out = {}
     for name, argv in jobs.items():
@@ -198,6 +199,19 @@ def test_single_file_loads_with_from_single_file(runs, exports, releases):
     assert all(torch.equal(loaded[k], single[k]) for k in single)
 
 
+def test_single_file_in_the_base_pipeline_equals_the_merged_export(exports, releases):
+    """Z-Image: ``from_single_file(config=base)`` into the base pipeline (the card's call), same images."""
+    from diffusers import DiffusionPipeline
+
+    pipe = release.load_release(releases["zimage-single"])
+    assert type(pipe.transformer).__name__ == "ZImageTransformer2DModel"
+    pipe.set_progress_bar_config(disable=True)
+    merged = DiffusionPipeline.from_pretrained(str(exports["zimage"]), local_files_only=True)
+    merged.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(_latents(pipe, releases["zimage-single"]), _latents(merged, exports["zimage"]),
+                               atol=1e-6, rtol=0)
+
+
 def test_model_card_licence_calls_training_and_eval(tiny_assets, runs, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(tiny_assets["model"], base)
@@ -220,9 +234,9 @@ def test_model_card_licence_calls_training_and_eval(tiny_assets, runs, tmp_path)
     cfg = export.read_run_config(run)
     settings = export.InferenceSettings.read(out)
     assert str(settings.sigmas) in card and str(settings.levels) in card
-    assert 'StableDiffusion3Pipeline.from_pretrained("org/tiny-base")' in card
+    assert 'StableDiffusion3Pipeline.from_pretrained("org/tiny-base", torch_dtype=torch.float32)' in card
     assert 'pipe.load_lora_weights("path/to/this/folder")' in card
-    assert 'from_pretrained("path/to/merged/folder")' in card  # the merged form's call too
+    assert 'from_pretrained("path/to/merged/folder", torch_dtype=torch.float32)' in card  # the merged form's call
     assert f"{cfg.rl.start_step} generator steps of DMD before RL" in card
     assert "brightness (weight 0.5)" in card and "step-3 of train.max_steps = 3" in card
     assert "| hps | 0.2875 | 0.0123 | 64 |" in card and "| clip | 0.31 |" in card

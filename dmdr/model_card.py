@@ -77,6 +77,8 @@ def read_eval(run: str | Path) -> list[dict[str, Any]]:
 
     Accepted schemas (metric name -> mean, optional std and sample count):
 
+    * ``tools/eval.py``'s ``{"models": [{"name", "metrics": {"hps": {"mean", "std", "ci95", "n"}}}, ...], ...}``
+      (with several models each metric is prefixed by the model's name);
     * ``{"metrics": {"hps": {"mean": 0.31, "std": 0.02, "n": 1000}, ...}, ...}`` (other top-level keys ignored);
     * ``{"hps": {"mean": 0.31, "std": 0.02}, "clip": 0.27, ...}`` (a bare number is a mean);
     * ``[{"name": "hps", "mean": 0.31, "std": 0.02}, ...]`` (``metric`` also names it).
@@ -86,24 +88,37 @@ def read_eval(run: str | Path) -> list[dict[str, Any]]:
         return []
     try:
         data = json.loads(file.read_text())
+        if isinstance(data, dict) and isinstance(data.get("models"), list):  # tools/eval.py's report
+            models = [m for m in data["models"] if isinstance(m, dict) and isinstance(m.get("metrics"), dict)]
+            out = []
+            for m in models:
+                for row in _metric_rows(m["metrics"]):
+                    if len(models) > 1:
+                        row["name"] = f"{m.get('name', '?')}: {row['name']}"
+                    out.append(row)
+            return out
         if isinstance(data, dict) and isinstance(data.get("metrics"), dict | list):
             data = data["metrics"]
-        items = (data.items() if isinstance(data, dict)
-                 else [(d.get("name", d.get("metric")), d) for d in data if isinstance(d, dict)])
-        out = []
-        for name, value in items:
-            entry = value if isinstance(value, dict) else {"mean": value}
-            if name is None or not isinstance(entry.get("mean"), int | float) or isinstance(entry["mean"], bool):
-                continue
-            row: dict[str, Any] = {"name": str(name), "mean": float(entry["mean"])}
-            for extra in ("std", "n"):
-                if isinstance(entry.get(extra), int | float):
-                    row[extra] = entry[extra]
-            out.append(row)
-        return out
+        return _metric_rows(data)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         log.warning("cannot read the evaluation results %s (%s); the model card has no evaluation section", file, e)
         return []
+
+
+def _metric_rows(data: Any) -> list[dict[str, Any]]:
+    items = (data.items() if isinstance(data, dict)
+             else [(d.get("name", d.get("metric")), d) for d in data if isinstance(d, dict)])
+    out = []
+    for name, value in items:
+        entry = value if isinstance(value, dict) else {"mean": value}
+        if name is None or not isinstance(entry.get("mean"), int | float) or isinstance(entry["mean"], bool):
+            continue
+        row: dict[str, Any] = {"name": str(name), "mean": float(entry["mean"])}
+        for extra in ("std", "n"):
+            if isinstance(entry.get(extra), int | float):
+                row[extra] = entry[extra]
+        out.append(row)
+    return out
 
 
 def render(form: str, settings: Any, provenance: dict[str, Any], cfg: Any, base: str | Path,

@@ -37,6 +37,7 @@ def test_overrides_of_every_type():
     (["--train.max_steps", "0"], "--train.max_steps: must be >= 1"),
     (["--rl.weights", "0.3"], "--rl.weights"),
     (["--data.rl_batch_size", "-1"], "--data.rl_batch_size: must be >= 0"),
+    (["--dmd.weight", "-0.5"], "--dmd.weight: must be >= 0"),
     (["--train.seed"], "needs a value"),
     (["positional"], "unexpected argument"),
 ])

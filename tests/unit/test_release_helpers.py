@@ -91,6 +91,9 @@ def test_read_eval_accepts_the_documented_schemas(tmp_path):
         file.write_text(json.dumps(data))
         assert model_card.read_eval(tmp_path) == [{"name": "hps", "mean": 0.3, "std": 0.01, "n": 10},
                                                   {"name": "clip", "mean": 0.2}]
+    file.write_text(json.dumps({"metrics": ["hps"], "models": [
+        {"name": "release", "metrics": {"hps": {"mean": 0.3, "std": 0.01, "ci95": [0.2, 0.4], "n": 10}}}]}))
+    assert model_card.read_eval(tmp_path) == [{"name": "hps", "mean": 0.3, "std": 0.01, "n": 10}]
     for bad in ("{oops", "[1, 2]", '"text"', '{"metrics": {"hps": {"std": 1}}}'):
         file.write_text(bad)
         assert model_card.read_eval(tmp_path) == []

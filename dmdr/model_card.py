@@ -198,7 +198,7 @@ TORCH_DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torc
 def _usage(form: str, s: Any, base_ref: str, files: dict[str, str], dtype: str) -> str:
     here = "path/to/this/folder"
     cls = s.pipeline_class
-    td = f"torch_dtype={TORCH_DTYPES.get(dtype, 'torch.float32')}"
+    td = f"dtype={TORCH_DTYPES.get(dtype, 'torch.float32')}"  # diffusers 0.42 deprecates torch_dtype
     settings = f'settings = json.load(open("{here}/dmdr_inference.json"))\n'
 
     def lora_lines(folder: str) -> str:

@@ -232,11 +232,11 @@ def load_release(folder: str | Path, base: str | Path = "") -> object:
         if form == "single-file":  # the whole pipeline in the file's dtype, as the card calls it
             import diffusers
 
-            kwargs["torch_dtype"] = _DTYPES.get(source.get("dtype"), torch.float32)
+            kwargs["dtype"] = _DTYPES.get(source.get("dtype"), torch.float32)
             model_class = getattr(diffusers, TRANSFORMER_CLASSES[settings.pipeline_class])
             kwargs["transformer"] = model_class.from_single_file(
                 str(folder / files["single_file"]), config=str(base), subfolder="transformer", local_files_only=True,
-                torch_dtype=kwargs["torch_dtype"])
+                dtype=kwargs["dtype"])
         pipe = DiffusionPipeline.from_pretrained(str(base), local_files_only=True, **kwargs)
         if form == "lora":
             pipe.load_lora_weights(str(folder))

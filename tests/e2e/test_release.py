@@ -194,7 +194,7 @@ def test_single_file_loads_with_from_single_file(runs, exports, releases):
     with safe_open(str(file), "pt") as f:
         assert f.metadata()["dmdr.checkpoint"] == "step-3"
     model = SD3Transformer2DModel.from_single_file(str(file), config=cfg.model.path, subfolder="transformer",
-                                                   torch_dtype=torch.float16, local_files_only=True)
+                                                   dtype=torch.float16, local_files_only=True)
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], single[k]) for k in single)
 
@@ -234,9 +234,9 @@ def test_model_card_licence_calls_training_and_eval(tiny_assets, runs, tmp_path)
     cfg = export.read_run_config(run)
     settings = export.InferenceSettings.read(out)
     assert str(settings.sigmas) in card and str(settings.levels) in card
-    assert 'StableDiffusion3Pipeline.from_pretrained("org/tiny-base", torch_dtype=torch.float32)' in card
+    assert 'StableDiffusion3Pipeline.from_pretrained("org/tiny-base", dtype=torch.float32)' in card
     assert 'pipe.load_lora_weights("path/to/this/folder")' in card
-    assert 'from_pretrained("path/to/merged/folder", torch_dtype=torch.float32)' in card  # the merged form's call
+    assert 'from_pretrained("path/to/merged/folder", dtype=torch.float32)' in card  # the merged form's call
     assert f"{cfg.rl.start_step} generator steps of DMD before RL" in card
     assert "brightness (weight 0.5)" in card and "step-3 of train.max_steps = 3" in card
     assert "| hps | 0.2875 | 0.0123 | 64 |" in card and "| clip | 0.31 |" in card

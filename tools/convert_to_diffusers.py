@@ -116,7 +116,10 @@ def convert(args: argparse.Namespace) -> str:
     """Do the export; returns the output folder."""
     from dmdr import export, model_card, release
     from dmdr.models.loading import read_model_index
+    from dmdr.preflight import raise_problems
+    from dmdr.preflight.tools import export_problems
 
+    raise_problems(export_problems(args))  # every bad path in one message, before anything loads
     cfg = export.read_run_config(args.run, args.model_path)
     form = check_form(args, cfg.model.generator_mode, args.run)
     checkpoint = export.resolve_checkpoint(args.run, args.step)

@@ -1,9 +1,10 @@
 """ShapeEval (the shapes world's exact checker, :mod:`dmdr.worlds.shapes.shapeeval`) as an evaluation metric.
 
-Per image ``1.0`` when it passes every check of its prompt (colour, shape, count, position), else ``0.0``,
-so the report's mean is ShapeEval's ``exact`` accuracy (the demo's ``overall`` is the mean of the four
-attribute accuracies, GenEval's convention; see :func:`dmdr.worlds.shapes.shapeeval.summarize`). Needs no checkpoint, but only shapes-world prompts
-make sense to it: it is not among the default metrics, ask for it with ``--metrics shapeeval ...``.
+Per image ``1.0`` when it passes every check of its prompt (colour, shape, count, position), else
+``0.0``, so the report's mean is ShapeEval's ``exact`` accuracy (the demo's ``overall`` is the mean of
+the four attribute accuracies, GenEval's convention; see :func:`dmdr.worlds.shapes.shapeeval.summarize`).
+Needs no checkpoint, but only shapes-world prompts make sense to it: it is not among the default
+metrics, ask for it with ``--metrics shapeeval ...``.
 """
 
 from __future__ import annotations

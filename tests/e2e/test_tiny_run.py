@@ -104,7 +104,7 @@ def _launch(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     (["--optim.lr", "1e-5"], "unknown config key --optim.lr; did you mean --optim.generator_lr"),
     (["--model.path", "/nonexistent/model"], "/nonexistent/model"),
     (["--data.sources", "/nonexistent/prompts-*.jsonl"], "/nonexistent/prompts-*.jsonl"),
-    (["--train.output_dir", "/proc/forbidden"], "--train.output_dir '/proc/forbidden' is not writable"),
+    (["--train.output_dir", "/proc/forbidden"], "--train.output_dir '/proc/forbidden': is not writable"),
 ])
 def test_bad_input_one_line_before_training(argv, needle, tmp_path, tiny_assets):
     base = ["--model.path", tiny_assets["model"], "--data.sources", tiny_assets["prompts"],

@@ -2,7 +2,8 @@
 
 Library side of ``tools/convert_to_diffusers.py`` and ``tools/sample.py``: find a run's checkpoint,
 rebuild its generator exactly as training did (:func:`load_generator`), fold it into a plain diffusers
-transformer (:func:`export_transformer`), and write the folder (:func:`write_pipeline`).
+transformer (:func:`export_transformer`), and write the folder (:func:`write_pipeline`; the LoRA and
+single-file forms are in :mod:`dmdr.release`, the model card in :mod:`dmdr.model_card`).
 
 Which weights (``weights``, the tools' ``--weights``): ``trained`` are the generator's parameters as the
 optimizer left them; ``ema`` replaces its trainable parameters (LoRA mode: the generator adapter's
@@ -53,6 +54,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -433,41 +435,20 @@ def check_output(out: str | Path, overwrite: bool = False) -> None:
                           "refusing to delete it, choose another --out")
 
 
-def write_pipeline(source: str | Path, out: str | Path, transformer: nn.Module, settings: InferenceSettings,
-                   teacher_scheduler: dict[str, Any] | None, provenance: dict[str, Any],
-                   overwrite: bool = False) -> Path:
-    """Write the exported pipeline folder ``out``: the teacher's ``model_index.json`` and the other components it
-    lists, copied as they are; ``transformer/``; the few-step ``scheduler/``; :data:`SETTINGS_FILE`; a README.
+def write_folder(out: str | Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Write an export folder ``out`` through ``fill(tmp)``: into a temporary sibling, then renamed into place.
 
-    Written into a temporary sibling and renamed into place, so ``out`` is never half-written.
+    So ``out`` is never half-written; an earlier export there is replaced only with ``overwrite``
+    (:func:`check_output`). Disk and permission errors become one :class:`ConfigError` line.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
-
-    source, out = Path(source), Path(out)
-    denoiser = settings.denoiser_component
+    out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        index = json.loads((source / "model_index.json").read_text())
-        # Only the components the pipeline lists: hub folders also hold single-file checkpoints and the like.
-        for name, entry in index.items():
-            listed = isinstance(entry, list) and len(entry) == 2 and None not in entry
-            if listed and name not in (denoiser, "scheduler") and (source / name).is_dir():
-                shutil.copytree(source / name, tmp / name)
-        transformer.save_pretrained(tmp / denoiser, safe_serialization=True)
-        if settings.epsilon:
-            scheduler = LCMScheduler.from_config(lcm_scheduler_config(teacher_scheduler))
-        else:
-            scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(teacher_scheduler))
-        scheduler.save_pretrained(tmp / "scheduler")
-        index["scheduler"] = ["diffusers", settings.scheduler_class]
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        meta = {**settings.to_json(), "source": provenance}
-        (tmp / SETTINGS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / "README.md").write_text(_readme(settings, provenance))
+        fill(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -479,79 +460,46 @@ def write_pipeline(source: str | Path, out: str | Path, transformer: nn.Module, 
     return out
 
 
-def _weights_line(provenance: dict[str, Any]) -> str:
-    weights = provenance.get("weights")
-    if weights == "ema":
-        return f"EMA weights, optim.ema_decay = {provenance.get('ema_decay', '?')}"
-    if weights == "trained":
-        return "trained weights, not an EMA"
-    return "weights as trained"
+def write_common(folder: Path, settings: InferenceSettings, teacher_scheduler: dict[str, Any] | None,
+                 provenance: dict[str, Any], readme: str, base: str | Path) -> None:
+    """What every export form holds: the few-step ``scheduler/``, :data:`SETTINGS_FILE`, the model card, and the
+    base model's licence file when its card links one (:func:`dmdr.model_card.copy_licence`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
+
+    from dmdr.model_card import copy_licence
+
+    if settings.epsilon:
+        scheduler = LCMScheduler.from_config(lcm_scheduler_config(teacher_scheduler))
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(teacher_scheduler))
+    scheduler.save_pretrained(folder / "scheduler")
+    meta = {**settings.to_json(), "source": provenance}
+    (folder / SETTINGS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (folder / "README.md").write_text(readme)
+    copy_licence(base, folder)
 
 
-def _readme_epsilon(s: InferenceSettings, provenance: dict[str, Any]) -> str:
-    n = s.num_inference_steps
-    timesteps = [int(t) for t in s.timesteps]
-    return f"""# dmdr few-step generator ({n} step{"s" if n > 1 else ""})
+def write_pipeline(source: str | Path, out: str | Path, transformer: nn.Module, settings: InferenceSettings,
+                   teacher_scheduler: dict[str, Any] | None, provenance: dict[str, Any], readme: str,
+                   overwrite: bool = False) -> Path:
+    """Write the exported pipeline folder ``out``: the teacher's ``model_index.json`` and the other components it
+    lists, copied as they are; the distilled denoiser (``transformer/``, SDXL ``unet/``); the few-step
+    ``scheduler/``; :data:`SETTINGS_FILE`; ``readme`` (:func:`dmdr.model_card.render`) as README.md. Atomic
+    (:func:`write_folder`).
+    """
+    source = Path(source)
+    denoiser = settings.denoiser_component
 
-Distilled with dmdr (DMDR) from {provenance.get("teacher", "the teacher")}, checkpoint
-{provenance.get("checkpoint", "?")} (generator mode {provenance.get("generator_mode", "?")};
-{_weights_line(provenance)}).
-Sample with the bundled LCMScheduler at the fixed timesteps {timesteps}, no classifier-free guidance
-(guidance_scale={s.guidance_scale}), {s.resolution}x{s.resolution} pixels. Each step predicts the clean image and
-renoises it with fresh noise to the next timestep (dmdr's sampler); a seeded `generator` gives dmdr's sample.
-Everything is also in `{SETTINGS_FILE}`.
+    def fill(tmp: Path) -> None:
+        index = json.loads((source / "model_index.json").read_text())
+        # Only the components the pipeline lists: hub folders also hold single-file checkpoints and the like.
+        for name, entry in index.items():
+            listed = isinstance(entry, list) and len(entry) == 2 and None not in entry
+            if listed and name not in (denoiser, "scheduler") and (source / name).is_dir():
+                shutil.copytree(source / name, tmp / name)
+        transformer.save_pretrained(tmp / denoiser, safe_serialization=True)
+        index["scheduler"] = ["diffusers", settings.scheduler_class]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_common(tmp, settings, teacher_scheduler, provenance, readme, source)
 
-```python
-import torch
-from diffusers import {s.pipeline_class}
-
-pipe = {s.pipeline_class}.from_pretrained("path/to/this/folder")
-image = pipe("a photo of a cat", num_inference_steps={n}, timesteps={timesteps}, guidance_scale={s.guidance_scale},
-             height={s.resolution}, width={s.resolution}, generator=torch.Generator().manual_seed(0)).images[0]
-```
-
-The SDXL VAE overflows in fp16: keep `pipe.vae` in fp32 (the pipeline upcasts it when its config says
-`force_upcast`) or use the fp16-fix VAE.
-"""
-
-
-def _readme(s: InferenceSettings, provenance: dict[str, Any]) -> str:
-    if s.epsilon:
-        return _readme_epsilon(s, provenance)
-    n = s.num_inference_steps
-    return f"""# dmdr few-step generator ({n} steps)
-
-Distilled with dmdr (DMDR) from {provenance.get("teacher", "the teacher")}, checkpoint
-{provenance.get("checkpoint", "?")} (generator mode {provenance.get("generator_mode", "?")};
-{_weights_line(provenance)}).
-Sample with {n} Euler steps at the sigmas below, no classifier-free guidance
-(guidance_scale={s.guidance_scale}), {s.resolution}x{s.resolution} pixels,
-max_sequence_length={s.max_sequence_length}. The sigmas already include the training shift {s.shift}; the
-scheduler's shift is 1.0 so that they are used as given. Everything is also in `{SETTINGS_FILE}`.
-
-```python
-import json
-from diffusers import {s.pipeline_class}
-
-pipe = {s.pipeline_class}.from_pretrained("path/to/this/folder")
-settings = json.load(open("path/to/this/folder/{SETTINGS_FILE}"))
-image = pipe("a photo of a cat", num_inference_steps={n}, sigmas=settings["sigmas"],
-             guidance_scale={s.guidance_scale}, height={s.resolution}, width={s.resolution},
-             max_sequence_length={s.max_sequence_length}).images[0]
-```
-
-sigmas = {s.sigmas}
-
-The scheduler appends a terminal sigma 0, while the training sampler ends at t_min = {s.t_min}: the
-call above differs from it by t_min * v in the last step only. To reproduce the training sampler
-exactly, pass the N + 1 levels `settings["exact"]["sigmas"]` = {s.levels} and stop after {n} steps:
-
-```python
-def stop(pipe, i, t, kwargs):
-    if i + 1 >= {n}:
-        pipe._interrupt = True
-    return {{}}
-
-image = pipe(..., sigmas=settings["exact"]["sigmas"], callback_on_step_end=stop).images[0]
-```
-"""
+    return write_folder(out, fill, overwrite)

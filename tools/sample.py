@@ -10,7 +10,8 @@ by the trainer's own ``sample_images`` (the run's ``dmd.sampler``: N-step Euler 
 SD3 / Z-Image, x0-then-renoise at the fixed integer timesteps for SDXL; no CFG, noise from ``--seed``);
 ``--weights`` as in ``tools/convert_to_diffusers.py`` (default ``auto``: the generator's
 EMA when the checkpoint holds one). ``--pipeline``: the stock diffusers pipeline of a folder written by
-``tools/convert_to_diffusers.py``, called with its ``dmdr_inference.json`` settings (the exact
+``tools/convert_to_diffusers.py`` (a ``--lora`` or ``--single-file`` export is loaded onto its base pipeline,
+:func:`dmdr.release.load_release`), called with its ``dmdr_inference.json`` settings (the exact
 reproduction of the training sampler; ``--approx`` uses the plain N sigmas whose last step goes to 0)
 on the same noise, so both modes give the same images for the same seed.
 
@@ -47,7 +48,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     prompts.add_argument("--prompt-file", help="a text file, one prompt a line")
     parser.add_argument("--out", required=True, help="the grid image (.png); single images go next to it")
     parser.add_argument("--step", default="latest", help="--run: generator step of the checkpoint, or 'latest'")
-    parser.add_argument("--model-path", default="", help="--run: the teacher folder, if it moved since training")
+    parser.add_argument("--model-path", default="",
+                        help="--run: the teacher folder, if it moved since training; --pipeline of a --lora or "
+                             "--single-file export: the base pipeline folder (default: the run's teacher)")
     parser.add_argument("--weights", choices=("auto", "ema", "trained"), default="auto",
                         help="--run: the generator's EMA, the trained weights, or auto: the EMA when the "
                              "checkpoint holds one (default)")
@@ -93,20 +96,13 @@ def sample_run(args: argparse.Namespace, prompts: list[str], device: torch.devic
 def sample_pipeline(args: argparse.Namespace, prompts: list[str], device: torch.device) -> Tensor:
     """The stock pipeline of an exported folder with its saved settings, on the trainer's noise."""
     from dmdr.export import InferenceSettings
-    from dmdr.models.loading import read_model_index
+    from dmdr.release import load_release
 
     if not Path(args.pipeline).is_dir():
         raise ConfigError(f"--pipeline {args.pipeline} is not a folder (give one written by "
                           "tools/convert_to_diffusers.py)")
-    folder = read_model_index(args.pipeline)
-    settings = InferenceSettings.read(folder.path)
-    from diffusers import DiffusionPipeline
-
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(folder.path), local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure here is a bad folder, reported in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{folder.path}: cannot load the pipeline ({first[:300]})") from e
+    settings = InferenceSettings.read(args.pipeline)
+    pipe = load_release(args.pipeline, args.model_path)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     side = settings.resolution // 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # AutoencoderKLCodec's

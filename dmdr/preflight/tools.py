@@ -98,9 +98,21 @@ def export_problems(args: Any) -> list[Problem]:
 
 def pipeline_problems(path: str) -> list[Problem]:
     """An exported folder: a diffusers pipeline with every declared component present and its settings file."""
+    import json
+
     from dmdr.export import SETTINGS_FILE, InferenceSettings
     from dmdr.models.loading import read_model_index
 
+    try:  # a --lora / --single-file export (dmdr.release) has no model_index.json: it loads onto its base
+        form = json.loads((Path(path) / SETTINGS_FILE).read_text()).get("source", {}).get("form", "pipeline")
+    except (OSError, ValueError, AttributeError):
+        form = "pipeline"
+    if form != "pipeline":
+        try:
+            InferenceSettings.read(path)
+        except UserError as e:
+            return [Problem("pipeline", path, str(e))]
+        return []  # dmdr.release.load_release checks the base folder, in one line
     try:
         folder = read_model_index(path)
     except UserError as e:

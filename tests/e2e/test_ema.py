@@ -285,3 +285,21 @@ def test_resume_turning_ema_on_starts_it_from_the_resumed_weights(tiny_assets, r
         torch.testing.assert_close(e.double(), DECAY * before.double() + (1 - DECAY) * after.double(),
                                    rtol=1e-6, atol=1e-7)
     assert export.checkpoint_ema_names(export.resolve_checkpoint(run_dir, 2))
+
+
+def test_lora_release_holds_the_ema_adapter(runs, tmp_path):
+    from dmdr.release import LORA_FILE
+
+    out = tmp_path / "lora-ema"
+    assert _tool("convert_to_diffusers").main(["--run", str(runs["straight"]), "--out", str(out), "--lora"]) == 0
+    cfg = export.read_run_config(runs["straight"])
+    scale = cfg.model.generator_lora_alpha / cfg.model.generator_lora_rank
+    ema = _saved_ema(export.resolve_checkpoint(runs["straight"]))
+    saved = load_file(out / LORA_FILE)
+    layers = [k[len("net."):-len(".lora_A.generator")] for k in ema if k.endswith(".lora_A.generator")]
+    assert len(saved) == 2 * len(layers) > 0
+    for layer in layers:
+        assert torch.equal(saved[f"transformer.{layer}.lora_A.weight"], ema[f"net.{layer}.lora_A.generator"])
+        torch.testing.assert_close(saved[f"transformer.{layer}.lora_B.weight"],
+                                   scale * ema[f"net.{layer}.lora_B.generator"], atol=1e-7, rtol=1e-6)
+    assert _source(out)["weights"] == "ema" and _source(out)["form"] == "lora"

@@ -1,14 +1,13 @@
-"""Export to diffusers: the stock pipeline reproduces dmdr's few-step sampler; sampling tool; one-line errors."""
+"""Export to diffusers: the stock pipeline reproduces dmdr's few-step sampler; sampling tool; one-line errors.
+
+The tiny runs and their merged exports are the session fixtures ``runs`` / ``exports`` of conftest.py.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_helpers import REPO, tiny_config
+from tiny_helpers import one_error_line as _one_error_line
+from tiny_helpers import script as _script
+from tiny_helpers import tool as _tool
 
 from dmdr import export
 from dmdr.distributed.offline import model_tensors
-from dmdr.launch import run
 from dmdr.parameterization import FlowMatching
 from dmdr.sampling import few_step_sample
 from dmdr.schedules import few_step_timesteps
@@ -31,63 +31,6 @@ TOL = 1e-5
 """fp32 rounding: a merged LoRA and the same LoRA applied unmerged differ by a few ulps."""
 PROMPTS = ["a photo of a cat", "a red car in the rain", "a bowl of fruit"]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _script(name: str, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ""}
-    return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *argv], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env=env)
-
-
-def _one_error_line(err: str, needle: str) -> None:
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and needle in errors[0], err[-2000:]
-    assert "Traceback" not in err
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_assets, tmp_path_factory) -> dict[str, Path]:
-    """Tiny runs, trained a few generator steps: SD3 LoRA and full fine-tune, Z-Image LoRA."""
-    from dmdr.models.tiny import build_tiny_zimage
-
-    root = tmp_path_factory.mktemp("export-runs")
-    quick = {"train__max_steps": 3, "dmd__ratio": 1, "checkpoint__interval": 2}
-    specs = {
-        "lora": {**quick, "model__generator_mode": "lora"},
-        "full": {**quick, "model__generator_mode": "full"},
-        # Z-Image: the chat template makes prompts long (byte tokens); 48 cuts them, alike in dmdr and diffusers
-        "zimage": {"model__path": str(build_tiny_zimage(root / "tiny-zimage")), "model__family": "auto",
-                   "model__max_sequence_length": 48, "data__batch_size": 2, "train__max_steps": 1,
-                   "dmd__ratio": 1, "checkpoint__interval": 0},
-    }
-    out = {}
-    for name, overrides in specs.items():
-        assert run(tiny_config(tiny_assets, root / name, **overrides)) == 0
-        out[name] = root / name
-    return out
-
-
-@pytest.fixture(scope="module")
-def exports(runs, tmp_path_factory) -> dict[str, Path]:
-    """Each run exported; the LoRA one by the script itself (as a user runs it), the others in process."""
-    root = tmp_path_factory.mktemp("exports")
-    out = {}
-    for name, run_dir in runs.items():
-        out[name] = root / name
-        argv = ["--run", str(run_dir), "--out", str(out[name])]
-        if name == "lora":
-            proc = _script("convert_to_diffusers", argv, root)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-        else:
-            assert _tool("convert_to_diffusers").main(argv) == 0
-    return out
 
 
 @pytest.mark.parametrize("name", ["lora", "full", "zimage"])

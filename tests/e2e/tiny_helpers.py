@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,3 +31,25 @@ def tiny_config(assets: dict[str, str], output_dir: Path, **overrides: str):
     for key, value in overrides.items():
         argv += [f"--{key.replace('__', '.')}", str(value)]
     return apply_overrides(cfg, argv)
+
+
+def tool(name: str):
+    """Import ``tools/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script(name: str, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``tools/<name>.py`` as a user does (a fresh interpreter, the repo not on ``PYTHONPATH``)."""
+    env = {**os.environ, "PYTHONPATH": ""}
+    return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def one_error_line(err: str, needle: str) -> None:
+    """``err`` holds exactly one ``error:`` line, containing ``needle``, and no traceback."""
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], err[-2000:]
+    assert "Traceback" not in err

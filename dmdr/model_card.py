@@ -1,0 +1,326 @@
+"""The model card (``README.md``) of an export: front matter, the exact diffusers calls, training, evaluation.
+
+Written by :func:`dmdr.export.write_export` for each form (``pipeline``: the merged folder, ``lora``:
+the generator adapter for the stock base pipeline, ``single-file``: one transformer file). The card
+holds:
+
+* YAML front matter as the Hugging Face Hub reads it: ``license`` (with ``license_name`` /
+  ``license_link``) copied from the base model's own card (the front matter of ``<base>/README.md``)
+  when it has one, ``base_model`` (the hub id, see :func:`base_model_id`), tags;
+* the base model, steps and sigmas, and the call that reproduces dmdr's sampler in that form;
+* the training config (steps, generator mode, cold start, rewards, learning rates, EMA);
+* evaluation numbers when ``<run>/eval/results.json`` exists (written by ``tools/eval.py``; read by
+  :func:`read_eval`, which accepts the schemas documented there and skips the section otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("dmdr")
+
+EVAL_FILE = Path("eval") / "results.json"
+LICENSE_FIELDS = ("license", "license_name", "license_link")
+FORMS = ("pipeline", "lora", "single-file")
+TRANSFORMER_CLASSES = {"StableDiffusion3Pipeline": "SD3Transformer2DModel",
+                       "ZImagePipeline": "ZImageTransformer2DModel"}
+
+
+def base_card(base: str | Path) -> dict[str, Any]:
+    """The front matter of the base model's ``README.md`` (empty when there is none or it does not parse)."""
+    import yaml
+
+    file = Path(base) / "README.md"
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    match = re.match(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", text, flags=re.S)
+    if not match:
+        return {}
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as e:
+        log.warning("the front matter of %s does not parse (%s); the model card gets no licence from it", file, e)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def copy_licence(base: str | Path, folder: Path) -> Path | None:
+    """Copy the licence file the base model's card links (``license_link``, a path inside ``base``) into ``folder``."""
+    link = base_card(base).get("license_link")
+    if not isinstance(link, str) or "://" in link:
+        return None
+    source = (Path(base) / link).resolve()
+    if not source.is_file() or Path(base).resolve() not in source.parents:
+        return None
+    target = folder / source.name
+    shutil.copyfile(source, target)
+    return target
+
+
+def base_model_id(base: str | Path) -> str:
+    """The hub id of a base folder in the hub cache (``models--org--name/snapshots/<rev>``), else ``""``."""
+    for part in reversed(Path(base).resolve().parts):
+        if part.startswith("models--") and part.count("--") >= 2:
+            return "/".join(part.split("--")[1:])
+    return ""
+
+
+def read_eval(run: str | Path) -> list[dict[str, Any]]:
+    """Metrics of ``<run>/eval/results.json`` as ``[{"name", "mean", "std"?, "n"?}]``; ``[]`` if absent or unreadable.
+
+    Accepted schemas (metric name -> mean, optional std and sample count):
+
+    * ``tools/eval.py``'s ``{"models": [{"name", "metrics": {"hps": {"mean", "std", "ci95", "n"}}}, ...], ...}``
+      (with several models each metric is prefixed by the model's name);
+    * ``{"metrics": {"hps": {"mean": 0.31, "std": 0.02, "n": 1000}, ...}, ...}`` (other top-level keys ignored);
+    * ``{"hps": {"mean": 0.31, "std": 0.02}, "clip": 0.27, ...}`` (a bare number is a mean);
+    * ``[{"name": "hps", "mean": 0.31, "std": 0.02}, ...]`` (``metric`` also names it).
+    """
+    file = Path(run) / EVAL_FILE
+    if not file.is_file():
+        return []
+    try:
+        data = json.loads(file.read_text())
+        if isinstance(data, dict) and isinstance(data.get("models"), list):  # tools/eval.py's report
+            models = [m for m in data["models"] if isinstance(m, dict) and isinstance(m.get("metrics"), dict)]
+            out = []
+            for m in models:
+                for row in _metric_rows(m["metrics"]):
+                    if len(models) > 1:
+                        row["name"] = f"{m.get('name', '?')}: {row['name']}"
+                    out.append(row)
+            return out
+        if isinstance(data, dict) and isinstance(data.get("metrics"), dict | list):
+            data = data["metrics"]
+        return _metric_rows(data)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        log.warning("cannot read the evaluation results %s (%s); the model card has no evaluation section", file, e)
+        return []
+
+
+def _metric_rows(data: Any) -> list[dict[str, Any]]:
+    items = (data.items() if isinstance(data, dict)
+             else [(d.get("name", d.get("metric")), d) for d in data if isinstance(d, dict)])
+    out = []
+    for name, value in items:
+        entry = value if isinstance(value, dict) else {"mean": value}
+        if name is None or not isinstance(entry.get("mean"), int | float) or isinstance(entry["mean"], bool):
+            continue
+        row: dict[str, Any] = {"name": str(name), "mean": float(entry["mean"])}
+        for extra in ("std", "n"):
+            if isinstance(entry.get(extra), int | float):
+                row[extra] = entry[extra]
+        out.append(row)
+    return out
+
+
+def render(form: str, settings: Any, provenance: dict[str, Any], cfg: Any, base: str | Path,
+           files: dict[str, str], base_id: str = "", evaluation: list[dict[str, Any]] | None = None) -> str:
+    """The README.md of an export.
+
+    Args:
+        form: one of :data:`FORMS`.
+        settings: the :class:`dmdr.export.InferenceSettings`.
+        provenance: ``dmdr_inference.json``'s ``source``.
+        cfg: the run's :class:`dmdr.config.TrainConfig`.
+        base: the base (teacher) pipeline folder.
+        files: ``lora`` / ``single_file``: the written file's name.
+        base_id: the base model's hub id for the calls (default: :func:`base_model_id`, else the local path).
+        evaluation: :func:`read_eval`'s rows.
+    """
+    if getattr(settings, "epsilon", False):
+        return _epsilon_card(settings, provenance)
+    card = base_card(base)
+    base_id = base_id or base_model_id(base)
+    base_ref = base_id or str(base)
+    front: dict[str, Any] = {k: card[k] for k in LICENSE_FIELDS if card.get(k)}
+    if base_id:
+        front["base_model"] = base_id
+    front.update(library_name="diffusers", pipeline_tag="text-to-image",
+                 tags=["dmdr", "text-to-image", "distillation", "few-step"] + (["lora"] if form == "lora" else []))
+    import yaml
+
+    n = settings.num_inference_steps
+    licence = (f"Licence: `{front['license']}`"
+               + (f" ({front['license_name']})" if front.get("license_name") else "")
+               + (f", see {front['license_link']}" if front.get("license_link") else "")
+               + ", as the base model's card states; the base model's terms apply to this derivative."
+               if front.get("license") else
+               "Licence: the base model's card gives none here; its terms apply to this derivative.")
+    parts = [
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n",
+        f"# dmdr few-step generator ({n} steps, {_FORM_TITLE[form]})\n",
+        f"Distilled with dmdr (DMDR: distribution matching distillation + RL) from `{base_ref}`, checkpoint "
+        f"{provenance.get('checkpoint', '?')} of the run (generator mode {provenance.get('generator_mode', '?')}; "
+        f"{_weights_line(provenance)}). {licence}\n",
+        f"Sample with {n} Euler steps at the sigmas below, no classifier-free guidance "
+        f"(guidance_scale={settings.guidance_scale}), {settings.resolution}x{settings.resolution} pixels, "
+        f"max_sequence_length={settings.max_sequence_length}. The sigmas already include the training shift "
+        f"{settings.shift}; the scheduler's shift is 1.0 so that they are used as given. Everything is also in "
+        "`dmdr_inference.json`.\n",
+        _usage(form, settings, base_ref, files, str(provenance.get("dtype", "fp32"))),
+        f"sigmas = {settings.sigmas}\n",
+        _exact(settings),
+        _training(cfg, provenance),
+    ]
+    if evaluation:
+        parts.append(_evaluation(evaluation))
+    return "\n".join(parts)
+
+
+_FORM_TITLE = {"pipeline": "merged pipeline", "lora": "LoRA for the base pipeline",
+               "single-file": "single-file transformer"}
+
+
+def _epsilon_card(s: Any, provenance: dict[str, Any]) -> str:
+    """The card of an SDXL-style (epsilon UNet, LCMScheduler at fixed timesteps) merged export."""
+    n = s.num_inference_steps
+    timesteps = [int(t) for t in s.timesteps]
+    return f"""# dmdr few-step generator ({n} step{"s" if n > 1 else ""})
+
+Distilled with dmdr (DMDR) from {provenance.get("teacher", "the teacher")}, checkpoint
+{provenance.get("checkpoint", "?")} (generator mode {provenance.get("generator_mode", "?")};
+{_weights_line(provenance)}).
+Sample with the bundled LCMScheduler at the fixed timesteps {timesteps}, no classifier-free guidance
+(guidance_scale={s.guidance_scale}), {s.resolution}x{s.resolution} pixels. Each step predicts the clean image and
+renoises it with fresh noise to the next timestep (dmdr's sampler); a seeded `generator` gives dmdr's sample.
+Everything is also in `dmdr_inference.json`.
+
+```python
+import torch
+from diffusers import {s.pipeline_class}
+
+pipe = {s.pipeline_class}.from_pretrained("path/to/this/folder")
+image = pipe("a photo of a cat", num_inference_steps={n}, timesteps={timesteps}, guidance_scale={s.guidance_scale},
+             height={s.resolution}, width={s.resolution}, generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+The SDXL VAE overflows in fp16: keep `pipe.vae` in fp32 (the pipeline upcasts it when its config says
+`force_upcast`) or use the fp16-fix VAE.
+"""
+
+
+def _weights_line(provenance: dict[str, Any]) -> str:
+    weights = provenance.get("weights")
+    if weights == "ema":
+        return f"EMA weights, optim.ema_decay = {provenance.get('ema_decay', '?')}"
+    if weights == "trained":
+        return "trained weights, not an EMA"
+    return "weights as trained"
+
+
+def _call(s: Any) -> str:
+    return (f'image = pipe("a photo of a cat", num_inference_steps={s.num_inference_steps}, '
+            f'sigmas=settings["sigmas"],\n             guidance_scale={s.guidance_scale}, height={s.resolution}, '
+            f"width={s.resolution}, max_sequence_length={s.max_sequence_length}).images[0]")
+
+
+TORCH_DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
+
+
+def _usage(form: str, s: Any, base_ref: str, files: dict[str, str], dtype: str) -> str:
+    here = "path/to/this/folder"
+    cls = s.pipeline_class
+    td = f"dtype={TORCH_DTYPES.get(dtype, 'torch.float32')}"  # diffusers 0.42 deprecates torch_dtype
+    settings = f'settings = json.load(open("{here}/dmdr_inference.json"))\n'
+
+    def lora_lines(folder: str) -> str:
+        scheduler = f'FlowMatchEulerDiscreteScheduler.from_pretrained("{folder}", subfolder="scheduler")'
+        return f'pipe.load_lora_weights("{folder}")\npipe.scheduler = {scheduler}\n'
+
+    if form == "pipeline":
+        return ("A complete diffusers pipeline (generator merged into the transformer, few-step scheduler):\n\n"
+                f"```python\nimport json\n\nimport torch\nfrom diffusers import {cls}\n\n"
+                f'pipe = {cls}.from_pretrained("{here}", {td})\n{settings}{_call(s)}\n```\n\n'
+                "LoRA-trained runs are also released as a LoRA for the stock base pipeline "
+                "(`tools/convert_to_diffusers.py --lora`), called the same way after\n\n"
+                "```python\nfrom diffusers import FlowMatchEulerDiscreteScheduler\n\n"
+                f'pipe = {cls}.from_pretrained("{base_ref}", {td})\n{lora_lines("path/to/lora/folder")}```\n')
+    merged = ("The merged form of the same generator (`tools/convert_to_diffusers.py` without `--lora` / "
+              "`--single-file`) is a full pipeline folder, called the same way:\n\n```python\n"
+              f'pipe = {cls}.from_pretrained("path/to/merged/folder", {td})\n{_call(s)}\n```\n')
+    head = f"```python\nimport json\n\nimport torch\nfrom diffusers import FlowMatchEulerDiscreteScheduler, {cls}"
+    if form == "lora":
+        return (f"`{files['lora']}`: the generator's LoRA in diffusers' format (keys `transformer.<module>.lora_A/"
+                "lora_B.weight`, the scale alpha/rank folded into lora_B, so it loads at scale 1.0). Load it onto the "
+                "stock base pipeline and use the few-step scheduler of this folder (the base's own scheduler would "
+                "shift the sigmas again):\n\n"
+                f'{head}\n\npipe = {cls}.from_pretrained("{base_ref}", {td})\n{lora_lines(here)}{settings}'
+                f"{_call(s)}\n```\n\n{merged}")
+    model_class = TRANSFORMER_CLASSES.get(cls, "<the transformer class>")
+    return (f"`{files['single_file']}`: the distilled transformer as one safetensors file with diffusers' key "
+            "names (UIs that load diffusers-keyed diffusion models take it as it is). In diffusers, give the base "
+            "folder as `config` (diffusers infers the architecture only from the original checkpoint layouts):\n\n"
+            f"{head}, {model_class}\n\n"
+            f'transformer = {model_class}.from_single_file(\n    "{here}/{files["single_file"]}",\n'
+            f'    config="{base_ref}", subfolder="transformer", {td})\n'
+            f'pipe = {cls}.from_pretrained("{base_ref}", transformer=transformer, {td})\n'
+            f'pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{here}", subfolder="scheduler")\n'
+            f"{settings}{_call(s)}\n```\n\n{merged}")
+
+
+def _exact(s: Any) -> str:
+    n = s.num_inference_steps
+    return f"""The scheduler appends a terminal sigma 0, while the training sampler ends at t_min = {s.t_min}: the
+call above differs from it by t_min * v in the last step only. To reproduce the training sampler
+exactly, pass the N + 1 levels `settings["exact"]["sigmas"]` = {s.levels} and stop after {n} steps:
+
+```python
+def stop(pipe, i, t, kwargs):
+    if i + 1 >= {n}:
+        pipe._interrupt = True
+    return {{}}
+
+image = pipe(..., sigmas=settings["exact"]["sigmas"], callback_on_step_end=stop).images[0]
+```
+"""
+
+
+def _training(cfg: Any, provenance: dict[str, Any]) -> str:
+    m, d, rl, o = cfg.model, cfg.dmd, cfg.rl, cfg.optim
+    mode = (f"LoRA, rank {m.generator_lora_rank}, alpha {m.generator_lora_alpha:g}" if m.generator_mode == "lora"
+            else "full fine-tune")
+    rewards = ("none" if rl.method == "none" or not rl.rewards else
+               ", ".join(f"{r} (weight {w:g})" for r, w in zip(rl.rewards, rl.weights)) + f", margin {rl.margin:g}")
+    dyn = cfg.dynamic
+    on = {True: "on", False: "off"}
+    rows = [
+        ("checkpoint", f"{provenance.get('checkpoint', '?')} of train.max_steps = {cfg.train.max_steps} "
+                       "(generator steps)"),
+        ("generator", mode),
+        ("few-step sampler", f"{d.num_steps} steps, shift {d.shift:g}, t_min {d.t_min:g}"),
+        ("DMD", f"real-score guidance {d.guidance:g}, critic steps per generator step {d.ratio}"),
+        ("cold start", f"{rl.start_step} generator steps of DMD before RL (DynaDG {on[dyn.dynadg]}, "
+                       f"DynaRS {on[dyn.dynars]}, decayed over {dyn.decay_steps} steps)"),
+        ("RL", f"{rl.method}; rewards: {rewards}"),
+        ("learning rates", f"generator {o.generator_lr:g} / critic {o.critic_lr:g}; RL stage "
+                           f"{o.rl_generator_lr:g} / {o.rl_critic_lr:g}"),
+        ("batch size per rank", f"{cfg.data.batch_size} (RL stage {cfg.data.rl_batch_size or cfg.data.batch_size})"),
+        ("EMA", f"decay {o.ema_decay:g}" if o.ema_decay > 0 else "off"),
+        ("exported weights", f"{provenance.get('weights', '?')}, {provenance.get('dtype', '?')}"),
+    ]
+    if "lora_extraction" in provenance:
+        x = provenance["lora_extraction"]
+        rows.append(("LoRA extraction", f"rank {x['rank']} SVD of the full fine-tune's weight change: relative "
+                                        f"Frobenius error {x['relative_error']:.3g} over {x['layers']} linears; "
+                                        f"{x['left_out']} non-linear parameters changed and are not in the LoRA "
+                                        f"(relative change {x['left_out_relative_change']:.3g})"))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"## Training\n\n| | |\n|---|---|\n{table}\n"
+
+
+def _evaluation(rows: list[dict[str, Any]]) -> str:
+    lines = [f"| {r['name']} | {r['mean']:.4g} | {_fmt(r.get('std'))} | {r.get('n', '')} |" for r in rows]
+    return ("## Evaluation\n\nFrom the run's `eval/results.json` (`tools/eval.py`):\n\n"
+            "| metric | mean | std | n |\n|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{value:.3g}"

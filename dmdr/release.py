@@ -1,0 +1,250 @@
+"""Release formats besides the merged pipeline folder: a diffusers LoRA file and a single-file transformer.
+
+Library side of ``tools/convert_to_diffusers.py --lora`` and ``--single-file`` (the merged folder is
+:func:`dmdr.export.write_pipeline`).
+
+**LoRA** (:func:`generator_lora`, :func:`lora_state_dict`, :func:`write_lora`). The file is
+``pytorch_lora_weights.safetensors`` in the peft key format that diffusers' pipeline loaders take
+without conversion (``SD3LoraLoaderMixin`` / ``ZImageLoraLoaderMixin.load_lora_weights`` of 0.42):
+``<prefix>.<module>.lora_A.weight`` of shape ``(r, in)`` and ``<prefix>.<module>.lora_B.weight`` of
+shape ``(out, r)``, the prefix naming the pipeline component (``transformer``; SDXL's would be
+``unet``, see :data:`LORA_FORMATS`). No ``.alpha`` keys and no adapter metadata: diffusers then builds
+its ``LoraConfig`` with ``lora_alpha = r``, scale 1.0, so dmdr's scale ``alpha / r`` is folded into
+``lora_B``. Z-Image's loader treats ``.alpha`` keys as a kohya-style file and converts it, another
+reason to fold; UIs that read diffusers-keyed LoRAs (ComfyUI) also take a missing alpha as scale 1.
+Only the ``generator`` adapter is written; the critic adapter never is.
+
+A full fine-tune has no adapter. :func:`extract_lora` makes one: for every ``nn.Linear`` whose weight
+changed, the rank-``R`` truncated SVD of ``W_tuned - W_base`` (the best rank-``R`` approximation in the
+Frobenius norm, Eckart-Young), split ``B = U sqrt(S)``, ``A = sqrt(S) V^T``. Its relative Frobenius error
+over all those linears, and the parameters that changed but are not linear weights (biases, norms,
+embeddings, convolutions: a LoRA cannot carry them), are reported (:class:`Extraction`).
+
+**Single file** (:func:`write_single_file`): the exported transformer's state dict in one safetensors
+file, with diffusers' key names. ``SD3Transformer2DModel.from_single_file(file, config=<base folder>,
+subfolder="transformer")`` (and the Z-Image one) loads it without conversion (the keys equal the model's;
+``config`` is needed because diffusers infers the architecture only from the original SAI / Tongyi
+layouts), and ComfyUI's diffusion-model loader recognises diffusers-keyed SD3 and Z-Image files
+(``convert_diffusers_mmdit``). The original SAI key layout is not written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dmdr.errors import ConfigError
+
+log = logging.getLogger("dmdr")
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+"""diffusers' ``LORA_WEIGHT_NAME_SAFE``: the name ``load_lora_weights(folder)`` looks for first."""
+
+
+def _same(name: str) -> str:
+    return name
+
+
+@dataclass(frozen=True)
+class LoraFormat:
+    """How one family's LoRA keys are spelled for its diffusers pipeline loader."""
+
+    prefix: str
+    """The pipeline component the adapter belongs to (``transformer``, or ``unet`` for SDXL)."""
+    rename: Callable[[str], str] = _same
+    """dmdr's module name in the network (the network's own ``named_modules``) -> the loader's module name."""
+
+
+LORA_FORMATS: dict[str, LoraFormat] = {
+    "sd3": LoraFormat("transformer"),
+    "zimage": LoraFormat("transformer"),
+}
+"""One row per family: the diffusers network dmdr wraps is the pipeline's own, so the names carry over."""
+
+
+def lora_format(family: str) -> LoraFormat:
+    try:
+        return LORA_FORMATS[family]
+    except KeyError:
+        raise ConfigError(f"--lora: no diffusers LoRA key format for model family {family!r} "
+                          f"(have: {', '.join(LORA_FORMATS)}); export the merged pipeline instead") from None
+
+
+LoraLayers = dict[str, tuple[Tensor, Tensor]]
+"""Module name -> ``(A, B)``, ``A`` of shape ``(r, in)``, ``B`` of shape ``(out, r)``, scale already in ``B``."""
+
+
+@torch.no_grad()
+def generator_lora(net: nn.Module, adapter: str) -> LoraLayers:
+    """Adapter ``adapter`` of ``net``'s LoRA layers as fp32 ``(A, alpha/r * B)`` (the delta is ``B A``)."""
+    from dmdr.models.lora import lora_layers
+
+    out: LoraLayers = {}
+    for name, layer in lora_layers(net):
+        if adapter in layer.lora_A:
+            a, b = layer.lora_A[adapter].float(), layer.lora_B[adapter].float()
+            out[name.replace("_checkpoint_wrapped_module.", "")] = (a.clone(), b * layer.lora_scaling[adapter])
+    if not out:
+        raise ConfigError(f"the generator network has no LoRA adapter {adapter!r} to export")
+    return out
+
+
+def lora_state_dict(layers: LoraLayers, family: str, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The diffusers-format LoRA state dict of ``layers`` for ``family`` (see the module doc), in ``dtype``."""
+    fmt = lora_format(family)
+    out = {}
+    for name, (a, b) in sorted(layers.items()):
+        key = f"{fmt.prefix}.{fmt.rename(name)}"
+        out[f"{key}.lora_A.weight"] = a.to(dtype).contiguous()
+        out[f"{key}.lora_B.weight"] = b.to(dtype).contiguous()
+    return out
+
+
+def write_lora(folder: Path, state: dict[str, Tensor], metadata: dict[str, str]) -> Path:
+    """Save ``state`` as :data:`LORA_FILE` in ``folder`` (``metadata``: informative strings in the header)."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / LORA_FILE
+    save_file(state, str(path), metadata={"format": "pt", **metadata})
+    return path
+
+
+def write_single_file(path: Path, transformer: nn.Module, metadata: dict[str, str]) -> Path:
+    """The transformer's state dict, diffusers-keyed, as one safetensors file."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in transformer.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt", **metadata})
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- SVD
+@dataclass
+class Extraction:
+    """A LoRA extracted from a full fine-tune, and what it leaves out."""
+
+    layers: LoraLayers
+    rank: int
+    relative_error: float
+    """``||dW - B A||_F / ||dW||_F`` over all extracted linears together (0 when nothing changed)."""
+    left_out: list[str] = field(default_factory=list)
+    """Parameters that changed but are not ``nn.Linear`` weights (not representable as a LoRA)."""
+    left_out_relative: float = 0.0
+    """``||d theta||_F / ||theta_base||_F`` over :attr:`left_out` together."""
+
+    def summary(self) -> dict[str, object]:
+        return {"rank": self.rank, "relative_error": self.relative_error, "layers": len(self.layers),
+                "left_out": len(self.left_out), "left_out_relative_change": self.left_out_relative}
+
+
+def base_parameters(net: nn.Module) -> dict[str, Tensor]:
+    """``net``'s own parameters by their plain diffusers names: LoRA wrappers seen through, adapters dropped."""
+    from dmdr.models.lora import lora_layers
+
+    wrapped = {f"{name}.base.": f"{name}." for name, _ in lora_layers(net)}
+    out = {}
+    for key, value in net.state_dict().items():
+        key = key.replace("_checkpoint_wrapped_module.", "")
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        for old, new in wrapped.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+@torch.no_grad()
+def extract_lora(tuned: nn.Module, base: dict[str, Tensor], rank: int) -> Extraction:
+    """The rank-``rank`` LoRA closest to ``tuned - base`` on every changed ``nn.Linear`` weight (module doc).
+
+    Args:
+        tuned: the fine-tuned network (plain diffusers module names, no LoRA layers).
+        base: the base network's parameters by the same names (:func:`base_parameters`).
+    """
+    if rank < 1:
+        raise ConfigError(f"--lora-rank {rank}: give a rank >= 1")
+    linear_weights = {f"{n}.weight" for n, m in tuned.named_modules() if isinstance(m, nn.Linear)}
+    layers: LoraLayers = {}
+    err2 = total2 = other2 = other_base2 = 0.0
+    left_out = []
+    for key, value in tuned.state_dict().items():
+        if key not in base:
+            raise ConfigError(f"--lora-rank: the base network has no parameter {key!r}; is the run's teacher the "
+                              "base this generator was fine-tuned from?")
+        delta = value.double() - base[key].double()
+        if not torch.any(delta):
+            continue
+        if key not in linear_weights:
+            left_out.append(key)
+            other2 += delta.pow(2).sum().item()
+            other_base2 += base[key].double().pow(2).sum().item()
+            continue
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, s.numel())
+        root = s[:r].sqrt()
+        b, a = u[:, :r] * root, root[:, None] * vh[:r]
+        layers[key[: -len(".weight")]] = (a.float(), b.float())
+        total2 += s.pow(2).sum().item()
+        err2 += s[r:].pow(2).sum().item()
+    if not layers:
+        raise ConfigError("--lora-rank: no linear weight of the generator differs from the teacher's; "
+                          "nothing to extract (was the run trained?)")
+    return Extraction(layers, rank, math.sqrt(err2 / total2) if total2 else 0.0, left_out,
+                      math.sqrt(other2 / other_base2) if other_base2 else 0.0)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_release(folder: str | Path, base: str | Path = "") -> object:
+    """The stock diffusers pipeline of an export folder of any form, as its model card loads it.
+
+    ``pipeline``: ``from_pretrained(folder)``. ``lora``: the base pipeline (``base``, default the run's teacher
+    recorded in ``dmdr_inference.json``), ``load_lora_weights(folder)`` and the folder's few-step scheduler.
+    ``single-file``: the transformer by ``from_single_file(config=base)`` into the base pipeline, same scheduler.
+    """
+    import json
+
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    from dmdr.errors import UserError
+    from dmdr.export import SETTINGS_FILE, InferenceSettings
+    from dmdr.model_card import TRANSFORMER_CLASSES
+
+    folder = Path(folder)
+    settings = InferenceSettings.read(folder)  # one line if this is not an export
+    source = json.loads((folder / SETTINGS_FILE).read_text()).get("source", {})
+    form, files = source.get("form", "pipeline"), source.get("files", {})
+    base = Path(base or source.get("teacher", ""))
+    if form != "pipeline" and not (base / "model_index.json").is_file():
+        raise ConfigError(f"{folder} is a {form} export of the base pipeline {str(base)!r}, which is not a diffusers "
+                          "folder here; pass the base folder (--model-path)")
+    try:
+        if form == "pipeline":
+            return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+        kwargs = {}
+        if form == "single-file":  # the whole pipeline in the file's dtype, as the card calls it
+            import diffusers
+
+            kwargs["dtype"] = _DTYPES.get(source.get("dtype"), torch.float32)
+            model_class = getattr(diffusers, TRANSFORMER_CLASSES[settings.pipeline_class])
+            kwargs["transformer"] = model_class.from_single_file(
+                str(folder / files["single_file"]), config=str(base), subfolder="transformer", local_files_only=True,
+                dtype=kwargs["dtype"])
+        pipe = DiffusionPipeline.from_pretrained(str(base), local_files_only=True, **kwargs)
+        if form == "lora":
+            pipe.load_lora_weights(str(folder))
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder), subfolder="scheduler")
+        return pipe
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad folder, reported in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{folder}: cannot load the {form} export ({first[:300]})") from e
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

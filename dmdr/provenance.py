@@ -6,7 +6,7 @@ resume (:meth:`dmdr.distributed.checkpoint.CheckpointManager.load`) and export
 difference in one line naming the setting, saved vs current (:func:`record_mismatch`).
 
 The teacher fingerprint (:func:`teacher_fingerprint`) is cheap, no full read: SHA-256 over the denoiser's
-``transformer/config.json``, and for each of its safetensors files the header (tensor names, dtypes, shapes,
+``transformer/config.json`` (SDXL: ``unet/``), and for each of its safetensors files the header (tensor names, dtypes, shapes,
 offsets), the size and three 64 KiB windows of the data (start, middle, end): two fine-tunes of one
 architecture have equal headers but not equal bytes. It does not depend on where the folder is, so a
 teacher that moved (``--model.path``) still matches.
@@ -29,7 +29,7 @@ log = logging.getLogger("dmdr")
 RECORD_KEY = "run"
 """Key of the record in a checkpoint's ``COMPLETE.json``."""
 _WINDOW = 1 << 16
-_DENOISER = "transformer"
+_DENOISERS = ("transformer", "unet")
 _FIELDS = (("family", "model.family"), ("generator_mode", "model.generator_mode"))
 
 
@@ -54,7 +54,9 @@ def teacher_fingerprint(model_path: str | Path) -> str:
     """16 hex digits identifying the teacher denoiser of a diffusers folder (see the module doc)."""
     from dmdr.distributed.meta_load import safetensors_files
 
-    folder = Path(model_path) / _DENOISER
+    root = Path(model_path)
+    # The denoiser component: ``transformer`` (SD3, Z-Image) or ``unet`` (SDXL), whichever the folder has.
+    folder = next((root / name for name in _DENOISERS if (root / name / "config.json").is_file()), root / _DENOISERS[0])
     config = folder / "config.json"
     try:
         h = hashlib.sha256(config.read_bytes())

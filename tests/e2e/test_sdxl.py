@@ -98,8 +98,8 @@ def test_stock_sdxl_pipeline_reproduces_the_training_sampler(name, runs, tmp_pat
 
 
 @pytest.mark.parametrize("recipe,folder,needle", [
-    ("sdxl_dmdr", "sd3", "is a StableDiffusion3Pipeline folder, not sdxl (set model.family to sd3 or auto)"),
-    ("sd3m_dmdr", "sdxl", "is a StableDiffusionXLPipeline folder, not sd3 (set model.family to sdxl or auto)"),
+    ("sdxl_dmdr", "sd3", "is a StableDiffusion3Pipeline folder, i.e. sd3; set it to sd3 or auto"),
+    ("sd3m_dmdr", "sdxl", "is a StableDiffusionXLPipeline folder, i.e. sdxl; set it to sdxl or auto"),
 ])
 def test_recipe_refuses_another_familys_folder_in_one_line(recipe, folder, needle, sdxl_model, tiny_assets, tmp_path,
                                                            capsys):

@@ -127,7 +127,7 @@ def parallelize_denoiser(denoiser: nn.Module, mesh: DeviceMesh | None, parallel:
                                             parallel.ac_every)
     if parallel.compile:
         for block in blocks:
-            block.compile()  # in place: parameter names keep no ``_orig_mod`` level
+            block.compile(backend=parallel.compile_backend)  # in place: parameter names keep no ``_orig_mod`` level
     if mesh is None:
         return denoiser
     offload: OffloadPolicy = OffloadPolicy()

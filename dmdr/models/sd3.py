@@ -97,6 +97,9 @@ class JointAttnDispatchProcessor:
             query = torch.cat([query, heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
             key = torch.cat([key, heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
             value = torch.cat([value, heads(attn.add_v_proj(encoder_hidden_states), None)], dim=2)
+        # Under autocast with fp32 qk-norm weights the normed q, k come out fp32 while v is bf16: SDPA's
+        # autocast rounds them the same way, flash-attn would refuse the mix. A no-op without autocast.
+        query, key = query.to(value.dtype), key.to(value.dtype)
         out = dispatch_attention_fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                     dropout_p=0.0, is_causal=False, backend=self._attention_backend,
                                     parallel_config=self._parallel_config)

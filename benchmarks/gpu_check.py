@@ -15,8 +15,8 @@ flash-attn) it prints ONE table, every ratio measured in this run:
   Z-Image's padded captions), on a tiny-but-wide transformer of each family (2 blocks, width 1536,
   4096 image tokens, bf16): forward + backward time, speed-up, largest difference;
 * a 20-step DMDR run of ``recipes/tiny_dmdr.py`` on CUDA (bf16 mixed precision: fp32 weights, bf16
-  autocast; full activation checkpointing, ``model.attention auto``) in a fresh process: steps/s, MFU and peak memory of its
-  last logged interval, and the attention backend it chose.
+  autocast; full activation checkpointing, ``model.attention auto``) in a fresh process: steps/s,
+  MFU and peak memory of its last logged interval, and the attention backend it chose.
 
 It exits 1 when a kernel check fails (a wrong kernel, or a training run that does not finish), 0
 otherwise; a missing flash-attn is shown in the table, not failed. Without CUDA it says it needs a

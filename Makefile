@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) recipes/tiny_dmdr.py --train.output_dir runs/tiny-demo
+	$(PY) tools/demo.py --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m ruff check dmdr kernels recipes tools tests benchmarks

@@ -64,6 +64,8 @@ class DMDConfig:
     fake_scale: float = 2.0
     """Critic-LoRA scale s_f of the fake score."""
     eps: float = 1e-8
+    weight: float = 1.0
+    """Weight of the DMD loss in the generator loss; 0 trains the RL loss alone (the paper's "only RL" rows)."""
 
 
 @dataclass
@@ -339,6 +341,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(cfg.dmd.shift > 0, "dmd.shift", "must be > 0")
     _require(0 <= cfg.dmd.t_min < 1, "dmd.t_min", "must be in [0, 1)")
     _require(cfg.dmd.guidance_jitter >= 0, "dmd.guidance_jitter", "must be >= 0")
+    _require(cfg.dmd.weight >= 0, "dmd.weight", "must be >= 0 (0 = the RL loss alone)")
     _require(cfg.dynamic.decay_steps >= 0, "dynamic.decay_steps", "must be >= 0")
     _require(cfg.dynamic.alpha > 0 and cfg.dynamic.beta > 0, "dynamic.alpha", "alpha and beta must be > 0")
     _require(cfg.model.critic_lora_rank >= 1, "model.critic_lora_rank", "must be >= 1")

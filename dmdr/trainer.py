@@ -321,15 +321,17 @@ class DMDRTrainer:
         self._apply_learning_rates(k)
         x_t, t = generator_input(x0_sim, self.timesteps, self.param, self.rng)
         x0 = generator_clean_estimate(r.generator_fn, x_t, t, cond, self.param)
-        t_d = self.dynars.sample(k, x0.shape[0], self.rng, device=self.device)
-        w = draw_guidance(cfg.dmd.guidance, cfg.dmd.guidance_jitter, self.rng)
         s_r = self.real_scale(k)
-        terms = dmd_generator_loss(x0, cond, uncond, r.critic_fn, self.param, t_d, w, s_r, cfg.dmd.fake_scale,
-                                   generator=self.rng, eps=cfg.dmd.eps)
-        loss = terms.loss
-        metrics = {"loss/dmd": terms.loss.item(), "schedule/lora_scale_real": s_r,
-                   "schedule/guidance": w, "schedule/dynars_mean": self.dynars.mean(k),
-                   "dmd/grad_abs_mean": terms.grad.abs().mean().item()}
+        metrics = {"schedule/lora_scale_real": s_r, "schedule/dynars_mean": self.dynars.mean(k)}
+        loss = x0.new_zeros((), dtype=torch.float32)
+        if cfg.dmd.weight > 0:  # 0: the RL loss alone (an ablation), no score passes at all
+            t_d = self.dynars.sample(k, x0.shape[0], self.rng, device=self.device)
+            w = draw_guidance(cfg.dmd.guidance, cfg.dmd.guidance_jitter, self.rng)
+            terms = dmd_generator_loss(x0, cond, uncond, r.critic_fn, self.param, t_d, w, s_r, cfg.dmd.fake_scale,
+                                       generator=self.rng, eps=cfg.dmd.eps)
+            loss = cfg.dmd.weight * terms.loss
+            metrics.update({"loss/dmd": terms.loss.item(), "schedule/guidance": w,
+                            "dmd/grad_abs_mean": terms.grad.abs().mean().item()})
         if self.rl_active(k):
             images = self.backbone.codec.decode(x0)
             rl, stats = refl_loss(images, prompts, self.rewards, cfg.rl.margin)
@@ -496,7 +498,8 @@ class DMDRTrainer:
                     if self.skip_monitor is not None:
                         metrics.update(self._data_metrics())
                     logger.log(k, metrics)
-                bar.update(1, {"dmd": metrics["loss/dmd"], "fake": metrics["loss/fake"]})
+                shown = (("dmd", "loss/dmd"), ("rl", "loss/rl"), ("fake", "loss/fake"))
+                bar.update(1, {short: metrics[key] for short, key in shown if key in metrics})
                 if cfg.log.sample_interval and k % cfg.log.sample_interval == 0 and cfg.log.sample_prompts:
                     images = self.sample_images(list(cfg.log.sample_prompts))
                     logger.log_images(k, "samples", images)

@@ -169,6 +169,10 @@ class SD3TextEncoder:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
         """``{"prompt_embeds": (B, 77 + L, D_t5), "pooled_prompt_embeds": (B, D_pool)}``."""
+        return self.embed(prompts)
+
+    def embed(self, prompts: list[str]) -> Conditioning:
+        """:meth:`encode` under the caller's grad mode (a teacher trained with its text encoders uses it)."""
         prompts = list(prompts)
         h1, p1 = self._clip(0, prompts)
         h2, p2 = self._clip(1, prompts)

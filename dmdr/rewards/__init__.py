@@ -3,6 +3,7 @@
 Available names:
 
 * ``brightness`` and ``color``: analytic (:mod:`dmdr.rewards.analytic`); the tiny demo and tests use them.
+* ``shapes``: the shapes world's prompt-aware colour reward (:mod:`dmdr.worlds.shapes.reward`), the demo's.
 * ``hps`` (HPSv2.1: open_clip ViT-H-14 + the checkpoint file ``rl.hps_checkpoint``; prompts prefixed
   ``"Realistic photo "``), ``clip`` (DFN-CLIP: open_clip folder ``rl.clip_model``) and ``pickscore``
   (transformers CLIP folder ``rl.pickscore_model``): the paper's reward models
@@ -34,6 +35,10 @@ def build_reward(name: str, rl_cfg: Any, device: torch.device | str = "cpu") -> 
     """The reward called ``name`` (``rl.rewards`` entry), frozen and ready on ``device``."""
     if name in ANALYTIC:
         return ANALYTIC[name]()
+    if name == "shapes":  # the shapes world's reward (dmdr.worlds.shapes), imported only when asked for
+        from dmdr.worlds.shapes.reward import ShapesReward
+
+        return ShapesReward()
     resolution = int(rl_cfg.reward_resolution)
     if name == "hps":
         from dmdr.rewards.models import HPS_ARCH, HPSReward
@@ -48,7 +53,7 @@ def build_reward(name: str, rl_cfg: Any, device: torch.device | str = "cpu") -> 
         from dmdr.rewards.models import PickScoreReward
 
         return PickScoreReward(getattr(rl_cfg, "pickscore_model", ""), device=device, resolution=resolution)
-    known = ", ".join([*ANALYTIC, *MODEL_REWARDS])
+    known = ", ".join([*ANALYTIC, "shapes", *MODEL_REWARDS])
     raise ConfigError(f"--rl.rewards: unknown reward {name!r} (known: {known})")
 
 

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,eval,hps]" && $(PIP) install -q --no-deps hpsv2==1.2.0
 	touch $(STAMP)
 
 demo: $(STAMP)

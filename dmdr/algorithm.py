@@ -22,8 +22,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from dmdr.losses.dmd import critic_loss, dmd_loss, score_difference
-from dmdr.parameterization import Parameterization
+from dmdr.losses.dmd import critic_loss, decoupled_dmd_gradient, dmd_loss, score_difference
+from dmdr.parameterization import Parameterization, classifier_free_guidance
 from dmdr.sampling import _default_cat, few_step_sample, randn_like
 
 GeneratorFn = Callable[[Tensor, Tensor, Any], Tensor]
@@ -80,6 +80,21 @@ class DMDTerms:
     x_d: Tensor
 
 
+@dataclass
+class DecoupledDMD:
+    """Decoupled DMD's settings for one generator step (:func:`dmdr.losses.dmd.decoupled_dmd_gradient`).
+
+    Attributes:
+        dm_weight / ca_weight: the DM and CA terms' weights (1 and 1: the coupled gradient).
+        t_ca: the CA term's own renoise levels ``(B,)`` (renoised with their own noise); ``None`` shares the
+            DM term's levels and noise.
+    """
+
+    dm_weight: float = 1.0
+    ca_weight: float = 1.0
+    t_ca: Tensor | None = None
+
+
 def dmd_generator_loss(
     x0: Tensor,
     cond: Any,
@@ -93,14 +108,20 @@ def dmd_generator_loss(
     generator: torch.Generator | None = None,
     cat_cond: Callable[[list[Any]], Any] | None = None,
     eps: float = 1e-8,
+    decoupled: DecoupledDMD | None = None,
 ) -> DMDTerms:
     """Steps 2-5 of the generator update: renoise, score difference, the DMD loss.
 
     The three score evaluations (uncond and cond at ``s_r``, fake at ``s_f``) run as ONE forward of
-    the critic over a 3x batch with per-sample LoRA scales ``(s_r, s_r, s_f)``.
+    the critic over a 3x batch with per-sample LoRA scales ``(s_r, s_r, s_f)``. With ``decoupled`` the
+    gradient is Decoupled DMD's; a CA term at its own levels adds uncond and cond there to the same one
+    forward (a 5x batch).
     """
     cat_cond = cat_cond or _default_cat
     batch = x0.shape[0]
+    if decoupled is not None:
+        return _decoupled_loss(x0, cond, uncond, critic_fn, param, t_d, guidance, real_scale, fake_scale,
+                               generator, cat_cond, eps, decoupled)
     with torch.no_grad():
         x_d = param.renoise(x0.detach(), randn_like(x0, generator), t_d)
         scales = torch.tensor([real_scale] * (2 * batch) + [fake_scale] * batch, device=x0.device,
@@ -109,4 +130,31 @@ def dmd_generator_loss(
                           cat_cond([uncond, cond, cond]), scales)
         pred_uncond, pred_cond, pred_fake = preds.chunk(3)
         grad = score_difference(param, x0, x_d, t_d, pred_uncond, pred_cond, guidance, pred_fake, eps=eps)
+    return DMDTerms(loss=dmd_loss(x0, grad), grad=grad, x_d=x_d)
+
+
+def _decoupled_loss(x0: Tensor, cond: Any, uncond: Any, critic_fn: CriticFn, param: Parameterization, t_d: Tensor,
+                    guidance: float, real_scale: float, fake_scale: float, generator: torch.Generator | None,
+                    cat_cond: Callable[[list[Any]], Any], eps: float, d: DecoupledDMD) -> DMDTerms:
+    batch = x0.shape[0]
+    with torch.no_grad():
+        x_d = param.renoise(x0.detach(), randn_like(x0, generator), t_d)
+        xs, ts, conds = [x_d, x_d, x_d], [t_d, t_d, t_d], [uncond, cond, cond]
+        scales = [real_scale] * (2 * batch) + [fake_scale] * batch
+        if d.t_ca is not None:
+            x_ca = param.renoise(x0.detach(), randn_like(x0, generator), d.t_ca)
+            xs, ts, conds = xs + [x_ca, x_ca], ts + [d.t_ca, d.t_ca], conds + [uncond, cond]
+            scales += [real_scale] * (2 * batch)
+        preds = critic_fn(torch.cat(xs), torch.cat(ts), cat_cond(conds),
+                          torch.tensor(scales, device=x0.device, dtype=torch.float32)).float()
+        chunks = preds.chunk(len(xs))
+        x_d32 = x_d.float()
+        u, c, f = (param.to_x0(x_d32, t_d, p) for p in chunks[:3])
+        real = param.to_x0(x_d32, t_d, classifier_free_guidance(chunks[0], chunks[1], guidance))
+        ca = (u, c, real)
+        if d.t_ca is not None:
+            x_ca32 = x_ca.float()
+            u_ca, c_ca = (param.to_x0(x_ca32, d.t_ca, p) for p in chunks[3:])
+            ca = (u_ca, c_ca, param.to_x0(x_ca32, d.t_ca, classifier_free_guidance(chunks[3], chunks[4], guidance)))
+        grad = decoupled_dmd_gradient(x0.detach(), (c, f, real), ca, guidance, d.dm_weight, d.ca_weight, eps)
     return DMDTerms(loss=dmd_loss(x0, grad), grad=grad, x_d=x_d)

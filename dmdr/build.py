@@ -1,8 +1,8 @@
 """Build a run from a resolved config: environment, models by role, rewards, data, trainer, checkpoints.
 
-Data flows one way: ``config -> build_run -> Session.train -> checkpoints / logs``. Every check
-that can fail on user input (model folder, data sources, reward paths, checkpoint) runs here,
-before the first training step.
+Data flows one way: ``config -> preflight -> build_run -> Session.train -> checkpoints / logs``. The
+launcher's preflight (:mod:`dmdr.preflight`) has already checked every path without loading anything;
+the loaders' own checks here still fail with one line (library callers, files changed since).
 """
 
 from __future__ import annotations

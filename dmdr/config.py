@@ -66,6 +66,16 @@ class DMDConfig:
     eps: float = 1e-8
     weight: float = 1.0
     """Weight of the DMD loss in the generator loss; 0 trains the RL loss alone (the paper's "only RL" rows)."""
+    decoupled: bool = False
+    """Decoupled DMD (arXiv 2511.22677): DM and CA terms weighted and renoised separately; off = the coupled loss."""
+    dm_weight: float = 1.0
+    """Decoupled DMD: weight of the distribution-matching term DM = x0_fake - x0_cond."""
+    ca_weight: float = 1.0
+    """Decoupled DMD: weight of the CFG-augmentation term (w - 1) CA, CA = x0_uncond - x0_cond."""
+    ca_levels: Literal["shared", "beta"] = "shared"
+    """Decoupled DMD: the CA term's renoise levels: the DM term's own (shared), or its own Beta(ca_alpha, ca_beta)."""
+    ca_alpha: float = 1.0
+    ca_beta: float = 1.0
 
 
 @dataclass
@@ -86,12 +96,30 @@ class DynamicConfig:
 class RLConfig:
     """The reward branch, on from ``start_step`` generator steps."""
 
-    method: Literal["refl", "none"] = "refl"
+    method: Literal["none", "refl", "dpo", "grpo"] = "refl"
+    """The RL branch (dmdr/losses/rl/): ReFL, on-policy DPO, or GRPO with DMD in place of the KL term."""
     start_step: int = 2000
     rewards: tuple[str, ...] = ("hps", "clip")
     weights: tuple[float, ...] = (0.3, 0.3)
+    """ReFL: each reward's loss weight w_r. DPO / GRPO rank samples by the weighted sum of the scores."""
     margin: float = 0.7
     """ReFL per-reward loss relu(margin - score)."""
+    dpo_k: int = 4
+    """DPO: K samples per prompt from the generator's own sampler; the best and worst form the pair."""
+    dpo_beta: float = 100.0
+    """DPO: beta of -log sigmoid(-beta [(e_theta(w) - e_ref(w)) - (e_theta(l) - e_ref(l))])."""
+    dpo_weight: float = 1.0
+    """DPO: lambda in L = L_dmd + lambda L_dpo."""
+    grpo_group_size: int = 4
+    """GRPO: G samples per prompt (a group lives on one rank; must divide the per-rank batch)."""
+    grpo_clip: float = 1e-3
+    """GRPO: eps of clip(rho, 1 - eps, 1 + eps) (Flow-GRPO's)."""
+    grpo_weight: float = 1.0
+    """GRPO: lambda in L = L_dmd + lambda L_grpo."""
+    grpo_inner_updates: int = 1
+    """GRPO: generator updates per sampled group (mu); the group is reused (and checkpointed) between them."""
+    srpo_k: float = 0.1
+    """srpo reward: k in r = (1 + k) cos(f, f+) - cos(f, f-)."""
     reward_resolution: int = 224
     """Reward-model input size, used only for a model whose config declares none (each model runs at its own)."""
     hps_checkpoint: str = ""
@@ -307,34 +335,51 @@ def set_value(cfg: TrainConfig, key: str, raw: str) -> None:
     setattr(sub, name, _convert(key, raw, tp))
 
 
-def apply_overrides(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
-    """Apply ``--section.field value`` pairs from ``argv`` to ``cfg`` (in place) and validate."""
+def apply_overrides(cfg: TrainConfig, argv: list[str], problems: list[tuple[str, str]] | None = None) -> TrainConfig:
+    """Apply ``--section.field value`` pairs from ``argv`` to ``cfg`` (in place) and validate.
+
+    With ``problems`` given, nothing raises: every bad argument and failed check is appended as
+    ``(key, message)`` (the field keeps its recipe value) so that preflight reports them all at once.
+    """
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.field value")
-        key = arg[2:]
-        if "=" in key:
-            key, raw = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"--{key} needs a value")
-            raw = argv[i + 1]
-            i += 2
-        set_value(cfg, key, raw)
-    validate(cfg)
+        key, raw = arg[2:], None
+        try:
+            if not arg.startswith("--"):
+                i += 1
+                raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.field value")
+            if "=" in key:
+                key, raw = key.split("=", 1)
+                i += 1
+            else:
+                if i + 1 >= len(argv):
+                    i += 1
+                    raise ConfigError(f"--{key} needs a value")
+                raw = argv[i + 1]
+                i += 2
+            set_value(cfg, key, raw)
+        except ConfigError as err:
+            if problems is None:
+                raise
+            problems.append((key if arg.startswith("--") else "", str(err)))
+    validate(cfg, problems)
     return cfg
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"--{key}: {message}")
+def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) -> None:
+    """Range and consistency checks that types alone cannot express.
 
+    Raises a one-line :class:`ConfigError` on the first failed check, or, with ``problems`` given,
+    appends every failed check to it as ``(key, "--key: message")``.
+    """
+    def _require(ok: bool, key: str, message: str) -> None:
+        if ok:
+            return
+        if problems is None:
+            raise ConfigError(f"--{key}: {message}")
+        problems.append((key, f"--{key}: {message}"))
 
-def validate(cfg: TrainConfig) -> None:
-    """Range and consistency checks that types alone cannot express."""
     _require(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
     _require(cfg.dmd.num_steps >= 1, "dmd.num_steps", "must be >= 1")
     _require(cfg.dmd.ratio >= 1, "dmd.ratio", "must be >= 1")
@@ -342,6 +387,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(0 <= cfg.dmd.t_min < 1, "dmd.t_min", "must be in [0, 1)")
     _require(cfg.dmd.guidance_jitter >= 0, "dmd.guidance_jitter", "must be >= 0")
     _require(cfg.dmd.weight >= 0, "dmd.weight", "must be >= 0 (0 = the RL loss alone)")
+    _require(cfg.dmd.ca_alpha > 0 and cfg.dmd.ca_beta > 0, "dmd.ca_alpha", "ca_alpha and ca_beta must be > 0")
     _require(cfg.dynamic.decay_steps >= 0, "dynamic.decay_steps", "must be >= 0")
     _require(cfg.dynamic.alpha > 0 and cfg.dynamic.beta > 0, "dynamic.alpha", "alpha and beta must be > 0")
     _require(cfg.model.critic_lora_rank >= 1, "model.critic_lora_rank", "must be >= 1")
@@ -354,6 +400,21 @@ def validate(cfg: TrainConfig) -> None:
         _require(len(cfg.rl.rewards) > 0, "rl.rewards", "at least one reward when rl.method is not none")
         _require(len(cfg.rl.weights) == len(cfg.rl.rewards), "rl.weights",
                  f"{len(cfg.rl.weights)} weights for {len(cfg.rl.rewards)} rewards")
+    rl_batch = cfg.data.rl_batch_size or cfg.data.batch_size
+    if cfg.rl.method == "dpo":
+        _require(cfg.rl.dpo_k >= 2, "rl.dpo_k", f"DPO needs K >= 2 samples per prompt to form a pair, got "
+                 f"{cfg.rl.dpo_k}")
+        _require(cfg.rl.dpo_beta > 0, "rl.dpo_beta", "must be > 0")
+    if cfg.rl.method == "grpo":
+        g = cfg.rl.grpo_group_size
+        _require(g >= 2, "rl.grpo_group_size", f"GRPO needs groups of >= 2 samples, got {g}")
+        _require(rl_batch % g == 0, "rl.grpo_group_size",
+                 f"{g} does not divide the per-rank RL batch {rl_batch} (data.rl_batch_size or data.batch_size); "
+                 "a group must live on one rank")
+        _require(cfg.dmd.num_steps >= 2, "dmd.num_steps",
+                 "GRPO needs >= 2 sampler steps (the last step is deterministic and carries no log-prob)")
+        _require(cfg.rl.grpo_clip > 0, "rl.grpo_clip", "must be > 0")
+        _require(cfg.rl.grpo_inner_updates >= 1, "rl.grpo_inner_updates", "must be >= 1")
     _require(cfg.rl.start_step >= 0, "rl.start_step", "must be >= 0")
     for name in ("generator_lr", "critic_lr", "rl_generator_lr", "rl_critic_lr"):
         _require(getattr(cfg.optim, name) >= 0, f"optim.{name}", "must be >= 0")

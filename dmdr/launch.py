@@ -1,10 +1,13 @@
-"""The recipe entry point: recipe -> config -> build -> resume -> train -> checkpoint, with one-line errors.
+"""The recipe entry point: recipe -> config -> preflight -> build -> resume -> train, with one-line errors.
 
 A recipe file ends with ``sys.exit(main(my_recipe))``; ``main`` parses ``--section.field value``
-overrides, checks the output folder and the model before any work, writes the resolved config to
-``<output_dir>/config.json``, resumes from the latest complete checkpoint (``checkpoint.resume=auto``)
-and trains. A :class:`~dmdr.errors.UserError` anywhere prints ``error: <one line>`` and exits 2; a run
-stopped by ``train.max_bad_steps`` non-finite steps in a row prints one line and exits 3.
+overrides, runs preflight (:mod:`dmdr.preflight`: every path and required setting, checked without
+loading a model; all problems in one message, printed by rank 0 only, exit 2), writes the resolved
+config to ``<output_dir>/config.json``, resumes from the latest complete checkpoint
+(``checkpoint.resume=auto``) and trains. ``--dry-run`` stops after preflight and prints the resolved
+config and the plan of the run (exit 0, nothing loaded). A :class:`~dmdr.errors.UserError` anywhere
+prints ``error: <one line>`` and exits 2; a run stopped by ``train.max_bad_steps`` non-finite steps in a
+row prints one line and exits 3.
 """
 
 from __future__ import annotations
@@ -18,9 +21,14 @@ from pathlib import Path
 from dmdr.config import TrainConfig, apply_overrides, save_config
 from dmdr.distributed.env import collect_released_objects
 from dmdr.errors import ConfigError, UserError
+from dmdr.preflight import PreflightError, Problem, job_shape, preflight_run, problem_from, reports
+from dmdr.preflight.files import writable_problem
+from dmdr.preflight.plan import describe
 from dmdr.trainer import TrainingDiverged
 
 log = logging.getLogger("dmdr")
+
+DRY_RUN = "--dry-run"
 
 
 def check_output_dir(path: str) -> Path:
@@ -36,24 +44,49 @@ def check_output_dir(path: str) -> Path:
     return out
 
 
+def resolve(recipe: Callable[[], TrainConfig], argv: list[str]) -> tuple[TrainConfig, list[Problem]]:
+    """The recipe's config with ``argv``'s overrides, and every override or value problem (nothing raised)."""
+    found: list[tuple[str, str]] = []
+    cfg = apply_overrides(recipe(), argv, problems=found)
+    return cfg, [problem_from(UserError(message), key) for key, message in found]
+
+
 def main(recipe: Callable[[], TrainConfig], argv: list[str] | None = None,
          prepare: Callable[[TrainConfig], None] | None = None) -> int:
     """Run a recipe with command-line overrides; returns the process exit code.
 
-    ``prepare(cfg)`` runs after the overrides and before the build (the tiny recipe uses it to
-    create its own model folder and prompt file on first use).
+    ``prepare(cfg)`` runs after the overrides and before preflight (the tiny recipe uses it to
+    create its own model folder and prompt file on first use). ``--dry-run`` anywhere in ``argv``:
+    preflight, print the resolved config and the plan, exit 0 without loading weights.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dmdr %(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(_help(recipe))
         return 0
+    dry_run = DRY_RUN in argv
+    argv = [a for a in argv if a != DRY_RUN]
+    rank, local_rank, _ = job_shape()
     try:
-        cfg = apply_overrides(recipe(), argv)
-        if prepare is not None:
+        cfg, problems = resolve(recipe, argv)
+        if prepare is not None and not writable_problem(cfg.train.output_dir):
             check_output_dir(cfg.train.output_dir)
-            prepare(cfg)
+            try:
+                prepare(cfg)
+            except UserError as err:  # the recipe's own assets: the checks after it may depend on them
+                raise PreflightError([*problems, Problem("", fix=str(err))]) from None
+        ctx = preflight_run(cfg, problems)
+        if dry_run:
+            if rank == 0:
+                print(describe(cfg, ctx))
+            return 0
         return run(cfg)
+    except PreflightError as err:
+        # Every rank checks the same inputs; one message per node, not one per rank.
+        if reports(rank, local_rank):
+            where = "" if rank == 0 else f"[rank {rank}] "
+            print(f"{where}error: {err}", file=sys.stderr)
+        return 2
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -83,7 +116,10 @@ def _help(recipe: Callable[[], TrainConfig]) -> str:
     from dmdr.config import all_keys
 
     cfg = recipe()
-    lines = [f"{recipe.__name__}: override any field with --section.field value", ""]
+    lines = [f"{recipe.__name__}: override any field with --section.field value", "",
+             f"  {DRY_RUN}  check every path and setting (nothing is loaded), print the resolved config and",
+             "             the plan of the run (model, roles, mesh, stages, learning rates, sharding, outputs), exit",
+             ""]
     for key in all_keys(cfg):
         section, _, name = key.partition(".")
         lines.append(f"  --{key} {getattr(getattr(cfg, section), name)!r}")

@@ -7,13 +7,15 @@ from the ``torch.Generator`` passed in, so a resumed run samples the same noise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from dmdr.parameterization import Parameterization, classifier_free_guidance
+from dmdr.parameterization import Parameterization, TimeLike, classifier_free_guidance
 from dmdr.schedules import shift_timesteps
 
 PredictFn = Callable[[Tensor, Tensor, Any], Tensor]
@@ -57,6 +59,61 @@ def few_step_sample(
         else:
             x = param.renoise(param.to_x0(x, t, pred), randn_like(x, generator), t_next)
     return x
+
+
+@dataclass
+class SDETrajectory:
+    """A few-step *sde* sample with what GRPO needs of it (ALGORITHM.md, GRPO).
+
+    Attributes:
+        states: ``N`` tensors ``x_0 .. x_{N-1}``: the noise and each renoised state the sampler visited.
+        log_probs: ``(B, N - 1)`` per-dimension Gaussian log-density of each stochastic step
+            ``x_i -> x_{i+1}`` under the sampling policy (the last step is deterministic: none).
+        sample: the clean sample ``x0`` (the last step's clean estimate).
+    """
+
+    states: list[Tensor]
+    log_probs: Tensor
+    sample: Tensor
+
+
+def sde_step_log_prob(param: Parameterization, x_next: Tensor, x0_hat: Tensor, t_next: TimeLike) -> Tensor:
+    """Per-dimension log-density of ``x_next`` under the sde step ``N(renoise(x0_hat, 0, t'), s(t')^2 I)``.
+
+    The sde sampler draws ``x_next = renoise(x0_hat, eps, t_next)``: affine in ``eps``, so the step is a
+    Gaussian with mean ``renoise(x0_hat, 0, t')`` and standard deviation ``renoise(0, 1, t')`` (``t'`` for
+    flows). The exact log-density is the sum over dimensions; this returns it divided by their count
+    (Flow-GRPO's mean), so ratios stay O(1) at any resolution. Shape ``(B,)``, fp32.
+    """
+    x_next, x0_hat = x_next.float(), x0_hat.float()
+    mean = param.renoise(x0_hat, torch.zeros_like(x0_hat), t_next)
+    std = param.renoise(torch.zeros_like(x0_hat), torch.ones_like(x0_hat), t_next)
+    z = (x_next - mean) / std
+    logp = -0.5 * z ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return logp.mean(dim=tuple(range(1, logp.ndim)))
+
+
+def sde_sample_with_log_probs(fn: PredictFn, noise: Tensor, cond: Any, timesteps: Tensor, param: Parameterization,
+                              generator: torch.Generator | None = None) -> SDETrajectory:
+    """The *sde* few-step sampler of :func:`few_step_sample`, keeping the states and each step's log-prob.
+
+    The same draws as ``few_step_sample(..., mode="sde")`` from the same generator state.
+    """
+    x = noise
+    batch = noise.shape[0]
+    n = timesteps.numel() - 1
+    states, log_probs = [noise], []
+    for i in range(n):
+        t = timesteps[i].to(x.device).expand(batch)
+        x0_hat = param.to_x0(x, t, fn(x, t, cond))
+        if i == n - 1:
+            break
+        t_next = timesteps[i + 1].to(x.device).expand(batch)
+        x = param.renoise(x0_hat, randn_like(x, generator), t_next)
+        log_probs.append(sde_step_log_prob(param, x, x0_hat, t_next))
+        states.append(x)
+    lp = torch.stack(log_probs, dim=1) if log_probs else noise.new_zeros((batch, 0), dtype=torch.float32)
+    return SDETrajectory(states=states, log_probs=lp, sample=x0_hat)
 
 
 def teacher_timesteps(num_steps: int, shift: float = 1.0, t_end: float = 0.0) -> Tensor:

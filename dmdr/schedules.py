@@ -87,9 +87,15 @@ class DynaRSSampler:
                device: torch.device | str = "cpu") -> Tensor:
         """``n`` levels in ``[t_min, 1)`` as float32 on ``device``."""
         a, b = self.params(step)
-        # Beta via two Gammas drawn from our generator (torch.distributions has no generator arg).
-        ga = torch._standard_gamma(torch.full((n,), a, dtype=torch.float64), generator=generator)
-        gb = torch._standard_gamma(torch.full((n,), b, dtype=torch.float64), generator=generator)
-        t = ga / (ga + gb)
-        upper = math.nextafter(1.0, 0.0)
-        return t.clamp(self.t_min, upper).to(device=device, dtype=torch.float32)
+        return beta_levels(a, b, n, generator, self.t_min, device)
+
+
+def beta_levels(a: float, b: float, n: int, generator: torch.Generator | None = None, t_min: float = 0.001,
+                device: torch.device | str = "cpu") -> Tensor:
+    """``n`` levels ``t ~ Beta(a, b)`` clipped to ``[t_min, 1)``, float32 on ``device``."""
+    # Beta via two Gammas drawn from our generator (torch.distributions has no generator arg).
+    ga = torch._standard_gamma(torch.full((n,), a, dtype=torch.float64), generator=generator)
+    gb = torch._standard_gamma(torch.full((n,), b, dtype=torch.float64), generator=generator)
+    t = ga / (ga + gb)
+    upper = math.nextafter(1.0, 0.0)
+    return t.clamp(t_min, upper).to(device=device, dtype=torch.float32)

@@ -9,8 +9,9 @@ The trainer knows roles, not model families:
 * ``codec`` (VAE) for ReFL, ``text_encoder`` or an embedding cache for prompts.
 
 One iteration (ALGORITHM.md): backward-simulate ``x0_sim`` with the generator (no grad); if a
-generator step is due, build ``x_t`` from ``x0_sim``, take the DMD loss (+ ReFL once RL is on) and
-step; then train the critic on the same ``x0_sim``. ``k`` counts generator steps and drives
+generator step is due, build ``x_t`` from ``x0_sim``, take the DMD loss (+ the RL branch's loss once RL
+is on: ``rl.method`` refl, dpo or grpo, one call through :mod:`dmdr.losses.rl`) and step; then train
+the critic on the same ``x0_sim``. ``k`` counts generator steps and drives
 DynaDG, DynaRS, the RL switch and ``train.max_steps``.
 
 Everything that changes during training is reachable from :meth:`DMDRTrainer.app_state`, one
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from dmdr.algorithm import (
+    DecoupledDMD,
     backward_simulate,
     critic_step_loss,
     dmd_generator_loss,
@@ -37,12 +39,20 @@ from dmdr.algorithm import (
     generator_input,
 )
 from dmdr.config import TrainConfig
-from dmdr.losses.rl.refl import refl_loss
-from dmdr.models.base import Backbone, Conditioning, Denoiser, conditioning_to, repeat_conditioning
+from dmdr.losses.rl import PolicyAccess, RLBatch, build_rl_method
+from dmdr.losses.rl.reference import FrozenReference
+from dmdr.models.base import (
+    Backbone,
+    Conditioning,
+    Denoiser,
+    conditioning_to,
+    index_conditioning,
+    repeat_conditioning,
+)
 from dmdr.observability import MetricsLogger, ProgressBar, Throughput, gpu_peak_tflops, peak_memory_gb
 from dmdr.rewards.base import Reward
-from dmdr.sampling import few_step_sample
-from dmdr.schedules import DynaRSSampler, dynadg_real_scale, few_step_timesteps
+from dmdr.sampling import _default_cat, few_step_sample
+from dmdr.schedules import DynaRSSampler, beta_levels, dynadg_real_scale, few_step_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +132,7 @@ class DMDRTrainer:
         cfg: the resolved config.
         backbone: the loaded model family (teacher with critic LoRA already injected).
         roles: generator / teacher / trainable parameter lists.
-        rewards: ``(reward, weight)`` pairs for ReFL (may be empty when ``rl.method == "none"``).
+        rewards: ``(reward, weight)`` pairs of the RL branch (may be empty when ``rl.method == "none"``).
         loader: an iterable of batches ``{"prompts": [...], ...}`` (a StatefulDataLoader in production).
         device: where the step runs.
         dist: the distributed environment (see :mod:`dmdr.distributed`); ``None`` for one process.
@@ -166,6 +176,11 @@ class DMDRTrainer:
         if cfg.optim.ema_decay > 0:
             self.ema = [p.detach().clone() for p in roles.generator_params]
         self._ema_from_weights = False
+        # The RL branch (dmdr/losses/rl/): one method called per generator step, plus what it declares it
+        # needs: a frozen reference snapshot (DPO) and per-rank sampler state (GRPO), both checkpointed.
+        self.rl = build_rl_method(cfg.rl, sampler=cfg.dmd.backward_simulation)
+        self.reference = (FrozenReference(roles.generator_params)
+                          if self.rl is not None and self.rl.needs_reference else None)
         self._negative: Conditioning | None = None
         self._data_iter: Iterator | None = None
         self._fake_losses: list[float] = []
@@ -184,6 +199,9 @@ class DMDRTrainer:
         }
         if self.ema is not None:
             state["ema"] = dict(zip(self.roles.generator_param_names(), self.ema))
+        if self.reference is not None:
+            state["rl_reference"] = dict(zip(self.roles.generator_param_names(), self.reference.values))
+            state["rl_reference_taken"] = self.reference.taken
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -195,12 +213,16 @@ class DMDRTrainer:
         if self.ema is not None and "ema" in state:
             for name, t in zip(self.roles.generator_param_names(), self.ema):
                 t.copy_(state["ema"][name])
+        if self.reference is not None and "rl_reference" in state:
+            for name, t in zip(self.roles.generator_param_names(), self.reference.values):
+                t.copy_(state["rl_reference"][name])
+            self.reference.taken = bool(state["rl_reference_taken"])
         # EMA switched on at resume: started from the resumed weights in train(), once the models are loaded.
         self._ema_from_weights = self.ema is not None and "ema" not in state
 
     def app_state(self) -> dict[str, Any]:
         """The whole ``Stateful`` tree of the run, as torch.distributed.checkpoint saves it."""
-        from dmdr.distributed.state import DataLoaderState, ModelOptimizerState, RNGState
+        from dmdr.distributed.state import DataLoaderState, ModelOptimizerState, PerRank, RNGState
 
         r = self.roles
         state: dict[str, Any] = {"trainer": self, "rng": RNGState({"noise": self.rng})}
@@ -214,6 +236,8 @@ class DMDRTrainer:
             state["data"] = DataLoaderState(self.loader)
         if self.skip_monitor is not None:
             state["data_monitor"] = DataLoaderState(self.skip_monitor)
+        if self.rl is not None and self.rl.stateful:
+            state["rl_sampler"] = PerRank(self.rl)
         return state
 
     # ------------------------------------------------------------------ schedule
@@ -223,7 +247,7 @@ class DMDRTrainer:
 
     def rl_active(self, k: int | None = None) -> bool:
         k = self.step if k is None else k
-        return self.cfg.rl.method != "none" and bool(self.rewards) and k >= self.cfg.rl.start_step
+        return self.rl is not None and bool(self.rewards) and k >= self.cfg.rl.start_step
 
     def real_scale(self, k: int) -> float:
         d = self.cfg.dynamic
@@ -328,13 +352,12 @@ class DMDRTrainer:
             t_d = self.dynars.sample(k, x0.shape[0], self.rng, device=self.device)
             w = draw_guidance(cfg.dmd.guidance, cfg.dmd.guidance_jitter, self.rng)
             terms = dmd_generator_loss(x0, cond, uncond, r.critic_fn, self.param, t_d, w, s_r, cfg.dmd.fake_scale,
-                                       generator=self.rng, eps=cfg.dmd.eps)
+                                       generator=self.rng, eps=cfg.dmd.eps, decoupled=self._decoupled(x0.shape[0]))
             loss = cfg.dmd.weight * terms.loss
             metrics.update({"loss/dmd": terms.loss.item(), "schedule/guidance": w,
                             "dmd/grad_abs_mean": terms.grad.abs().mean().item()})
         if self.rl_active(k):
-            images = self.backbone.codec.decode(x0)
-            rl, stats = refl_loss(images, prompts, self.rewards, cfg.rl.margin)
+            rl, stats = self.rl.loss(RLBatch(x0=x0, prompts=prompts, cond=cond), self.policy_access(), self.rewards)
             loss = loss + rl
             metrics["loss/rl"] = rl.item()
             metrics.update(stats)
@@ -348,6 +371,27 @@ class DMDRTrainer:
         metrics.update({"loss/generator": loss.item(), "grad_norm/generator": norm,
                         "lr/generator": self.generator_opt.param_groups[0]["lr"]})
         return metrics
+
+    def _decoupled(self, batch: int) -> DecoupledDMD | None:
+        """Decoupled DMD's settings for this step (None: the coupled loss, bit for bit)."""
+        d = self.cfg.dmd
+        if not d.decoupled:
+            return None
+        t_ca = None
+        if d.ca_levels == "beta":
+            t_ca = beta_levels(d.ca_alpha, d.ca_beta, batch, self.rng, d.t_min, self.device)
+        return DecoupledDMD(dm_weight=d.dm_weight, ca_weight=d.ca_weight, t_ca=t_ca)
+
+    def policy_access(self) -> PolicyAccess:
+        """What the RL method may call: the generator, its reference (taken at the first RL step), the noise."""
+        reference_fn = None
+        if self.reference is not None:
+            if not self.reference.taken:
+                self.reference.take()
+            reference_fn = self.reference.wrap(self.roles.generator_fn)
+        return PolicyAccess(fn=self.roles.generator_fn, param=self.param, timesteps=self.timesteps, rng=self.rng,
+                            noise=self._noise, decode=self.backbone.codec.decode, select=index_conditioning,
+                            cat=_default_cat, reference_fn=reference_fn)
 
     def critic_update(self, x0_sim: Tensor, cond: Conditioning) -> dict[str, float]:
         k = self.step

@@ -43,8 +43,8 @@ def shapes_dmdr() -> TrainConfig:
     cfg.dynamic.decay_steps = COLD_START
     cfg.rl.start_step = COLD_START
     cfg.rl.rewards, cfg.rl.weights, cfg.rl.margin = ("shapes",), (1.0,), 1.0
-    cfg.optim.generator_lr, cfg.optim.critic_lr = 1e-4, 1e-4
-    cfg.optim.rl_generator_lr, cfg.optim.rl_critic_lr = 5e-5, 5e-5
+    cfg.optim.generator_lr, cfg.optim.critic_lr = 5e-5, 2e-4
+    cfg.optim.rl_generator_lr, cfg.optim.rl_critic_lr = 5e-5, 2e-4
     cfg.data.batch_size, cfg.data.rl_batch_size = 16, 8  # per rank; the RL stage halves it, as the paper
     cfg.data.num_workers, cfg.data.shuffle_buffer = 0, 1024
     cfg.parallel.param_dtype = "fp32"

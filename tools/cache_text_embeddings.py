@@ -33,8 +33,9 @@ import torch  # noqa: E402
 
 from dmdr.config import TrainConfig, apply_overrides
 from dmdr.data.cache import cache_embeddings
-from dmdr.data.sources import plan_source
 from dmdr.errors import UserError
+from dmdr.preflight import PreflightError, job_shape, raise_problems, reports
+from dmdr.preflight.tools import cache_tool_problems
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,8 +53,6 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
     args.out = args.out or cfg.data.embedding_cache
     if not args.out:
         raise UserError("say where to write the cache: --data.embedding_cache DIR (or --out DIR)")
-    if not cfg.data.sources:
-        raise UserError("no prompts to encode: set --data.sources")
     if args.batch_size < 1 or args.shard_prompts < 1:
         raise UserError("--batch-size and --shard-prompts must be >= 1")
     return args, cfg
@@ -94,8 +93,8 @@ def main(argv: list[str] | None = None, encoder: Any = None) -> int:
             device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         else:
             device = torch.device(args.device)
-        for spec in cfg.data.sources:  # bad data fails now, not after loading the encoders
-            plan_source(spec, fmt=cfg.data.format, field=cfg.data.field, readers=1)
+        # Every bad path (model folder, sources, cache folder) in one message, before the encoders load.
+        raise_problems(cache_tool_problems(cfg, args.out, check_model=encoder is None))
         _prepare_folder(Path(args.out), rank, world, args.overwrite)
         if encoder is None:
             encoder = _load_encoder(cfg, device)
@@ -114,7 +113,8 @@ def main(argv: list[str] | None = None, encoder: Any = None) -> int:
                                  shard_prompts=args.shard_prompts, rank=rank, world=world, meta=meta,
                                  progress=progress)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, PreflightError) or reports(*job_shape()[:2]):  # the same message from every rank: once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[rank {rank}] wrote {stats['prompts']} prompts to {args.out} ({stats['duplicates']} duplicates "
           f"skipped) in {time.perf_counter() - start:.1f}s")

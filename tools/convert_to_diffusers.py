@@ -59,7 +59,10 @@ def convert(args: argparse.Namespace) -> str:
     """Do the export; returns the output folder."""
     from dmdr import export
     from dmdr.models.loading import read_model_index
+    from dmdr.preflight import raise_problems
+    from dmdr.preflight.tools import export_problems
 
+    raise_problems(export_problems(args))  # every bad path in one message, before anything loads
     cfg = export.read_run_config(args.run, args.model_path)
     checkpoint = export.resolve_checkpoint(args.run, args.step)
     export.check_output(args.out, args.overwrite)

@@ -65,7 +65,7 @@ def evaluate_folder(folder: Path, guidances: list[float], few_steps: list[int], 
 
 
 def table(rows: list[dict]) -> str:
-    keys = ("overall", "colour", "shape", "count", "position", "fidelity", "reward")
+    keys = ("overall", "colour", "shape", "count", "position", "exact", "fidelity", "reward")
     lines = ["| model | nfe | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for r in rows:
         cells = [f"{r['scores'][k]['mean']:.3f}" for k in keys]
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.5])
     parser.add_argument("--few-steps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--shift", type=float, default=1.0, help="shift of the sampling levels in the evaluation")
+    parser.add_argument("--rescore", action="store_true",
+                        help="do not train: score the existing --out teacher again and rewrite its report")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dmdr %(message)s")
     torch.set_num_threads(args.threads)
@@ -104,13 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         history.append({"step": step, "rows": [{"model": r["model"], "scores": r["scores"]} for r in rows]})
 
     start = time.time()
-    components, stats = pretrain(cfg, on_eval=on_eval, eval_every=args.eval_every)
-    shutil.rmtree(out, ignore_errors=True)
-    save_pipeline(components, out, {"command": command, "commit": git_commit(), "stats": stats})
+    if not args.rescore:
+        components, stats = pretrain(cfg, on_eval=on_eval, eval_every=args.eval_every)
+        shutil.rmtree(out, ignore_errors=True)
+        save_pipeline(components, out, {"command": command, "commit": git_commit(), "stats": stats})
     rows = evaluate_folder(out, args.guidance, args.few_steps, args.eval_prompts, args.eval_seeds, args.shift)
     info = json.loads((out / "world.json").read_text())
-    info.update({"wall_s": time.time() - start, "evaluation": rows, "history": history,
-                 "torch": torch.__version__, "threads": args.threads})
+    if args.rescore:
+        info["rescored"] = {"command": command, "commit": git_commit(), "time": time.strftime("%Y-%m-%d %H:%M")}
+    else:
+        info.update({"wall_s": time.time() - start, "history": history, "torch": torch.__version__,
+                     "threads": args.threads})
+    info["evaluation"] = rows
     (out / "world.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     (out / "pretrain_report.md").write_text(
         f"# Shapes-world teacher\n\n`{command}` (commit {info['commit']}), {info['wall_s'] / 60:.1f} min on "

@@ -144,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dmdr %(levelname)s %(message)s")
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        if args.nrow < 1:
-            raise ConfigError("--nrow must be >= 1")
+        from dmdr.preflight import raise_problems
+        from dmdr.preflight.tools import sample_problems
+
+        raise_problems(sample_problems(args))  # every bad path in one message, before anything loads
         prompts = read_prompts(args)
         device = pick_device(args.device)
         images = sample_run(args, prompts, device) if args.run else sample_pipeline(args, prompts, device)

@@ -22,6 +22,7 @@ from dmdr.parameterization import (
     Parameterization,
     TimeLike,
     classifier_free_guidance,
+    expand_like,
 )
 
 
@@ -33,6 +34,37 @@ def dmd_gradient(x0: Tensor, x0_real: Tensor, x0_fake: Tensor, eps: float = 1e-8
     reduce_dims = tuple(range(1, x0.ndim))
     normalizer = p_real.abs().mean(dim=reduce_dims, keepdim=True) + eps
     grad = (p_real - p_fake) / normalizer
+    return torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
+
+
+def decoupled_dmd_gradient(x0: Tensor, dm: tuple[Tensor, Tensor, Tensor], ca: tuple[Tensor, Tensor, Tensor],
+                           guidance: TimeLike, dm_weight: float = 1.0, ca_weight: float = 1.0,
+                           eps: float = 1e-8) -> Tensor:
+    """Decoupled DMD (ALGORITHM.md; arXiv 2511.22677): the DM and CA terms, each at its own level and weight.
+
+    With CFG, ``x0_fake - x0_real = DM + (w - 1) CA`` where ``DM = x0_fake - x0_cond`` (distribution matching,
+    the regulariser) and ``CA = x0_uncond - x0_cond`` (CFG augmentation, the engine). Each term is taken at
+    its own renoise level and normalised by the coupled loss's per-sample normaliser at that level::
+
+        g = dm_weight DM(t_dm) / n(t_dm) + ca_weight (w - 1) CA(t_ca) / n(t_ca),
+        n(t) = mean_{C,H,W} |x0 - x0_real(t)| + eps
+
+    so with equal weights and one shared level (and noise) it is the coupled :func:`dmd_gradient`.
+
+    Args:
+        x0: the generator's clean estimate.
+        dm: ``(x0_cond, x0_fake, x0_real)`` at the DM term's level.
+        ca: ``(x0_uncond, x0_cond, x0_real)`` at the CA term's level.
+        guidance: the CFG scale ``w`` (float or per-sample).
+    """
+    x0 = x0.float()
+    dm_cond, dm_fake, dm_real = (t.float() for t in dm)
+    ca_uncond, ca_cond, ca_real = (t.float() for t in ca)
+    dims = tuple(range(1, x0.ndim))
+    n_dm = (x0 - dm_real).abs().mean(dim=dims, keepdim=True) + eps
+    n_ca = (x0 - ca_real).abs().mean(dim=dims, keepdim=True) + eps
+    w = expand_like(guidance, x0)
+    grad = dm_weight * (dm_fake - dm_cond) / n_dm + ca_weight * (w - 1) * (ca_uncond - ca_cond) / n_ca
     return torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
 
 

@@ -11,6 +11,8 @@ Available names:
   malformed path stops the run at build time with one line naming the field. HPS and CLIP score the
   cosine of normalised image/text features; PickScore is ``logit_scale.exp() * cosine / 100``.
   ``rl.hps_arch`` (*default* ViT-H-14) names another open_clip architecture.
+* ``srpo``: the semantic-relative reward with the HPS encoders (:mod:`dmdr.rewards.srpo`),
+  ``(1 + k) cos(f, f+) - cos(f, f-)`` with control words (``rl.srpo_k``).
 
 All of them share one differentiable preprocessing (:mod:`dmdr.rewards.preprocess`): bicubic
 antialiased resize to the model's input size, then its mean/std normalisation.
@@ -28,7 +30,7 @@ from dmdr.rewards.base import Reward
 from dmdr.rewards.preprocess import ImagePreprocess
 
 ANALYTIC = {"brightness": BrightnessReward, "color": ColorReward}
-MODEL_REWARDS = ("hps", "clip", "pickscore")
+MODEL_REWARDS = ("hps", "clip", "pickscore", "srpo")
 
 
 def build_reward(name: str, rl_cfg: Any, device: torch.device | str = "cpu") -> Reward:
@@ -45,6 +47,13 @@ def build_reward(name: str, rl_cfg: Any, device: torch.device | str = "cpu") -> 
 
         return HPSReward(getattr(rl_cfg, "hps_checkpoint", ""), device=device,
                          arch=rl_cfg.hps_arch or HPS_ARCH, resolution=resolution)
+    if name == "srpo":
+        from dmdr.rewards.models import HPS_ARCH
+        from dmdr.rewards.srpo import SemanticRelativeReward
+
+        return SemanticRelativeReward(getattr(rl_cfg, "hps_checkpoint", ""), device=device,
+                                      arch=rl_cfg.hps_arch or HPS_ARCH, resolution=resolution,
+                                      k=getattr(rl_cfg, "srpo_k", 0.1))
     if name == "clip":
         from dmdr.rewards.models import CLIPReward
 
@@ -63,8 +72,13 @@ def __getattr__(name: str) -> Any:
         from dmdr.rewards import models
 
         return getattr(models, name)
+    if name == "SemanticRelativeReward":
+        from dmdr.rewards.srpo import SemanticRelativeReward
+
+        return SemanticRelativeReward
     raise AttributeError(f"module 'dmdr.rewards' has no attribute {name!r}")
 
 
 __all__ = ["Reward", "build_reward", "BrightnessReward", "ColorReward", "RegionReward", "ANALYTIC",
-           "MODEL_REWARDS", "ImagePreprocess", "HPSReward", "CLIPReward", "PickScoreReward"]
+           "MODEL_REWARDS", "ImagePreprocess", "HPSReward", "CLIPReward", "PickScoreReward",
+           "SemanticRelativeReward"]

@@ -42,7 +42,8 @@ HPS_ARCH = "ViT-H-14"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
-def _one_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
+    """The first informative line of an exception's message (at most 300 characters), for one-line errors."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     if not lines:
         return type(err).__name__
@@ -126,35 +127,45 @@ class _OpenCLIPReward(_FrozenModelReward):
     def texts(self, prompts: list[str]) -> list[str]:
         return [self.prefix + p for p in prompts]
 
+    def image_features(self, images: Tensor) -> Tensor:
+        """Unnormalised image embeddings of ``[0, 1]`` RGB images (differentiable)."""
+        return self.model.encode_image(self.preprocess(images.to(self.device), dtype=self.dtype))
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> Tensor:
+        """Unnormalised text embeddings of the (prefixed) prompts."""
+        return self.model.encode_text(self.tokenizer(self.texts(list(prompts))).to(self.device))
+
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
-        pixels = self.preprocess(images.to(self.device), dtype=self.dtype)
-        with torch.no_grad():
-            tokens = self.tokenizer(self.texts(list(prompts))).to(self.device)
-            text = self.model.encode_text(tokens)
-        return _cosine(self.model.encode_image(pixels), text)
+        return _cosine(self.image_features(images), self.text_features(prompts))
 
 
 class HPSReward(_OpenCLIPReward):
-    """HPSv2.1: open_clip ``arch`` (*default* ViT-H-14) + the local HPS checkpoint; cosine score."""
+    """HPSv2.1: open_clip ``arch`` (*default* ViT-H-14) + the local HPS checkpoint; cosine score.
+
+    ``prefix`` is prepended to every prompt (*default* ``"Realistic photo "``, the training reward's).
+    """
 
     name = "hps"
     prefix = HPS_PREFIX
 
     def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu", arch: str = HPS_ARCH,
-                 resolution: int = 224, field: str = "rl.hps_checkpoint"):
+                 resolution: int = 224, field: str = "rl.hps_checkpoint", prefix: str = HPS_PREFIX):
         import open_clip
+
+        self.prefix = prefix  # training's "Realistic photo "; "" is the HPSv2 benchmark's own scoring
 
         path = _need_file(field, checkpoint, "a local HPSv2.1 checkpoint file, e.g. HPS_v2.1_compressed.pt")
         if arch not in open_clip.list_models():
             raise ConfigError(f"--{field}: open_clip has no model config {arch!r} for the HPS architecture")
         model = open_clip.create_model(arch, pretrained=None, device="cpu")
-        state = _load_state_dict(path, field)
+        state = load_state_dict_file(path, field)
         try:
             result = model.load_state_dict(state, strict=False)
         except RuntimeError as e:
-            raise ModelLoadError(f"--{field}: {path} does not fit open_clip {arch}: {_one_line(e)}") from None
+            raise ModelLoadError(f"--{field}: {path} does not fit open_clip {arch}: {error_line(e)}") from None
         if result.missing_keys or result.unexpected_keys:
             raise ModelLoadError(
                 f"--{field}: {path} does not fit open_clip {arch}: {len(result.missing_keys)} missing keys "
@@ -164,7 +175,9 @@ class HPSReward(_OpenCLIPReward):
                          _preprocess_for(pp.get("size"), pp.get("mean"), pp.get("std"), resolution))
 
 
-def _load_state_dict(path: Path, field: str) -> dict[str, Tensor]:
+def load_state_dict_file(path: Path, field: str) -> dict[str, Tensor]:
+    """A tensor state dict from ``.pt``/``.bin``/``.pth``/``.safetensors`` (a ``{"state_dict": ...}`` wrapper and
+    DDP's ``module.`` prefix removed); anything else is one :class:`ModelLoadError` naming ``--field``."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -173,7 +186,7 @@ def _load_state_dict(path: Path, field: str) -> dict[str, Tensor]:
         else:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise ModelLoadError(f"--{field}: {path} is not a readable checkpoint: {_one_line(e)}") from None
+        raise ModelLoadError(f"--{field}: {path} is not a readable checkpoint: {error_line(e)}") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not ckpt or not all(isinstance(v, Tensor) for v in ckpt.values()):
@@ -202,7 +215,7 @@ class CLIPReward(_OpenCLIPReward):
             model = open_clip.create_model(spec, device="cpu", require_pretrained=True)
             tokenizer = open_clip.get_tokenizer(spec)
         except Exception as e:  # noqa: BLE001 - wrong config / weights / tokenizer: one line for the user
-            raise ModelLoadError(f"--{field}: cannot load the open_clip model in {path}: {_one_line(e)}") from None
+            raise ModelLoadError(f"--{field}: cannot load the open_clip model in {path}: {error_line(e)}") from None
         pp = getattr(model.visual, "preprocess_cfg", {})
         super().__init__(_freeze(model, device), tokenizer,
                          _preprocess_for(pp.get("size"), pp.get("mean"), pp.get("std"), resolution))
@@ -224,25 +237,32 @@ class PickScoreReward(_FrozenModelReward):
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"--{field}: cannot load a CLIPModel + tokenizer from {path}: "
-                                 f"{_one_line(e)}") from None
+                                 f"{error_line(e)}") from None
         mean, std = _image_stats(path)
         self.model = _freeze(model, device)
         self.tokenizer = tokenizer
         self.scale = float(scale)
         self.preprocess = _preprocess_for(model.config.vision_config.image_size, mean, std, resolution)
 
+    def image_features(self, images: Tensor) -> Tensor:
+        """Unnormalised projected image embeddings of ``[0, 1]`` RGB images (differentiable)."""
+        pixels = self.preprocess(images.to(self.device), dtype=self.dtype)
+        return self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> Tensor:
+        """Unnormalised projected text embeddings (padded to the model's context, truncated)."""
+        m = self.model
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=m.config.text_config.max_position_embeddings, return_tensors="pt")
+        tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+        return m.text_projection(m.text_model(**tok).pooler_output)
+
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
-        m = self.model
-        pixels = self.preprocess(images.to(self.device), dtype=self.dtype)
-        with torch.no_grad():
-            tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                 max_length=m.config.text_config.max_position_embeddings, return_tensors="pt")
-            tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
-            text = m.text_projection(m.text_model(**tok).pooler_output)
-        image = m.visual_projection(m.vision_model(pixel_values=pixels).pooler_output)
-        return self.scale * m.logit_scale.exp() * _cosine(image, text)
+        cosine = _cosine(self.image_features(images), self.text_features(prompts))
+        return self.scale * self.model.logit_scale.exp() * cosine
 
 
 def _image_stats(path: Path) -> tuple[Any, Any]:
@@ -256,8 +276,9 @@ def _image_stats(path: Path) -> tuple[Any, Any]:
         return getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
     except Exception as e:  # noqa: BLE001
         log.warning("pickscore: unreadable preprocessor_config.json in %s (%s); using OpenAI CLIP stats", path,
-                    _one_line(e))
+                    error_line(e))
         return None, None
 
 
-__all__ = ["HPSReward", "CLIPReward", "PickScoreReward", "HPS_PREFIX", "HPS_ARCH"]
+__all__ = ["HPSReward", "CLIPReward", "PickScoreReward", "HPS_PREFIX", "HPS_ARCH", "load_state_dict_file",
+           "error_line"]

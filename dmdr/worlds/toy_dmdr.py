@@ -5,8 +5,9 @@ fine-tune); the critic is a frozen copy of the teacher with the ``critic`` LoRA 
 :func:`dmdr.models.lora.inject_lora` (real score at ``s_r(k)`` with CFG, fake score at ``s_f``).
 Each iteration backward-simulates with :func:`dmdr.algorithm.backward_simulate`; every ``ratio``
 iterations the generator takes the DMD loss (:func:`dmdr.algorithm.dmd_generator_loss`, the 3x batched
-critic call) and/or ReFL (:func:`dmdr.losses.rl.refl.refl_loss`); then the critic takes its denoising
-loss. DynaDG and DynaRS come from :mod:`dmdr.schedules`. No formula is re-derived here.
+critic call) and/or the RL branch ``rl_method`` (ReFL, DPO or GRPO, through the one interface of
+:mod:`dmdr.losses.rl`, as the trainer calls it); then the critic takes its denoising loss.
+DynaDG and DynaRS come from :mod:`dmdr.schedules`. No formula is re-derived here.
 
 The distance to the teacher is the class-wise sliced Wasserstein distance between generator
 samples and guided multi-step teacher samples (:func:`dmdr.sampling.teacher_sample`, guidance
@@ -32,14 +33,17 @@ from dmdr.algorithm import (
     generator_clean_estimate,
     generator_input,
 )
-from dmdr.losses.rl.refl import refl_loss
+from dmdr.losses.rl import GRPO, METHODS, OnPolicyDPO, PolicyAccess, ReFL, RLBatch, RLMethod
+from dmdr.losses.rl.reference import FrozenReference
+from dmdr.models.base import index_conditioning
 from dmdr.models.lora import inject_lora, lora_parameters
 from dmdr.rewards.base import Reward
-from dmdr.sampling import few_step_sample, teacher_sample
+from dmdr.sampling import _default_cat, few_step_sample, teacher_sample
 from dmdr.schedules import DynaRSSampler, dynadg_real_scale, few_step_timesteps
 from dmdr.worlds.gaussians import GaussianMixtureWorld, MLPDenoiser, class_sliced_wasserstein
 
 GeneratorInit = Literal["teacher", "shift", "reinit"]
+RLMethodName = Literal["none", "refl", "dpo", "grpo"]
 
 
 @dataclass
@@ -62,7 +66,11 @@ class ToyDMDRConfig:
         real_scale_init / fake_scale: DynaDG's ``s_r0`` and the fake score's LoRA scale ``s_f``.
         dynadg / dynars / decay_steps / dynars_alpha / dynars_beta: the cold-start schedules.
         critic_rank / critic_alpha / critic_targets: the critic LoRA on the MLP's linears.
-        reward / reward_weight / margin / rl_start_step: ReFL (off when ``reward`` is None).
+        reward / reward_weight / margin / rl_start_step: the RL branch's reward (off when ``reward`` is None).
+        rl_method: the branch, the same names as ``--rl.method`` (``refl``, ``dpo``, ``grpo``; ``none`` = off).
+        rl_weight: ``lambda`` of DPO / GRPO (``L = L_dmd + lambda L_rl``); ReFL weighs by ``reward_weight``.
+        dpo_k / dpo_beta: DPO's samples per prompt ``K`` and ``beta``.
+        grpo_group_size / grpo_clip / grpo_inner_updates: GRPO's ``G``, ``eps`` and updates per group.
         init: the generator's start: ``teacher`` (a copy), ``shift`` (a copy whose samples are moved
             by ``init_shift``: the output bias is offset so every Euler step carries the shift) or
             ``reinit`` (fresh random weights).
@@ -99,6 +107,13 @@ class ToyDMDRConfig:
     reward_weight: float = 1.0
     margin: float = 1.0
     rl_start_step: int = 0
+    rl_method: RLMethodName = "refl"
+    rl_weight: float = 1.0
+    dpo_k: int = 4
+    dpo_beta: float = 100.0
+    grpo_group_size: int = 8
+    grpo_clip: float = 1e-3
+    grpo_inner_updates: int = 1
     init: GeneratorInit = "teacher"
     init_shift: Sequence[float] = (8.0, 0.0)
     eval_every: int = 10
@@ -165,6 +180,18 @@ def _make_generator(teacher: MLPDenoiser, cfg: ToyDMDRConfig) -> MLPDenoiser:
     return gen.train().requires_grad_(True)
 
 
+def _rl_method(cfg: ToyDMDRConfig) -> RLMethod | None:
+    if cfg.rl_method not in METHODS:
+        raise ValueError(f"rl_method must be one of {', '.join(METHODS)}, got {cfg.rl_method!r}")
+    if cfg.reward is None or cfg.rl_method == "none":
+        return None
+    if cfg.rl_method == "refl":
+        return ReFL(cfg.margin)
+    if cfg.rl_method == "dpo":
+        return OnPolicyDPO(cfg.dpo_k, cfg.dpo_beta, cfg.rl_weight, sampler=cfg.backward_simulation)
+    return GRPO(cfg.grpo_group_size, cfg.grpo_clip, cfg.rl_weight, cfg.grpo_inner_updates)
+
+
 def run_toy_dmdr(teacher: MLPDenoiser, world: GaussianMixtureWorld, cfg: ToyDMDRConfig,
                  seed: int = 0) -> ToyHistory:
     """Train a few-step generator on the toy world with DMD and/or ReFL; return the distance record.
@@ -179,8 +206,9 @@ def run_toy_dmdr(teacher: MLPDenoiser, world: GaussianMixtureWorld, cfg: ToyDMDR
         The distance to the guided teacher samples (and the mean reward, NaN without one) at generator
         step 0 and every ``eval_every`` steps after.
     """
-    if not cfg.dmd and cfg.reward is None:
-        raise ValueError("a toy run needs the DMD loss, a reward, or both")
+    method = _rl_method(cfg)
+    if not cfg.dmd and method is None:
+        raise ValueError("a toy run needs the DMD loss, a reward (and rl_method), or both")
     if not cfg.dmd and cfg.rl_start_step > 0:
         raise ValueError("ReFL alone (dmd=False) must start at step 0: before it the generator has no loss")
     param = teacher.parameterization
@@ -204,7 +232,16 @@ def run_toy_dmdr(teacher: MLPDenoiser, world: GaussianMixtureWorld, cfg: ToyDMDR
 
     timesteps = few_step_timesteps(cfg.num_steps, cfg.shift, param.t_min)
     dynars = DynaRSSampler(cfg.dynars_alpha, cfg.dynars_beta, cfg.decay_steps, param.t_min, enabled=cfg.dynars)
-    rewards = [(cfg.reward, cfg.reward_weight)] if cfg.reward is not None else []
+    rewards = [(cfg.reward, cfg.reward_weight)] if method is not None else []
+    rl_reference = FrozenReference(gen_params) if method is not None and method.needs_reference else None
+
+    def policy_access() -> PolicyAccess:
+        if rl_reference is not None and not rl_reference.taken:
+            rl_reference.take()  # the generator at the RL start
+        return PolicyAccess(fn=generator_fn, param=param, timesteps=timesteps, rng=rng,
+                            noise=lambda n: torch.randn(n, world.dim, generator=rng), decode=lambda x: x,
+                            select=index_conditioning, cat=_default_cat,
+                            reference_fn=rl_reference.wrap(generator_fn) if rl_reference is not None else None)
 
     # The reference: guided multi-step teacher samples, from noise independent of the training draws.
     eval_rng = torch.Generator().manual_seed(10_000 + seed)
@@ -260,7 +297,7 @@ def run_toy_dmdr(teacher: MLPDenoiser, world: GaussianMixtureWorld, cfg: ToyDMDR
                                                  cfg.fake_scale, generator=rng).loss
             if rewards and k >= cfg.rl_start_step:
                 prompts = [f"class {c}" for c in batch_labels.tolist()]
-                loss = loss + refl_loss(x0, prompts, rewards, cfg.margin)[0]
+                loss = loss + method.loss(RLBatch(x0=x0, prompts=prompts, cond=cond), policy_access(), rewards)[0]
             loss.backward()
             clip_and_step(gen_params, gen_opt)
         if cfg.dmd:  # the critic trains every iteration on the same x0_sim, at the same k (as the trainer)

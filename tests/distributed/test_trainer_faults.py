@@ -1,5 +1,7 @@
 """The real trainer at world size 2 (torchrun, gloo, FSDP2): exact resume after kill -9, after a
-torchrun restart of a dead rank, and after SIGTERM preemption (checkpoint + exit 0)."""
+torchrun restart of a dead rank, and after SIGTERM preemption (checkpoint + exit 0); the DPO and GRPO
+branches resume exactly too (their reference snapshot and sampler state are in the checkpoint) and
+train Z-Image at W=2."""
 
 from __future__ import annotations
 
@@ -84,23 +86,25 @@ def _metrics(out: Path) -> dict[int, dict]:
     return by_step
 
 
-def _assert_same_run(reference: Path, resumed: Path, from_step: int) -> None:
+def _assert_same_run(reference: Path, resumed: Path, from_step: int, total: int = 2 * N,
+                     compared: tuple[str, ...] = COMPARED) -> None:
     a, b = _metrics(reference), _metrics(resumed)
-    assert sorted(b) == list(range(1, 2 * N + 1))
-    for step in range(from_step + 1, 2 * N + 1):
-        for key in COMPARED:
+    assert sorted(b) == list(range(1, total + 1))
+    for step in range(from_step + 1, total + 1):
+        for key in compared:
             assert a[step].get(key) == b[step].get(key), (step, key, a[step].get(key), b[step].get(key))
-    wa = _trained_tensors(reference / "checkpoints" / f"step-{2 * N}")
-    wb = _trained_tensors(resumed / "checkpoints" / f"step-{2 * N}")
+    wa = _trained_tensors(reference / "checkpoints" / f"step-{total}")
+    wb = _trained_tensors(resumed / "checkpoints" / f"step-{total}")
     assert wa.keys() == wb.keys() and any(k.startswith("trainer.ema.") for k in wa)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
 
 
 def _trained_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The models' tensors and the generator EMA (sharded under FSDP2, gathered here) of a checkpoint."""
-    ema = {k: v for k, v in flatten(read_checkpoint(step_dir)).items() if k.startswith("trainer.ema.")}
-    return model_tensors(step_dir) | ema
+    """The models' tensors, the generator EMA and DPO's reference (sharded under FSDP2, gathered here)."""
+    extra = {k: v for k, v in flatten(read_checkpoint(step_dir)).items()
+             if k.startswith(("trainer.ema.", "trainer.rl_reference."))}
+    return model_tensors(step_dir) | extra
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +171,62 @@ def test_bf16_mixed_precision_with_activation_checkpointing(assets, tmp_path, mo
     trainable = model_tensors(out / "checkpoints" / "step-4")
     masters = {k: v for k, v in trainable.items() if v.is_floating_point() and "pos_embed" not in k}
     assert masters and all(v.dtype == torch.float32 for v in masters.values())
+
+
+# RL branches: 8 generator steps, RL from k = 2, a checkpoint every 4 (GRPO's group of 3 updates drawn at k = 2
+# is mid-use at the checkpoint, so the resumed run must reuse the checkpointed group; DPO's reference is
+# taken at k = 2 and must come back from the checkpoint).
+RL_BRANCHES = {
+    "dpo": ["--rl.method", "dpo", "--rl.dpo_k", "2"],
+    "grpo": ["--rl.method", "grpo", "--rl.grpo_group_size", "2", "--rl.grpo_inner_updates", "3"],
+}
+RL_STEPS = 8
+RL_COMPARED = (*COMPARED, "loss/rl")
+
+
+def _rl_cmd(assets, out: Path, method: str) -> list[str]:
+    return _cmd(assets, out) + ["--train.max_steps", str(RL_STEPS), "--checkpoint.interval", str(RL_STEPS // 2),
+                                "--rl.start_step", "2", "--data.rl_batch_size", "2", *RL_BRANCHES[method]]
+
+
+@pytest.mark.parametrize("method", sorted(RL_BRANCHES))
+def test_rl_branch_resumes_exactly_after_kill9(assets, tmp_path, method):
+    straight = tmp_path / "straight"
+    _run(_rl_cmd(assets, straight, method), tmp_path / "straight.txt")
+    records = _metrics(straight)
+    assert all(f"rl/{method}_loss" in records[k] for k in range(3, RL_STEPS + 1))
+    assert all(records[k]["train/skipped_steps"] == 0 for k in records)
+    out = tmp_path / "run"
+    proc = _start(_rl_cmd(assets, out, method), tmp_path / "log1.txt")
+    _wait_for_checkpoint(proc, out, RL_STEPS // 2, tmp_path / "log1.txt")
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in family:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=60)
+    assert not (out / "checkpoints" / f"step-{RL_STEPS}").exists(), "the run finished before it was killed"
+    _run(_rl_cmd(assets, out, method), tmp_path / "log2.txt")
+    _assert_same_run(straight, out, RL_STEPS // 2, total=RL_STEPS, compared=RL_COMPARED)
+    if method == "dpo":
+        assert any(k.startswith("trainer.rl_reference.") for k in _trained_tensors(out / "checkpoints" / "step-8"))
+
+
+@pytest.fixture(scope="module")
+def zimage(tmp_path_factory):
+    from dmdr.models.tiny import build_tiny_zimage
+
+    return str(build_tiny_zimage(tmp_path_factory.mktemp("w2-zimage") / "tiny-zimage"))
+
+
+@pytest.mark.parametrize("method", sorted(RL_BRANCHES))
+def test_rl_branch_trains_zimage_at_w2(assets, zimage, tmp_path, method):
+    out = tmp_path / "run"
+    cmd = _rl_cmd(assets, out, method) + ["--model.path", zimage, "--model.family", "auto",
+                                          "--model.max_sequence_length", "48", "--train.max_steps", "4",
+                                          "--checkpoint.interval", "0"]
+    _run(cmd, tmp_path / "log.txt")
+    records = _metrics(out)
+    assert sorted(records) == [1, 2, 3, 4]
+    for k in (3, 4):
+        r = records[k]
+        assert r["train/skipped_steps"] == 0 and r[f"rl/{method}_loss"] == r[f"rl/{method}_loss"]
+        assert r["grad_norm/generator"] > 0

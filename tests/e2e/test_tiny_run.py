@@ -104,7 +104,7 @@ def _launch(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     (["--optim.lr", "1e-5"], "unknown config key --optim.lr; did you mean --optim.generator_lr"),
     (["--model.path", "/nonexistent/model"], "/nonexistent/model"),
     (["--data.sources", "/nonexistent/prompts-*.jsonl"], "/nonexistent/prompts-*.jsonl"),
-    (["--train.output_dir", "/proc/forbidden"], "--train.output_dir '/proc/forbidden' is not writable"),
+    (["--train.output_dir", "/proc/forbidden"], "--train.output_dir '/proc/forbidden': is not writable"),
     (["--model.attention", "flash"], 'flash-attn runs only on GPUs and this run is on cpu; use --model.attention '
                                      'native (or auto), or on a CUDA machine install it with pip install -e ".[gpu]"'),
 ])
@@ -166,3 +166,19 @@ def test_activation_checkpointing_changes_nothing_in_lora_mode(tiny_assets, tmp_
     wa, wb = _trainable(tmp_path / "none", 4), _trainable(tmp_path / "full", 4)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_dmd_weight_zero_trains_the_rl_loss_alone(tiny_assets, tmp_path, monkeypatch):
+    import dmdr.trainer
+
+    def no_score_passes(*args, **kwargs):
+        raise AssertionError("dmd.weight 0 must not run the DMD score passes")
+
+    monkeypatch.setattr(dmdr.trainer, "dmd_generator_loss", no_score_passes)
+    cfg = tiny_config(tiny_assets, tmp_path / "run", dmd__weight=0, rl__start_step=0, train__max_steps=2)
+    assert run(cfg) == 0
+    records = _metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert "loss/dmd" not in r and "schedule/guidance" not in r
+        assert r["loss/generator"] == pytest.approx(r["loss/rl"]) and "reward/brightness" in r

@@ -98,6 +98,38 @@ def test_dmd_regularizes_refl_against_reward_hacking(world, teacher):
     assert dmdr.recent_distance() < 0.3 * refl_only.recent_distance()
 
 
+# Per branch: (its toy settings, reward gain alone, reward gain with DMD, max distance ratio DMD+branch / alone).
+# DPO's beta is small here: a large beta saturates the log-sigmoid within a few steps on 2-D points, and DPO
+# alone then barely moves (its implicit KL to the reference holds it), which would make the comparison moot.
+RL_BRANCHES = {
+    "dpo": (dict(rl_method="dpo", dpo_k=4, dpo_beta=1.0), 0.2, 0.08, 0.5),
+    "grpo": (dict(rl_method="grpo", grpo_group_size=8, grpo_clip=1e-3), 0.3, 0.04, 0.3),
+}
+
+
+@pytest.mark.parametrize("method", sorted(RL_BRANCHES))
+def test_rl_branch_raises_reward_and_dmd_keeps_it_near_the_teacher(world, teacher, method):
+    """Each RL branch (the trainer's --rl.method names) raises the reward; with DMD it stays closer to the teacher."""
+    settings, gain_alone, gain_dmd, ratio = RL_BRANCHES[method]
+    reward = RegionReward(direction=(1.0, 0.0), offset=0.0, temperature=1.0)
+    base = ToyDMDRConfig(num_steps=4, shift=3.0, generator_steps=200, ratio=5, generator_lr=1e-4, reward=reward,
+                         reward_weight=1.0, margin=1.0, eval_samples=4096, **settings)
+    alone = run_toy_dmdr(teacher, world, dataclasses.replace(base, dmd=False), seed=SEED)
+    joint = run_toy_dmdr(teacher, world, base, seed=SEED)
+    start = alone.reward[0]
+    assert joint.reward[0] == pytest.approx(start)
+    assert alone.recent_reward() > start + gain_alone, alone.reward[-3:]
+    assert joint.recent_reward() > start + gain_dmd, joint.reward[-3:]
+    assert alone.recent_distance() > 4 * alone.initial_distance, alone.distance[-3:]
+    assert joint.recent_distance() < ratio * alone.recent_distance(), (joint.distance[-3:], alone.distance[-3:])
+
+
+def test_toy_rejects_an_unknown_rl_method(world, teacher):
+    cfg = dataclasses.replace(ONE_STEP, reward=RegionReward(direction=(1.0, 0.0)), rl_method="ppo")
+    with pytest.raises(ValueError, match="rl_method must be one of none, refl, dpo, grpo"):
+        run_toy_dmdr(teacher, world, cfg, seed=SEED)
+
+
 def test_dynamic_cold_start_converges_faster_from_far(world, teacher):
     """(c) From a far start, DynaDG + DynaRS reach the distance threshold in fewer generator steps."""
     threshold = 1.0

@@ -14,6 +14,7 @@ from dmdr.losses.rl.refl import refl_loss
 from dmdr.rewards import MODEL_REWARDS, build_reward
 from dmdr.rewards.models import HPS_PREFIX, CLIPReward, HPSReward, PickScoreReward
 from dmdr.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess
+from dmdr.rewards.srpo import SemanticRelativeReward
 
 PROMPTS = ["a red fox in the snow", "a bowl of ramen"]
 
@@ -160,12 +161,12 @@ def _rl_cfg(hps_checkpoint, clip_folder, pickscore_folder, tiny_arch, **over):
 def test_build_reward_by_name_and_refl(hps_checkpoint, clip_folder, pickscore_folder, tiny_arch):
     cfg = _rl_cfg(hps_checkpoint, clip_folder, pickscore_folder, tiny_arch)
     rewards = [build_reward(name, cfg, "cpu") for name in MODEL_REWARDS]
-    assert [type(r) for r in rewards] == [HPSReward, CLIPReward, PickScoreReward]
+    assert [type(r) for r in rewards] == [HPSReward, CLIPReward, PickScoreReward, SemanticRelativeReward]
     images = _images(48, 48, requires_grad=True)
     loss, stats = refl_loss(images, PROMPTS, [(r, 0.3) for r in rewards] + [(build_reward("brightness", cfg), 0.1)],
                             margin=0.7)
     assert torch.isfinite(loss) and loss > 0
-    assert {"reward/hps", "reward/clip", "reward/pickscore", "reward/brightness"} <= set(stats)
+    assert {"reward/hps", "reward/clip", "reward/pickscore", "reward/srpo", "reward/brightness"} <= set(stats)
     loss.backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
 

@@ -37,6 +37,7 @@ def test_overrides_of_every_type():
     (["--train.max_steps", "0"], "--train.max_steps: must be >= 1"),
     (["--rl.weights", "0.3"], "--rl.weights"),
     (["--data.rl_batch_size", "-1"], "--data.rl_batch_size: must be >= 0"),
+    (["--dmd.weight", "-0.5"], "--dmd.weight: must be >= 0"),
     (["--train.seed"], "needs a value"),
     (["positional"], "unexpected argument"),
 ])
@@ -55,3 +56,18 @@ def test_round_trip_through_json(tmp_path):
     again = from_dict(json.loads(path.read_text()))
     assert to_dict(again) == to_dict(cfg)
     assert again.log.sample_prompts == ("a cat, sitting", "a dog")
+
+
+def test_collecting_mode_reports_every_bad_override():
+    """With ``problems`` (preflight), every bad argument and failed check is collected; good ones still apply."""
+    argv = ["--optim.lr", "1e-6", "--train.max_steps", "abc", "--dmd.ratio", "0", "--data.batch_size", "0",
+            "--model.path", "/x", "stray", "--train.seed"]
+    with pytest.raises(ConfigError, match="unknown config key --optim.lr"):
+        apply_overrides(TrainConfig(), list(argv))  # without it: the first problem only
+    problems: list[tuple[str, str]] = []
+    cfg = apply_overrides(TrainConfig(), argv, problems=problems)
+    assert [key for key, _ in problems] == ["optim.lr", "train.max_steps", "", "train.seed", "dmd.ratio",
+                                            "data.batch_size"]
+    assert problems[1][1] == "--train.max_steps: 'abc' is not a valid int"
+    assert problems[4][1] == "--dmd.ratio: must be >= 1"
+    assert cfg.model.path == "/x" and cfg.train.max_steps == TrainConfig().train.max_steps

@@ -111,3 +111,18 @@ def test_a_corrupt_weights_file_is_named_in_one_line(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "transformer" in last and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_pretrain_tool_writes_a_loadable_teacher_with_its_scores(tmp_path):
+    out = tmp_path / "teacher"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "pretrain_teacher.py"), "--out", str(out),
+                           "--steps", "3", "--vae-steps", "3", "--batch-size", "4", "--vae-batch-size", "4",
+                           "--eval-every", "2", "--eval-prompts", "4", "--guidance", "2", "--few-steps", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = check_teacher_folder(out)
+    assert info["stats"]["config"]["steps"] == 3 and "--steps 3" in info["command"]
+    assert [r["model"] for r in info["evaluation"]] == ["teacher 25-step CFG 2", "teacher 1-step"]
+    assert info["history"][0]["step"] == 2 and (tmp_path / "teacher.step-2" / "model_index.json").is_file()
+    assert "| teacher 1-step | 1 |" in (out / "pretrain_report.md").read_text()

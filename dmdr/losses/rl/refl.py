@@ -7,11 +7,15 @@ decoded clean estimate ``x0`` of the generator step, inside the graph.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from dmdr.rewards.base import Reward
+
+if TYPE_CHECKING:
+    from dmdr.losses.rl.base import PolicyAccess, RLBatch
 
 
 def refl_loss(images: Tensor, prompts: list[str], rewards: Sequence[tuple[Reward, float]],
@@ -31,3 +35,24 @@ def refl_loss(images: Tensor, prompts: list[str], rewards: Sequence[tuple[Reward
         stats[f"reward/{reward.name}"] = detached.mean().item()
         stats[f"reward/{reward.name}_std"] = detached.std(unbiased=False).item() if detached.numel() > 1 else 0.0
     return total, stats
+
+
+class ReFL:
+    """ReFL as an :class:`~dmdr.losses.rl.base.RLMethod`: the rewards of the decoded step estimate ``x0``.
+
+    No extra generator forward: the images are the DMD step's own clean estimate, in the graph.
+
+    Args:
+        margin: the per-reward ``relu(margin - score)`` margin (``rl.margin``).
+    """
+
+    name = "refl"
+    needs_reference = False
+    stateful = False
+
+    def __init__(self, margin: float = 0.7):
+        self.margin = float(margin)
+
+    def loss(self, batch: RLBatch, generator: PolicyAccess,
+             rewards: Sequence[tuple[Reward, float]]) -> tuple[Tensor, dict[str, float]]:
+        return refl_loss(generator.decode(batch.x0), batch.prompts, rewards, self.margin)

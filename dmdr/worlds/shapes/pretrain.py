@@ -34,11 +34,11 @@ class PretrainConfig:
     """The settings of :func:`pretrain` (the committed teacher's are the defaults)."""
 
     seed: int = 0
-    vae_steps: int = 600
+    vae_steps: int = 400
     vae_batch_size: int = 64
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200

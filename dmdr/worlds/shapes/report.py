@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-KEYS = ("overall", "colour", "shape", "count", "position", "fidelity", "reward")
+KEYS = ("overall", "colour", "shape", "count", "position", "exact", "fidelity", "reward")
 
 
 def save_grid(rows: list[tuple[str, Tensor]], path: str | Path, scale: int = 3) -> Path:

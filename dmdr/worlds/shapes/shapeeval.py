@@ -14,13 +14,14 @@ shape      every group has at least one object of its colour and shape
 count      every group has exactly ``count`` objects of its colour and shape, and there are no others
 position   (two-group prompts) the centroid of the first group's object is on the stated side of the
            second's (at least :data:`POSITION_MIN_OFFSET` pixels apart along that axis)
-overall    all of the above
+exact      all of the above at once
 fidelity   the fraction of pixels that are clean background or belong to an object (blur, off-palette
            colours and specks lower it; 1.0 on renders)
 ========== =========================================================================================
 
-:func:`evaluate` returns the per-image booleans; :func:`summarize` the accuracies. Renders score 1.0
-on every attribute; uniform noise scores near chance (tests).
+:func:`evaluate` returns the per-image booleans; :func:`summarize` the accuracy of each attribute,
+``exact``, and ``overall``: the mean of the four attribute accuracies, as GenEval's overall score is the
+mean of its task accuracies. Renders score 1.0 on every attribute; uniform noise scores near chance (tests).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ CLEAN_DISTANCE = 0.35
 MIN_OBJECT_AREA = 12
 """Components smaller than this many pixels are specks, not objects (the smallest render has 25)."""
 POSITION_MIN_OFFSET = 1.0
-ATTRIBUTES = ("colour", "shape", "count", "position", "overall")
+ATTRIBUTES = ("colour", "shape", "count", "position")
 
 _PALETTE = torch.tensor([(0.0, 0.0, 0.0), *COLORS.values()])
 _NAMES = ("background", *COLORS)
@@ -146,8 +147,8 @@ def check(scene: Scene, objects: list[DetectedObject]) -> dict[str, bool | None]
         first, second = matches(scene.groups[0]), matches(scene.groups[1])
         position = bool(first and second and relation_offset(first[0].center, second[0].center, scene.relation)
                         >= POSITION_MIN_OFFSET)
-    overall = colour and shape and count and (position is None or position)
-    return {"colour": colour, "shape": shape, "count": count, "position": position, "overall": overall}
+    exact = colour and shape and count and (position is None or position)
+    return {"colour": colour, "shape": shape, "count": count, "position": position, "exact": exact}
 
 
 def evaluate(images: Tensor, prompts: list[str]) -> list[dict[str, float | bool | None]]:
@@ -169,12 +170,14 @@ def evaluate(images: Tensor, prompts: list[str]) -> list[dict[str, float | bool 
 
 
 def summarize(rows: list[dict[str, float | bool | None]]) -> dict[str, float]:
-    """Accuracy per attribute (over the images where it applies) and mean fidelity."""
+    """``overall`` (mean of the attribute accuracies), each attribute's accuracy (over the images where it
+    applies), ``exact`` and the mean fidelity."""
     summary = {}
-    for key in (*ATTRIBUTES, "fidelity"):
+    for key in (*ATTRIBUTES, "exact", "fidelity"):
         values = [float(r[key]) for r in rows if r[key] is not None]
         summary[key] = sum(values) / len(values) if values else float("nan")
-    return summary
+    attributes = [summary[k] for k in ATTRIBUTES if summary[k] == summary[k]]  # skip NaN (no two-group prompt)
+    return {"overall": sum(attributes) / len(attributes), **summary}
 
 
 __all__ = ["ATTRIBUTES", "DetectedObject", "classify_shape", "detect", "check", "evaluate", "summarize"]

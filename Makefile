@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.dmdr-installed
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast lint profile bench clean-venv
+.PHONY: demo test test-fast lint profile bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ lint: $(STAMP)
 
 profile: $(STAMP)
 	$(PY) tools/profile.py
+
+# One CUDA GPU: kernel checks, kernel speed, attention backends, a tiny DMDR run, as one table
+# (CPU: the interpreter checks only). flash-attn: pip install -e ".[gpu]" in the venv first.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --out runs/gpu-check
 
 clean-venv:
 	rm -rf $(VENV)

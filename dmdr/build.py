@@ -81,10 +81,31 @@ def materialize_roles(cfg: TrainConfig, backbone: Backbone, generator: Denoiser,
                                      round_via=DTYPES[cfg.model.dtype])
 
 
+def apply_attention(cfg: TrainConfig, backbone: Backbone, generator: Denoiser, adapter: str | None,
+                    device: torch.device) -> str:
+    """Resolve ``model.attention`` for ``device`` and set it on the teacher and a full-copy generator.
+
+    Runs before activation checkpointing, compile and FSDP2 wrap the networks, so every wrapper sees
+    the chosen processors. Returns the backend (also kept in ``backbone.extras["attention"]``).
+    """
+    from dmdr.models.attention import resolve_attention
+
+    teacher = backbone.teacher
+    backend = resolve_attention(cfg.model.attention, device, masked=teacher.masked_attention,
+                                family=backbone.family)
+    for net in (teacher,) if adapter is not None else (teacher, generator):  # LoRA: one shared network
+        net.set_attention_backend(backend)
+    backbone.extras["attention"] = backend
+    log.info("attention backend: %s (model.attention=%s, %s on %s)", backend, cfg.model.attention,
+             backbone.family, device.type)
+    return backend
+
+
 def build_models(cfg: TrainConfig, device: torch.device, mesh: Any = None,
                  load_text_encoder: bool = True) -> tuple[Backbone, Denoiser, str | None]:
     """The backbone and the roles on it, sharded over ``mesh`` (``None``: one process, no FSDP).
 
+    The attention backend (``model.attention``) is set on both networks first (:func:`apply_attention`).
     One process: the teacher loads whole (``from_pretrained``), then :func:`build_roles` and activation
     checkpointing. Sharded: no rank ever holds a full copy of the denoiser; it is built on the meta
     device, :func:`build_roles` makes the generator (a meta copy, or a LoRA in the teacher) and the
@@ -97,12 +118,15 @@ def build_models(cfg: TrainConfig, device: torch.device, mesh: Any = None,
     """
     from dmdr.distributed import parallelize_denoiser
     from dmdr.models import load_backbone
+    from dmdr.models.attention import resolve_attention
 
+    resolve_attention(cfg.model.attention, device)  # a backend this machine lacks fails before any loading
     sharded = mesh is not None
     backbone = load_backbone(cfg.model.path, family=cfg.model.family, dtype=DTYPES[cfg.model.dtype],
                              device=device, load_text_encoder=load_text_encoder, t_min=cfg.dmd.t_min,
                              max_sequence_length=cfg.model.max_sequence_length, defer_denoiser=sharded)
     generator, adapter = build_roles(cfg, backbone)
+    apply_attention(cfg, backbone, generator, adapter, device)
     if adapter is None:
         parallelize_denoiser(generator, mesh, cfg.parallel, trainable=True)
     parallelize_denoiser(backbone.teacher, mesh, cfg.parallel, trainable=False)
@@ -130,6 +154,21 @@ def build_rewards(cfg: TrainConfig, device: torch.device) -> list[tuple[Reward, 
     from dmdr.rewards import build_reward
 
     return [(build_reward(name, cfg.rl, device), float(w)) for name, w in zip(cfg.rl.rewards, cfg.rl.weights)]
+
+
+def run_summary(cfg: TrainConfig, backbone: Backbone, device: torch.device, world_size: int) -> str:
+    """The run's TensorBoard text summary (markdown): what was resolved at build time, then the config."""
+    import json
+
+    from dmdr.config import to_dict
+
+    lines = [f"- family: {backbone.family}, device: {device.type}, world size: {world_size}",
+             f"- attention backend: {backbone.extras.get('attention', 'native')} "
+             f"(model.attention={cfg.model.attention})",
+             f"- compile: {cfg.parallel.compile} ({cfg.parallel.compile_backend}), activation checkpointing: "
+             f"{cfg.parallel.activation_checkpointing}, param dtype: {cfg.parallel.param_dtype}",
+             "", "```json", json.dumps(to_dict(cfg), indent=2, sort_keys=True), "```"]
+    return "\n".join(lines)
 
 
 @dataclass
@@ -213,4 +252,5 @@ def build_run(cfg: TrainConfig) -> Session:
         log.info("resumed from generator step %d", resumed)
     logger = MetricsLogger(cfg.train.output_dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard,
                            resume_step=resumed)
+    logger.log_text(resumed or 0, "run/summary", run_summary(cfg, backbone, env.device, env.world_size))
     return Session(cfg, trainer, logger, checkpoints, env, PreemptionHandler(env), resumed)

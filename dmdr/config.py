@@ -41,6 +41,10 @@ class ModelConfig:
     resolution: int = 1024
     max_sequence_length: int = 256
     """Text tokens kept per prompt (longer prompts are truncated and counted)."""
+    attention: str = "auto"
+    """Attention backend of the generator and the teacher, a name of diffusers' attention dispatcher
+    (``native`` SDPA, ``flash``, ``flash_varlen``, ``flash3``, ``sage``, ``xformers``, ``flex``, ...);
+    ``auto``: flash-attn on CUDA when it is installed (``pip install -e ".[gpu]"``), else native."""
 
 
 @dataclass
@@ -201,6 +205,9 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "every_k"] = "full"
     ac_every: int = 2
     compile: bool = False
+    """``torch.compile`` each transformer block (after activation checkpointing, before FSDP2)."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """``aot_eager`` / ``eager``: dynamo's graphs without inductor's code generation (to bisect a compile issue)."""
     cpu_offload_teacher: bool = False
     frozen_encoders: Literal["replicate", "shard"] = "replicate"
 
@@ -397,6 +404,9 @@ def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) ->
     _require(cfg.model.critic_lora_rank >= 1, "model.critic_lora_rank", "must be >= 1")
     _require(cfg.model.generator_lora_rank >= 1, "model.generator_lora_rank", "must be >= 1")
     _require(cfg.model.resolution % 16 == 0, "model.resolution", "must be a multiple of 16")
+    from dmdr.models.attention import check_name  # device and package checks run at build time
+
+    check_name(cfg.model.attention)
     if cfg.rl.method != "none":
         _require(len(cfg.rl.rewards) > 0, "rl.rewards", "at least one reward when rl.method is not none")
         _require(len(cfg.rl.weights) == len(cfg.rl.rewards), "rl.weights",

@@ -68,6 +68,11 @@ class MetricsLogger:
                 if math.isfinite(float(v)):
                     self._tb.add_scalar(k, float(v), step)
 
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        """A markdown text summary in TensorBoard's Text tab (no-op without TensorBoard)."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, step)
+
     def log_images(self, step: int, tag: str, images: Tensor, nrow: int = 4) -> Path | None:
         """Log a grid of ``(B, 3, H, W)`` images in [0, 1]; also saved as ``samples/<tag>-<step>.png``."""
         if not self.enabled:

@@ -6,8 +6,8 @@ resume (:meth:`dmdr.distributed.checkpoint.CheckpointManager.load`) and export
 difference in one line naming the setting, saved vs current (:func:`record_mismatch`).
 
 The teacher fingerprint (:func:`teacher_fingerprint`) is cheap, no full read: SHA-256 over the denoiser's
-``transformer/config.json`` (SDXL: ``unet/``), and for each of its safetensors files the header (tensor names, dtypes, shapes,
-offsets), the size and three 64 KiB windows of the data (start, middle, end): two fine-tunes of one
+``transformer/config.json`` (SDXL: ``unet/``), and for each of its safetensors files the header (tensor names,
+dtypes, shapes, offsets), the size and three 64 KiB windows of the data (start, middle, end): two fine-tunes of one
 architecture have equal headers but not equal bytes. It does not depend on where the folder is, so a
 teacher that moved (``--model.path``) still matches.
 

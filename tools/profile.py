@@ -159,8 +159,15 @@ def _err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return (got.double() - ref.double()).abs().max().item() / scale
 
 
-def interpreter_checks(device: str) -> list[dict]:
-    """Each kernel on small odd shapes against the reference evaluated in float64 (outputs and grads)."""
+# Relative tolerances per input dtype (elementwise ops, lora_linear): a few units of each format's rounding.
+TOLERANCES = {torch.float32: (1e-5, 2e-5), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.6e-2, 4e-2)}
+
+
+def interpreter_checks(device: str, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16)) -> list[dict]:
+    """Each kernel on small odd shapes against the reference evaluated in float64 (outputs and grads).
+
+    On CPU the kernels run in the Triton interpreter (fp32 and fp16: it has no bf16); on CUDA compiled.
+    """
     previous = os.environ.get("DMDR_KERNELS")
     os.environ["DMDR_KERNELS"] = "triton"
     gen = torch.Generator().manual_seed(0)
@@ -175,8 +182,8 @@ def interpreter_checks(device: str) -> list[dict]:
                      "max_rel_err": f"{err:.2e}", "tol": f"{tol:.0e}", "ok": err <= tol})
 
     try:
-        for dtype in (torch.float32, torch.float16):
-            tol = 1e-5 if dtype == torch.float32 else 2e-3
+        for dtype in dtypes:
+            tol, lora_tol = TOLERANCES[dtype]
             shape = (3, 4, 17, 19)
             x0, xd, u, c, f, noise = (rand(*shape, dtype=dtype) for _ in range(6))
             t = torch.rand(3, generator=gen).to(device) * 0.9 + 0.05
@@ -204,7 +211,6 @@ def interpreter_checks(device: str) -> list[dict]:
             out = kernels.lora_linear(*leaves, s)
             refs = [p.detach().double().requires_grad_(True) for p in leaves]
             ref = kernels.lora_linear_reference(*refs, s.double())
-            lora_tol = 2e-5 if dtype == torch.float32 else 5e-3
             add("lora_linear", "2x37x45 -> 40, r5", dtype, out, ref, lora_tol)
             dy = rand(*out.shape)
             out.backward(dy.to(dtype))
@@ -384,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
               "Checking every kernel in the Triton interpreter (TRITON_INTERPRET=1) on small shapes instead,"
               "\n"
               "and counting the bytes each op moves at the real shapes, fused against unfused eager.")
-    checks = interpreter_checks("cuda" if GPU else "cpu")
+    checks = interpreter_checks("cuda", (torch.float32, torch.float16, torch.bfloat16)) if GPU else \
+        interpreter_checks("cpu")
     sections.append(("Correctness checks (" + ("CUDA" if GPU else "Triton interpreter, CPU") + ")", checks))
     sections.append((f"Bytes moved per call ({args.dtype}), fused vs unfused eager", bytes_table(dtype)))
     if GPU:

@@ -1,8 +1,10 @@
 """FSDP2 for the denoisers (generator and frozen teacher) and the frozen encoders.
 
-Order matters and is fixed here: activation checkpointing wraps blocks first, then optional
-per-block ``torch.compile``, then ``fully_shard`` on every block and finally on the root, so each
-block is one all-gather / reduce-scatter unit and the root holds the rest (embeddings, final norm).
+Order matters and is fixed here: optional per-block ``torch.compile`` first (the compiled block runs
+inside its checkpoint, so the recompute is compiled too and the checkpoint's LoRA-scale context stays
+eager), then activation checkpointing wraps the blocks, then ``fully_shard`` on every block and finally
+on the root, so each block is one all-gather / reduce-scatter unit and the root holds the rest
+(embeddings, final norm). The attention backend is set before any of it (:func:`dmdr.build.apply_attention`).
 The same call works on a model built on the meta device (shard first, materialise after; see
 :mod:`dmdr.distributed.meta_load`).
 
@@ -105,7 +107,7 @@ def shard_blocks_and_root(root: nn.Module, blocks: list[nn.Module], mesh: Device
 
 def parallelize_denoiser(denoiser: nn.Module, mesh: DeviceMesh | None, parallel: ParallelConfig, *,
                          trainable: bool, blocks: list[nn.Module] | None = None) -> nn.Module:
-    """Activation checkpointing, optional per-block compile, then FSDP2 (blocks, then root), in place.
+    """Optional per-block compile, activation checkpointing, then FSDP2 (blocks, then root), in place.
 
     Works on a materialised model or on one built on the meta device. Call it once per network:
     when the generator is the teacher's own network with a generator LoRA, parallelize only the teacher.
@@ -123,11 +125,13 @@ def parallelize_denoiser(denoiser: nn.Module, mesh: DeviceMesh | None, parallel:
         ``denoiser`` (same object; FSDP2 changes its class in place).
     """
     blocks = list(denoiser.blocks() if blocks is None else blocks)
+    if parallel.compile:
+        # Inside the checkpoint wrapper, not around it: dynamo accepts a checkpoint ``context_fn`` only
+        # when it yields TorchDispatchModes, and ours restores the LoRA scales for the recompute.
+        for block in blocks:
+            block.compile(backend=parallel.compile_backend)  # in place: parameter names keep no ``_orig_mod``
     blocks = apply_activation_checkpointing(denoiser, blocks, parallel.activation_checkpointing,
                                             parallel.ac_every)
-    if parallel.compile:
-        for block in blocks:
-            block.compile()  # in place: parameter names keep no ``_orig_mod`` level
     if mesh is None:
         return denoiser
     offload: OffloadPolicy = OffloadPolicy()

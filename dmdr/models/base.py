@@ -70,6 +70,8 @@ class Denoiser(nn.Module):
     """
 
     parameterization: Parameterization
+    masked_attention: bool = False
+    """Whether the network passes a padding mask to attention (then the backend must take one)."""
 
     def __init__(self, net: nn.Module, parameterization: Parameterization):
         super().__init__()
@@ -97,6 +99,15 @@ class Denoiser(nn.Module):
     def blocks(self) -> list[nn.Module]:
         """The repeated transformer blocks (the FSDP2 / activation-checkpointing units)."""
         return []
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Point every attention of the network at a diffusers dispatcher backend (``native``, ``flash``, ...).
+
+        Call it before activation checkpointing, compile and FSDP2 wrap the network; the name is
+        checked first by :func:`dmdr.models.attention.resolve_attention`. Families whose processors
+        bypass the dispatcher override this to install ones that use it.
+        """
+        self.net.set_attention_backend(backend)
 
     def frozen_copy_base(self) -> Denoiser:
         """A deep copy (used for the full fine-tune generator, made before any LoRA is added)."""

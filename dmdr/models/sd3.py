@@ -59,6 +59,58 @@ class SD3Denoiser(Denoiser):
     def blocks(self) -> list[nn.Module]:
         return list(self.net.transformer_blocks)
 
+    def set_attention_backend(self, backend: str) -> None:
+        """SD3's stock processor calls SDPA directly; swap in :class:`JointAttnDispatchProcessor` first."""
+        self.net.set_attn_processor(JointAttnDispatchProcessor())
+        super().set_attention_backend(backend)
+
+
+class JointAttnDispatchProcessor:
+    """SD3's joint attention (diffusers' ``JointAttnProcessor2_0``) through the attention dispatcher.
+
+    diffusers 0.36-0.42 give ``SD3Transformer2DModel`` a processor that calls
+    ``F.scaled_dot_product_attention`` itself, so ``set_attention_backend`` finds nothing to switch.
+    This one computes the same projections, qk-norms and concatenation (image tokens, then context
+    tokens) in the same order and hands ``(B, S, heads, head_dim)`` views to ``dispatch_attention_fn``.
+    With the ``native`` backend the SDPA call receives the very tensors (same strides) the stock
+    processor passes, so outputs are bitwise equal (tests/models/test_attention.py). ``attn2`` of
+    SD3.5-Medium's dual-attention blocks (image tokens only) takes the same path.
+    """
+
+    _attention_backend = None  # set by ModelMixin.set_attention_backend
+    _parallel_config = None
+
+    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, *args, **kwargs):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        batch, n_image = hidden_states.shape[0], hidden_states.shape[1]
+
+        def heads(x: Tensor, norm: nn.Module | None) -> Tensor:  # (B, S, H*D) -> (B, H, S, D), normed per head
+            x = x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+            return norm(x) if norm is not None else x
+
+        query = heads(attn.to_q(hidden_states), attn.norm_q)
+        key = heads(attn.to_k(hidden_states), attn.norm_k)
+        value = heads(attn.to_v(hidden_states), None)
+        if encoder_hidden_states is not None:
+            query = torch.cat([query, heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
+            key = torch.cat([key, heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
+            value = torch.cat([value, heads(attn.add_v_proj(encoder_hidden_states), None)], dim=2)
+        # Under autocast with fp32 qk-norm weights the normed q, k come out fp32 while v is bf16: SDPA's
+        # autocast rounds them the same way, flash-attn would refuse the mix. A no-op without autocast.
+        query, key = query.to(value.dtype), key.to(value.dtype)
+        out = dispatch_attention_fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                    dropout_p=0.0, is_causal=False, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config)
+        out = out.reshape(batch, -1, attn.heads * query.shape[-1]).to(query.dtype)
+        if encoder_hidden_states is not None:
+            out, context = out[:, :n_image], out[:, n_image:]
+            if not attn.context_pre_only:
+                context = attn.to_add_out(context)
+        out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
+        return (out, context) if encoder_hidden_states is not None else out
+
 
 class SD3TextEncoder:
     """The two CLIPs and T5 with ``StableDiffusion3Pipeline.encode_prompt``'s encoding (no CFG branch).

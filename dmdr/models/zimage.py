@@ -47,6 +47,8 @@ TEXT_COMPONENTS = ("text_encoder", "tokenizer")
 class ZImageDenoiser(Denoiser):
     """``ZImageTransformer2DModel`` behind ``(x_t, t, cond) -> v`` with ``v = eps - x0``, ``t=1`` noise."""
 
+    masked_attention = True  # captions of different lengths in one batch: a key padding mask
+
     def __init__(self, net: nn.Module, t_min: float = 0.001):
         super().__init__(net, FlowMatching(t_min=t_min, timestep_scale=1000.0))
 

@@ -105,6 +105,8 @@ def _launch(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     (["--model.path", "/nonexistent/model"], "/nonexistent/model"),
     (["--data.sources", "/nonexistent/prompts-*.jsonl"], "/nonexistent/prompts-*.jsonl"),
     (["--train.output_dir", "/proc/forbidden"], "--train.output_dir '/proc/forbidden': is not writable"),
+    (["--model.attention", "flash"], 'flash-attn runs only on GPUs and this run is on cpu; use --model.attention '
+                                     'native (or auto), or on a CUDA machine install it with pip install -e ".[gpu]"'),
 ])
 def test_bad_input_one_line_before_training(argv, needle, tmp_path, tiny_assets):
     base = ["--model.path", tiny_assets["model"], "--data.sources", tiny_assets["prompts"],

@@ -19,8 +19,8 @@ from dmdr.errors import ConfigError, DataError, ModelLoadError, UserError
 from dmdr.preflight import Problem, RunContext, problem_from, register_check
 from dmdr.preflight.files import free_bytes, header_numel, safetensors_header, weight_file_problem, writable_problem
 
-DENOISER = "transformer"
-"""The denoiser component of every registered family's folder."""
+DENOISERS = ("transformer", "unet")
+"""The denoiser component of a family's folder: the transformer (SD3, Z-Image) or the UNet (SDXL)."""
 FIRST_RECORDS = 1000
 """Records of a source read, at most, looking for one good prompt."""
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -127,7 +127,8 @@ def model_problems(path: str, family: str = "auto", *, setting: str = "model.pat
     from dmdr.distributed.meta_load import safetensors_files
 
     try:
-        files = safetensors_files(folder.path / DENOISER)
+        denoiser_name = next((n for n in DENOISERS if folder.declared(n)), DENOISERS[0])
+        files = safetensors_files(folder.path / denoiser_name)
     except ModelLoadError as e:
         if sharded:  # the sharded loader reads each rank's rows from safetensors only
             problems.append(problem_from(e, setting, str(path)))

@@ -97,6 +97,9 @@ class DynamicConfig:
     beta: float = 1.5
     decay_steps: int = 2000
     """D, in generator steps, shared by DynaDG and DynaRS."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """``cosine``: both decay over D (the paper's method); ``constant``: the paper's "-Dynamic" ablation, the
+    step-0 real scale s_r0 and Beta(alpha, beta) renoise levels for the whole run (``decay_steps`` unused)."""
 
 
 @dataclass

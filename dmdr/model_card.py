@@ -291,6 +291,8 @@ def _training(cfg: Any, provenance: dict[str, Any]) -> str:
                ", ".join(f"{r} (weight {w:g})" for r, w in zip(rl.rewards, rl.weights)) + f", margin {rl.margin:g}")
     dyn = cfg.dynamic
     on = {True: "on", False: "off"}
+    decay = (f"decayed over {dyn.decay_steps} steps" if dyn.schedule == "cosine"
+             else "held constant: the -Dynamic ablation")
     rows = [
         ("checkpoint", f"{provenance.get('checkpoint', '?')} of train.max_steps = {cfg.train.max_steps} "
                        "(generator steps)"),
@@ -298,7 +300,7 @@ def _training(cfg: Any, provenance: dict[str, Any]) -> str:
         ("few-step sampler", f"{d.num_steps} steps, shift {d.shift:g}, t_min {d.t_min:g}"),
         ("DMD", f"real-score guidance {d.guidance:g}, critic steps per generator step {d.ratio}"),
         ("cold start", f"{rl.start_step} generator steps of DMD before RL (DynaDG {on[dyn.dynadg]}, "
-                       f"DynaRS {on[dyn.dynars]}, decayed over {dyn.decay_steps} steps)"),
+                       f"DynaRS {on[dyn.dynars]}, {decay})"),
         ("RL", f"{rl.method}; rewards: {rewards}"),
         ("learning rates", f"generator {o.generator_lr:g} / critic {o.critic_lr:g}; RL stage "
                            f"{o.rl_generator_lr:g} / {o.rl_critic_lr:g}"),

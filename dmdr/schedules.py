@@ -55,28 +55,39 @@ def generator_levels(num_steps: int, shift: float, t_min: float, model_timesteps
     return torch.tensor(levels, dtype=torch.float32)
 
 
-def cosine_decay(step: int, decay_steps: int) -> float:
-    """``1/2 (1 + cos(pi min(step / D, 1)))``: 1 at step 0, 0 from step ``D`` on."""
+COLD_START_SCHEDULES = ("cosine", "constant")
+"""How DynaDG and DynaRS change over the cold start: ``cosine`` (the paper's dynamic strategies) or
+``constant`` (the paper's "-Dynamic" ablation: the step-0 values, a fixed real-score LoRA scale and biased
+renoise levels, for the whole run)."""
+
+
+def cosine_decay(step: int, decay_steps: int, schedule: str = "cosine") -> float:
+    """``1/2 (1 + cos(pi min(step / D, 1)))``: 1 at step 0, 0 from step ``D`` on; always 1 for ``constant``."""
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"cold-start schedule {schedule!r}: choose one of {', '.join(COLD_START_SCHEDULES)}")
     if decay_steps <= 0:
         return 0.0
     frac = min(max(step, 0) / decay_steps, 1.0)
     return 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def dynadg_real_scale(step: int, s0: float, decay_steps: int) -> float:
-    """DynaDG: the critic-LoRA scale of the real score, ``s_r(k) = s0 c(k)``, exactly 0 from ``D`` on."""
-    if step >= decay_steps:
+def dynadg_real_scale(step: int, s0: float, decay_steps: int, schedule: str = "cosine") -> float:
+    """DynaDG: the critic-LoRA scale of the real score, ``s_r(k) = s0 c(k)``, exactly 0 from ``D`` on (cosine)."""
+    if schedule == "cosine" and step >= decay_steps:
         return 0.0
-    return s0 * cosine_decay(step, decay_steps)
+    return s0 * cosine_decay(step, decay_steps, schedule)
 
 
-def dynars_beta(step: int, alpha: float, beta: float, decay_steps: int) -> tuple[float, float]:
+def dynars_beta(step: int, alpha: float, beta: float, decay_steps: int,
+                schedule: str = "cosine") -> tuple[float, float]:
     """DynaRS: the Beta parameters ``(alpha_k, beta_k)`` at generator step ``step``.
 
     ``alpha_k = 1 + (alpha - 1) c(k)``, ``beta_k = 1 + (beta - 1) c(k)``: the biased Beta(alpha, beta)
-    at step 0, the uniform Beta(1, 1) from step ``D`` on.
+    at step 0, the uniform Beta(1, 1) from step ``D`` on (``constant``: Beta(alpha, beta) throughout).
     """
-    c = cosine_decay(step, decay_steps)
+    c = cosine_decay(step, decay_steps, schedule)
     return 1.0 + (alpha - 1.0) * c, 1.0 + (beta - 1.0) * c
 
 
@@ -92,16 +103,17 @@ class DynaRSSampler:
     """
 
     def __init__(self, alpha: float = 4.0, beta: float = 1.5, decay_steps: int = 2000,
-                 t_min: float = 0.001, enabled: bool = True):
+                 t_min: float = 0.001, enabled: bool = True, schedule: str = "cosine"):
         if alpha <= 0 or beta <= 0:
             raise ValueError(f"DynaRS alpha and beta must be > 0, got {alpha}, {beta}")
-        self.alpha, self.beta, self.decay_steps = alpha, beta, decay_steps
+        cosine_decay(0, decay_steps, schedule)  # an unknown schedule fails here, not at the first step
+        self.alpha, self.beta, self.decay_steps, self.schedule = alpha, beta, decay_steps, schedule
         self.t_min, self.enabled = t_min, enabled
 
     def params(self, step: int) -> tuple[float, float]:
         if not self.enabled:
             return 1.0, 1.0
-        return dynars_beta(step, self.alpha, self.beta, self.decay_steps)
+        return dynars_beta(step, self.alpha, self.beta, self.decay_steps, self.schedule)
 
     def mean(self, step: int) -> float:
         return beta_mean(*self.params(step))

@@ -141,8 +141,9 @@ class DMDRTrainer:
             MixedPrecisionPolicy instead and pass None.
     """
 
-    optional_state_keys = ("ema",)
-    """State a resumed run may have that its checkpoint lacks: EMA switched on at resume starts from the weights."""
+    optional_state_keys = ("ema", "rl_reference", "rl_reference_taken")
+    """State a resumed run may have that its checkpoint lacks: EMA switched on at resume starts from the weights;
+    a DPO reference (a cold start written with another ``rl.method``) is taken at the first RL step."""
 
     def __init__(self, cfg: TrainConfig, backbone: Backbone, roles: Roles, rewards: list[tuple[Reward, float]],
                  loader: Any, device: torch.device, dist: Any = None, skip_monitor: Any = None,
@@ -161,7 +162,7 @@ class DMDRTrainer:
         self.timesteps = generator_levels(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min, cfg.dmd.timesteps,
                                           self.param)
         self.dynars = DynaRSSampler(cfg.dynamic.alpha, cfg.dynamic.beta, cfg.dynamic.decay_steps,
-                                    t_min=cfg.dmd.t_min, enabled=cfg.dynamic.dynars)
+                                    t_min=cfg.dmd.t_min, enabled=cfg.dynamic.dynars, schedule=cfg.dynamic.schedule)
         self.counters = Counters()
         rank = dist.rank if dist is not None else 0
         # One noise stream per rank (ranks see different prompts and must draw different noise);
@@ -218,6 +219,10 @@ class DMDRTrainer:
             for name, t in zip(self.roles.generator_param_names(), self.reference.values):
                 t.copy_(state["rl_reference"][name])
             self.reference.taken = bool(state["rl_reference_taken"])
+        elif self.reference is not None and c.generator_step > self.cfg.rl.start_step:
+            log.warning("the checkpoint (generator step %d) holds no %s reference although RL began at step %d: it "
+                        "was written with another rl.method; the reference is taken from the resumed generator",
+                        c.generator_step, self.cfg.rl.method, self.cfg.rl.start_step)
         # EMA switched on at resume: started from the resumed weights in train(), once the models are loaded.
         self._ema_from_weights = self.ema is not None and "ema" not in state
 
@@ -238,7 +243,7 @@ class DMDRTrainer:
         if self.skip_monitor is not None:
             state["data_monitor"] = DataLoaderState(self.skip_monitor)
         if self.rl is not None and self.rl.stateful:
-            state["rl_sampler"] = PerRank(self.rl)
+            state["rl_sampler"] = PerRank(self.rl, optional=True)  # absent from a cold start of another method
         return state
 
     # ------------------------------------------------------------------ schedule
@@ -252,7 +257,7 @@ class DMDRTrainer:
 
     def real_scale(self, k: int) -> float:
         d = self.cfg.dynamic
-        return dynadg_real_scale(k, d.real_scale_init, d.decay_steps) if d.dynadg else 0.0
+        return dynadg_real_scale(k, d.real_scale_init, d.decay_steps, d.schedule) if d.dynadg else 0.0
 
     def _apply_learning_rates(self, k: int) -> None:
         o = self.cfg.optim

@@ -458,6 +458,10 @@ class CheckpointManager:
         state: dict[str, Any] = {}
         skipped = []
         for name, obj in app_state.items():
+            if name not in meta["entries"] and getattr(obj, "optional", False):
+                if self.env.is_main:
+                    log.info("checkpoint %s has no entry %r: it starts fresh", path.name, name)
+                continue
             if name not in meta["entries"]:
                 held = ", ".join(sorted(meta["entries"]))
                 raise CheckpointError(f"checkpoint {path} has no entry {name!r} (it holds {held}); "

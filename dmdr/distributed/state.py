@@ -119,8 +119,11 @@ class PerRank(RankLocal):
     otherwise the object keeps its fresh state then (see :mod:`dmdr.distributed.checkpoint`).
     """
 
-    def __init__(self, obj: Any):
+    def __init__(self, obj: Any, optional: bool = False):
         self.obj = obj
+        self.optional = optional
+        """The entry may be missing from a checkpoint (one written before the run added it, e.g. a cold start
+        resumed with another ``rl.method``): the object then keeps its fresh state."""
         if hasattr(obj, "load_resharded_state"):
             self.load_resharded_state = obj.load_resharded_state
 

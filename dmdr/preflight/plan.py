@@ -48,8 +48,8 @@ def plan_lines(cfg: Any, ctx: RunContext) -> list[str]:
     else:
         gen = "a full trainable fp32 copy of the teacher"
     rows += [("roles", f"generator: {gen}"),
-             ("", f"teacher: frozen; real score at critic-LoRA scale s_r (DynaDG {cfg.dynamic.real_scale_init:g} -> 0 "
-                  f"over {cfg.dynamic.decay_steps} steps)" if cfg.dynamic.dynadg else "teacher: frozen real score"),
+             ("", f"teacher: frozen; real score at critic-LoRA scale s_r (DynaDG {_real_scale_plan(cfg.dynamic)})"
+              if cfg.dynamic.dynadg else "teacher: frozen real score"),
              ("", f"critic: LoRA rank {m.critic_lora_rank} alpha {m.critic_lora_alpha:g} in the teacher, fake score "
                   f"at s_f {cfg.dmd.fake_scale:g}, {cfg.dmd.ratio} critic steps per generator step"),
              ("", "text encoders: loaded, frozen" if text_encoders_needed(cfg)
@@ -94,3 +94,9 @@ def describe(cfg: Any, ctx: RunContext) -> str:
 
     return "\n".join(["resolved config:", json.dumps(to_dict(cfg), indent=2, sort_keys=True), "",
                       "plan of the run (dry run: nothing was loaded):", *plan_lines(cfg, ctx)])
+
+
+def _real_scale_plan(d) -> str:
+    if d.schedule == "constant":
+        return f"{d.real_scale_init:g} held for the whole run: the -Dynamic ablation"
+    return f"{d.real_scale_init:g} -> 0 over {d.decay_steps} steps"

@@ -60,3 +60,18 @@ def test_dpo_reference_is_the_generator_at_the_rl_start(tiny_assets, tmp_path):
         assert "rl_reference" in trainer.state_dict() and trainer.state_dict()["rl_reference_taken"]
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("method,extra", [("dpo", {"rl__dpo_k": 2}), ("grpo", {"rl__grpo_group_size": 2})])
+def test_a_cold_start_of_another_method_continues_with_dpo_or_grpo(tiny_assets, tmp_path, method, extra):
+    # The paper's Table 5 (benchmarks/paper_tables.py): every RL method continues from one cold start, whose
+    # checkpoint holds no DPO reference and no GRPO group; they start fresh at the first RL step.
+    quick = {"dmd__ratio": 1, "rl__start_step": 2, "data__rl_batch_size": 2}
+    cold = tmp_path / "cold"
+    assert run(tiny_config(tiny_assets, cold, train__max_steps=2, checkpoint__interval=2, **quick)) == 0
+    out = tmp_path / method
+    cfg = tiny_config(tiny_assets, out, rl__method=method, train__max_steps=3, checkpoint__interval=0,
+                      checkpoint__resume=str(cold / "checkpoints" / "step-2"), **quick, **extra)
+    assert run(cfg) == 0
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [3] and "loss/rl" in rows[0]

@@ -64,3 +64,19 @@ def test_dynars_sampler_distribution():
     b = s.sample(10, 8, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     assert DynaRSSampler(enabled=False).params(0) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("step", [0, 1, 999, 2000, 5000])
+def test_constant_schedule_holds_the_step0_values_for_the_whole_run(step):
+    # The paper's "-Dynamic" ablation: a fixed real-score LoRA scale and biased renoise levels throughout.
+    assert dynadg_real_scale(step, 0.5, 2000, "constant") == 0.5
+    assert dynars_beta(step, 4.0, 1.5, 2000, "constant") == (4.0, 1.5)
+    s = DynaRSSampler(alpha=4.0, beta=1.5, decay_steps=2000, schedule="constant")
+    assert s.mean(step) == pytest.approx(4.0 / 5.5)
+    # the default is the dynamic (cosine) schedule, bit for bit
+    assert dynadg_real_scale(step, 0.5, 2000) == dynadg_real_scale(step, 0.5, 2000, "cosine")
+
+
+def test_unknown_cold_start_schedule_fails_when_built():
+    with pytest.raises(ValueError, match="linear"):
+        DynaRSSampler(schedule="linear")

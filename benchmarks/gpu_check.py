@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from dmdr.provenance import source_commit
+
 REPO = Path(__file__).resolve().parents[1]
 GPU = torch.cuda.is_available()
 if not GPU:  # before the first import of a @triton.jit module (tools/profile.py does the same)
@@ -242,14 +244,6 @@ def cuda_bench(fn, grad_to_none=None) -> float:
     return do_bench(fn, grad_to_none=grad_to_none, return_mode="median") * 1e-3
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/gpu-check"), help="folder for the table and the run")
@@ -276,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         run_rows, run_ok = tiny_run_rows(args.out / "tiny-run", steps=args.steps)
         rows += run_rows
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    head = f"gpu_check: {stamp}, GPU {device_name}, commit {_commit()}, torch {torch.__version__}"
+    head = f"gpu_check: {stamp}, GPU {device_name}, commit {source_commit()}, torch {torch.__version__}"
     table = profile.markdown(rows)
     print(f"\n{head}\n\n{table}", end="")
     (args.out / "gpu_check.md").write_text(f"{head}\n\n{table}")

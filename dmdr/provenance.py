@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,23 @@ def check_export_source(cfg: Any, checkpoint: str | Path) -> None:
     if reason:
         raise CheckpointError(f"{reason}; pass the matching --model-path (or export with the run's own config)")
     check_plain_items(checkpoint)
+
+
+def source_commit() -> str:
+    """The short git commit of this source tree, ``+dirty`` if it has uncommitted changes; ``unknown`` outside git.
+
+    Benchmarks and tools write it into their reports, so a number can be traced to the code that made it.
+    """
+    repo = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        if not commit:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

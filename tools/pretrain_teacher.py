@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import fields
@@ -30,16 +29,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 
 import torch  # noqa: E402
 
+from dmdr.provenance import source_commit  # noqa: E402
 from dmdr.worlds.shapes.pretrain import PretrainConfig, pretrain  # noqa: E402
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def evaluate_folder(folder: Path, guidances: list[float], few_steps: list[int], prompts: int, seeds: int,
@@ -109,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.rescore:
         components, stats = pretrain(cfg, on_eval=on_eval, eval_every=args.eval_every)
         shutil.rmtree(out, ignore_errors=True)
-        save_pipeline(components, out, {"command": command, "commit": git_commit(), "stats": stats})
+        save_pipeline(components, out, {"command": command, "commit": source_commit(), "stats": stats})
     rows = evaluate_folder(out, args.guidance, args.few_steps, args.eval_prompts, args.eval_seeds, args.shift)
     info = json.loads((out / "world.json").read_text())
     if args.rescore:
-        info["rescored"] = {"command": command, "commit": git_commit(), "time": time.strftime("%Y-%m-%d %H:%M")}
+        info["rescored"] = {"command": command, "commit": source_commit(), "time": time.strftime("%Y-%m-%d %H:%M")}
     else:
         info.update({"wall_s": time.time() - start, "history": history, "torch": torch.__version__,
                      "threads": args.threads})

@@ -1,0 +1,319 @@
+"""The paper's two ablations in miniature on the shapes world: which runs, how each is trained and scored.
+
+``benchmarks/paper_tables.py`` is the command; this module holds the experiment, :mod:`.tables` the tables.
+
+**Table 4** (the dynamic cold start): four cold starts of ``cold_steps`` generator steps from the committed
+teacher, with DynaDG and DynaRS decaying over all of them (the paper's cold start is 2000 iterations and it
+reports 1000 and 2000; here each arm is scored at half and at all of its steps):
+
+* ``vanilla DMD``: neither (uniform renoise levels, frozen real score);
+* ``+DynaDG``: the critic LoRA in the real score at a cosine-decayed scale;
+* ``+DynaRS``: both (the full dynamic cold start, the paper's cumulative row);
+* ``-Dynamic``: both, held at their step-0 values throughout (``--dynamic.schedule constant``).
+
+**Table 5** (RL and DMD): from the ``+DynaRS`` cold start of the same seed, ``rl_steps`` more steps each of
+``w/ only Distill.`` (``--rl.method none``), and for ReFL, DPO and GRPO ``w/ only RL`` (``--dmd.weight 0``;
+one critic step per generator step, since no score is used) and ``w/ Distill. + RL``. Each is scored every
+``curve_every`` steps (the reward-hacking view) and at its end; ``init`` is the cold start itself.
+
+Every run is ``recipes/shapes_dmdr.py`` in one process (per-rank batch as the recipe, so a run here has half the
+demo's global batch) with ``--train.seed`` = the seed; a job trains in a subprocess (its log in
+``<run>/train.log``), scores its checkpoints in the calling process and writes ``<run>/result.json``. A
+job whose ``result.json`` matches its spec is not run again, so an interrupted benchmark picks up where it
+stopped (a run cut mid-training resumes from its own latest checkpoint).
+
+Scoring: every checkpoint is loaded as training built it (:func:`dmdr.export.load_generator`) and sampled with
+the student's few-step sampler on the same held-out prompts and the same noise (noise seed 0) for every model;
+the spread in the tables is over training seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[3]
+RECIPE = REPO / "recipes" / "shapes_dmdr.py"
+KEEP_ALL = "1000000"
+"""``--checkpoint.keep_last`` of a benchmark run: every checkpoint stays until it is scored (then pruned)."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of a table: a name (the paper's), a key (folder name) and its training overrides."""
+
+    key: str
+    label: str
+    overrides: tuple[str, ...] = ()
+    method: str = ""
+    """Table 5: the RL algorithm of the row (``refl`` / ``dpo`` / ``grpo``), empty for init and only-distill."""
+    rl_only: bool = False
+
+
+TABLE4 = (
+    Arm("vanilla", "vanilla DMD", ("--dynamic.dynadg", "false", "--dynamic.dynars", "false")),
+    Arm("dynadg", "+DynaDG", ("--dynamic.dynars", "false")),
+    Arm("dynars", "+DynaRS", ()),
+    Arm("static", "-Dynamic", ("--dynamic.schedule", "constant")),
+)
+INIT = "dynars"
+"""The Table 4 arm whose cold start is Table 5's init (the full dynamic cold start)."""
+
+METHODS = {"refl": "ReFL", "dpo": "DPO", "grpo": "GRPO"}
+TABLE5 = (
+    Arm("distill", "w/ only Distill.", ("--rl.method", "none")),
+    *(arm for m, name in METHODS.items() for arm in (
+        Arm(f"{m}_only", f"w/ only RL ({name})", ("--rl.method", m, "--dmd.weight", "0", "--dmd.ratio", "1"),
+            method=m, rl_only=True),
+        Arm(m, f"w/ Distill. + RL ({name})", ("--rl.method", m), method=m))),
+)
+
+
+@dataclass
+class Job:
+    """One training run (or the teacher's reference rows) and the checkpoints it scores."""
+
+    name: str
+    """``t4/<arm>/seed<s>``, ``t5/<arm>/seed<s>`` or ``reference``."""
+    run_dir: str
+    argv: list[str] = field(default_factory=list)
+    """The recipe's command-line overrides (empty for ``reference``)."""
+    start: str = ""
+    """The checkpoint this run continues from (Table 5: the init's), empty for a fresh start."""
+    score_steps: list[int] = field(default_factory=list)
+    keep_steps: list[int] = field(default_factory=list)
+    """Checkpoints kept after scoring (the last one, and the init that Table 5 starts from)."""
+    after: str = ""
+    """The job that must finish first (Table 5's runs wait for their init)."""
+    cost: float = 0.0
+    """Expected seconds (one core), from :data:`COST`."""
+    scoring: dict[str, Any] = field(default_factory=dict)
+    """What the checkpoints are scored on: prompts, noise seed, resolution."""
+
+    def spec_hash(self) -> str:
+        spec = {k: v for k, v in asdict(self).items() if k not in ("cost", "after")}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+COST = {"startup": 12.0, "cold": 1.3, "none": 1.0, "refl": 0.8, "dpo": 1.05, "grpo": 0.85, "rl_only": 0.45,
+        "score": 3.0, "reference": 25.0}
+"""Seconds on one core of this project's 2-core CI machine (idle), per generator step at the recipe's batch,
+per scored checkpoint, per process start: the up-front estimate of the wall time (the progress line then
+rescales it by the measured speed)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a benchmark run trains and scores (``benchmarks/paper_tables.py``'s options)."""
+
+    out: str
+    teacher: str
+    tables: tuple[int, ...] = (4, 5)
+    seeds: int = 3
+    cold_steps: int = 60
+    rl_steps: int = 60
+    curve_every: int = 10
+    prompts: int = 96
+    quick: bool = False
+    overrides: tuple[str, ...] = ()
+    jobs: int = 1
+    """Runs at a time (reported; it changes no number)."""
+
+
+def _common_argv(s: Settings, prompts: Path, run_dir: Path, seed: int) -> list[str]:
+    argv = ["--model.path", s.teacher, "--data.sources", str(prompts), "--train.output_dir", str(run_dir),
+            "--train.seed", str(seed), "--dynamic.decay_steps", str(s.cold_steps), "--rl.start_step", str(s.cold_steps),
+            "--checkpoint.keep_last", KEEP_ALL, "--log.sample_interval", "0", "--log.progress_bar", "false",
+            "--log.tensorboard", "false", "--log.interval", "1" if s.quick else "5"]
+    if s.quick:
+        argv += ["--dmd.ratio", "2"]
+    return argv
+
+
+def plan_jobs(s: Settings) -> list[Job]:
+    """Every job of the requested tables, in an order where each job's ``after`` comes first."""
+    out, prompts = Path(s.out), Path(s.out) / "prompts.txt"
+    scoring = {"prompts": s.prompts, "noise_seed": 0}
+    jobs = [Job("reference", str(out / "reference"), scoring=scoring, cost=COST["reference"] * s.prompts / 96)]
+    c, half = s.cold_steps, max(1, s.cold_steps // 2)
+    arms4 = TABLE4 if 4 in s.tables else tuple(a for a in TABLE4 if a.key == INIT)
+    for seed in range(s.seeds):
+        for arm in arms4:
+            run_dir = out / "t4" / arm.key / f"seed{seed}"
+            argv = [*_common_argv(s, prompts, run_dir, seed), "--train.max_steps", str(c),
+                    "--checkpoint.interval", str(half), *arm.overrides, *s.overrides]
+            steps = sorted({half, c})
+            jobs.append(Job(f"t4/{arm.key}/seed{seed}", str(run_dir), argv, score_steps=steps, keep_steps=[c],
+                            scoring=scoring, cost=COST["startup"] + COST["cold"] * c + COST["score"] * len(steps)))
+        if 5 not in s.tables:
+            continue
+        init = out / "t4" / INIT / f"seed{seed}"
+        every = max(1, min(s.curve_every, s.rl_steps))
+        steps = sorted({*range(c + every, c + s.rl_steps + 1, every), c + s.rl_steps})
+        for arm in TABLE5:
+            run_dir = out / "t5" / arm.key / f"seed{seed}"
+            argv = [*_common_argv(s, prompts, run_dir, seed), "--train.max_steps", str(c + s.rl_steps),
+                    "--checkpoint.interval", str(every), *arm.overrides, *s.overrides]
+            per_step = COST["rl_only"] if arm.rl_only else COST[arm.method or "none"]
+            jobs.append(Job(f"t5/{arm.key}/seed{seed}", str(run_dir), argv,
+                            start=str(init / "checkpoints" / f"step-{c}"), score_steps=steps, keep_steps=[steps[-1]],
+                            after=f"t4/{INIT}/seed{seed}", scoring=scoring,
+                            cost=COST["startup"] + per_step * s.rl_steps + COST["score"] * len(steps)))
+    return jobs
+
+
+def expected_wall(jobs: list[Job], workers: int) -> float:
+    """Seconds the jobs take on ``workers`` cores by :data:`COST` (list scheduling in plan order, deps respected)."""
+    free = [0.0] * max(1, workers)
+    done: dict[str, float] = {}
+    for job in jobs:
+        i = min(range(len(free)), key=free.__getitem__)
+        start = max(free[i], done.get(job.after, 0.0))
+        free[i] = done[job.name] = start + job.cost
+    return max(free)
+
+
+# ------------------------------------------------------------------------------------------------- running
+def _result_path(job: Job) -> Path:
+    return Path(job.run_dir) / "result.json"
+
+
+def cached_result(job: Job) -> dict | None:
+    """The job's ``result.json`` if it was written for this very spec, else None."""
+    try:
+        result = json.loads(_result_path(job).read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("spec") == job.spec_hash() else None
+
+
+def _train(job: Job, threads: int) -> float:
+    """Run the recipe for ``job`` in a subprocess; returns its wall seconds. One line naming the log on failure."""
+    import os
+
+    run_dir = Path(job.run_dir)
+    argv = list(job.argv)
+    if job.start and not (run_dir / "checkpoints" / "latest").exists():
+        argv += ["--checkpoint.resume", job.start]  # a fresh branch; a cut one resumes from its own latest
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    with open(run_dir / "train.log", "a") as log:
+        log.write(f"$ {sys.executable} {RECIPE} {' '.join(argv)}\n")
+        log.flush()
+        done = subprocess.run([sys.executable, str(RECIPE), *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{job.name}: training failed (exit {done.returncode}): {tail[0]} "
+                           f"(log: {run_dir}/train.log)")
+    return time.perf_counter() - start
+
+
+def _score_reference(job: Job, teacher: str) -> list[dict]:
+    """The teacher's rows: its multi-step CFG sampler and the student's few-step sampler (no CFG)."""
+    import torch
+
+    from dmdr.models import load_backbone
+    from dmdr.worlds.shapes.evaluation import Sampler, evaluate_model, heldout_prompts
+    from dmdr.worlds.shapes.pipeline import MAX_SEQUENCE_LENGTH
+    from dmdr.worlds.shapes.scene import IMAGE_SIZE
+
+    sys.path.insert(0, str(RECIPE.parent))
+    from shapes_dmdr import shapes_dmdr
+
+    cfg = shapes_dmdr()
+    n, shift, w0 = cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.guidance
+    backbone = load_backbone(teacher, dtype=torch.float32, device="cpu", max_sequence_length=MAX_SEQUENCE_LENGTH)
+    prompts = heldout_prompts(job.scoring["prompts"])
+    rows = []
+    for label, sampler in ((f"teacher 25-step CFG {w0:g}", Sampler("teacher", 25, w0, 1.0)),
+                           (f"teacher {n}-step", Sampler("few_step", n, 1.0, shift))):
+        row = evaluate_model(backbone, backbone.teacher, sampler, prompts, [job.scoring["noise_seed"]], IMAGE_SIZE)
+        rows.append({"label": label, "nfe": row["nfe"], "scores": row["per_seed"][0], "wall_s": row["wall_s"]})
+    return rows
+
+
+def score_checkpoint(run_dir: str | Path, step: int, prompts: int, noise_seed: int = 0) -> dict[str, float]:
+    """ShapeEval, fidelity and reward of the generator of ``<run_dir>/checkpoints/step-<step>`` (few-step sampler)."""
+    import torch
+
+    from dmdr.export import load_generator, read_run_config, resolve_checkpoint
+    from dmdr.worlds.shapes.evaluation import Sampler, heldout_prompts, sample_images, score_images
+
+    cfg = read_run_config(run_dir)
+    loaded = load_generator(cfg, resolve_checkpoint(run_dir, step), device="cpu", dtype=torch.float32,
+                            weights="trained")
+    sampler = Sampler("few_step", cfg.dmd.num_steps, 1.0, cfg.dmd.shift, cfg.dmd.t_min)
+    texts = heldout_prompts(prompts)
+    images, _ = sample_images(loaded.backbone, loaded.roles.generator_fn, sampler, texts, noise_seed,
+                              cfg.model.resolution)
+    return score_images(images, texts)
+
+
+def _training_curve(run_dir: Path) -> list[dict[str, float]]:
+    """The logged per-step values the plot and the table check use (reward on the training batch, schedules)."""
+    keys = ("reward/shapes", "schedule/lora_scale_real", "schedule/dynars_mean", "loss/dmd", "loss/rl")
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        rows.append({"step": record["step"], **{k: record[k] for k in keys if k in record}})
+    return rows
+
+
+def _prune(job: Job) -> None:
+    """Delete the scored checkpoints nobody needs any more (each is ~30 MB)."""
+    root = Path(job.run_dir) / "checkpoints"
+    keep = {f"step-{k}" for k in job.keep_steps}
+    for folder in root.glob("step-*"):
+        if folder.name not in keep and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _quiet_loaders() -> None:
+    """No per-model "Loading weights" bars from the scoring loads (dozens of them, interleaved across workers)."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def run_job(job: Job, teacher: str, threads: int = 1) -> dict:
+    """Train (unless cached) and score one job; writes and returns ``<run>/result.json``'s content."""
+    import torch
+
+    cached = cached_result(job)
+    if cached is not None:
+        return {**cached, "cached": True}
+    torch.set_num_threads(threads)
+    _quiet_loaders()
+    result: dict[str, Any] = {"name": job.name, "spec": job.spec_hash()}
+    if job.name == "reference":
+        start = time.perf_counter()
+        result["rows"] = _score_reference(job, teacher)
+        result["score_s"] = time.perf_counter() - start
+    else:
+        result["train_s"] = _train(job, threads)
+        start = time.perf_counter()
+        result["scores"] = {str(k): score_checkpoint(job.run_dir, k, job.scoring["prompts"], job.scoring["noise_seed"])
+                            for k in job.score_steps}
+        result["score_s"] = time.perf_counter() - start
+        result["curve"] = _training_curve(Path(job.run_dir))
+        result["config"] = json.loads((Path(job.run_dir) / "config.json").read_text())
+        _prune(job)
+    Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+    tmp = _result_path(job).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(_result_path(job))
+    return result
+
+
+__all__ = ["Arm", "TABLE4", "TABLE5", "INIT", "METHODS", "Job", "Settings", "COST", "plan_jobs", "expected_wall",
+           "cached_result", "run_job", "score_checkpoint"]

@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.dmdr-installed
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast lint profile bench gpu-check clean-venv
+.PHONY: demo test test-fast lint profile gpu-check paper-tables clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ profile: $(STAMP)
 # (CPU: the interpreter checks only). flash-attn: pip install -e ".[gpu]" in the venv first.
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --out runs/gpu-check
+
+# The paper's Tables 4 and 5 in miniature on the shapes world, 3 seeds (about 25 min on 2 idle cores).
+paper-tables: $(STAMP)
+	$(PY) benchmarks/paper_tables.py --out runs/paper-tables
 
 clean-venv:
 	rm -rf $(VENV)

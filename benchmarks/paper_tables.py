@@ -129,10 +129,15 @@ def write_outputs(results: dict[str, dict], s, wall: float, argv: list[str]) -> 
     out = Path(s.out)
     reference = results["reference"]["rows"]
     trained = sum(r.get("train_s", 0.0) + r.get("score_s", 0.0) for r in results.values())
-    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": source_commit(),
+    commits: dict[str, int] = {}
+    for r in results.values():  # rows reused from an earlier invocation may come from an earlier commit
+        commits[r.get("commit", "unknown")] = commits.get(r.get("commit", "unknown"), 0) + 1
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": source_commit(), "job_commits": commits,
                     "command": "python benchmarks/paper_tables.py " + " ".join(argv), "settings": s.__dict__,
                     "wall_s": wall, "run_s": trained, "reference": reference}
-    sections = [f"# DMDR's ablations in miniature (shapes world)\n\n{report['date']}, commit {report['commit']}, "
+    made = ", ".join(f"{c} ({n} jobs)" for c, n in commits.items())
+    sections = [f"# DMDR's ablations in miniature (shapes world)\n\n{report['date']}, commit {report['commit']} "
+                f"(the jobs ran at {made}), "
                 f"{s.seeds} training seed(s) per row, cold start {s.cold_steps} generator steps, RL stage "
                 f"{s.rl_steps} steps, scored on {s.prompts} held-out prompts (the same noise for every model); "
                 f"wall time {_minutes(wall)} ({_minutes(trained)} of training and scoring over all runs, on "

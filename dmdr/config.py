@@ -128,6 +128,9 @@ class RLConfig:
     """GRPO: lambda in L = L_dmd + lambda L_grpo."""
     grpo_inner_updates: int = 1
     """GRPO: generator updates per sampled group (mu); the group is reused (and checkpointed) between them."""
+    grpo_kl_weight: float = 0.0
+    """GRPO: beta of Flow-GRPO's KL term against the generator at the RL start; 0 with DMD (DMD replaces it),
+    e.g. 0.04 (Flow-GRPO's) for GRPO alone (``--dmd.weight 0``)."""
     srpo_k: float = 0.1
     """srpo reward: k in r = (1 + k) cos(f, f+) - cos(f, f-)."""
     reward_resolution: int = 224
@@ -429,6 +432,7 @@ def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) ->
                  "GRPO needs >= 2 sampler steps (the last step is deterministic and carries no log-prob)")
         _require(cfg.rl.grpo_clip > 0, "rl.grpo_clip", "must be > 0")
         _require(cfg.rl.grpo_inner_updates >= 1, "rl.grpo_inner_updates", "must be >= 1")
+        _require(cfg.rl.grpo_kl_weight >= 0, "rl.grpo_kl_weight", "must be >= 0 (0: no KL term)")
     _require(cfg.rl.start_step >= 0, "rl.start_step", "must be >= 0")
     for name in ("generator_lr", "critic_lr", "rl_generator_lr", "rl_critic_lr"):
         _require(getattr(cfg.optim, name) >= 0, f"optim.{name}", "must be >= 0")

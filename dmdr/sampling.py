@@ -93,6 +93,20 @@ def sde_step_log_prob(param: Parameterization, x_next: Tensor, x0_hat: Tensor, t
     return logp.mean(dim=tuple(range(1, logp.ndim)))
 
 
+def sde_step_kl(param: Parameterization, x0_hat: Tensor, x0_ref: Tensor, t_next: TimeLike) -> Tensor:
+    """KL between two policies' sde steps from one state, ``KL(N(m, s^2 I) || N(m_ref, s^2 I))`` per dimension.
+
+    Both steps share the standard deviation ``s = renoise(0, 1, t')`` and differ in the mean
+    ``renoise(x0_hat, 0, t')``, so the KL is ``(m - m_ref)^2 / (2 s^2)``: averaged over dimensions (Flow-GRPO's
+    KL term, and the same per-dimension mean as :func:`sde_step_log_prob`). Shape ``(B,)``, fp32.
+    """
+    x0_hat, x0_ref = x0_hat.float(), x0_ref.float()
+    gap = param.renoise(x0_hat - x0_ref, torch.zeros_like(x0_hat), t_next)  # renoise is affine: m - m_ref
+    std = param.renoise(torch.zeros_like(x0_hat), torch.ones_like(x0_hat), t_next)
+    kl = gap ** 2 / (2 * std ** 2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
 def sde_sample_with_log_probs(fn: PredictFn, noise: Tensor, cond: Any, timesteps: Tensor, param: Parameterization,
                               generator: torch.Generator | None = None) -> SDETrajectory:
     """The *sde* few-step sampler of :func:`few_step_sample`, keeping the states and each step's log-prob.

@@ -16,7 +16,7 @@ from dmdr.losses.rl.grpo import clipped_policy_loss, group_advantages
 from dmdr.losses.rl.reference import FrozenReference
 from dmdr.models.base import index_conditioning
 from dmdr.parameterization import FlowMatching
-from dmdr.sampling import _default_cat, few_step_sample, sde_sample_with_log_probs
+from dmdr.sampling import _default_cat, few_step_sample, sde_sample_with_log_probs, sde_step_kl
 from dmdr.schedules import few_step_timesteps
 
 PARAM = FlowMatching(t_min=0.001)
@@ -124,6 +124,46 @@ def test_dpo_pairs_best_and_worst_and_pulls_toward_the_winner():
     assert stats["rl/dpo_reward_gap"] > 0 and "reward/x" in stats
 
 
+def test_sde_step_kl_is_the_gaussian_kl_per_dimension():
+    g = torch.Generator().manual_seed(4)
+    x0, x0_ref = torch.randn(3, 2, 5, generator=g), torch.randn(3, 2, 5, generator=g)
+    t_next = torch.tensor([0.9, 0.5, 0.1])
+    s = t_next.double()[:, None, None]  # the flow's sde step: N((1 - t') x0, t'^2 I)
+    want = torch.distributions.kl_divergence(torch.distributions.Normal((1 - s) * x0.double(), s),
+                                             torch.distributions.Normal((1 - s) * x0_ref.double(), s))
+    torch.testing.assert_close(sde_step_kl(PARAM, x0, x0_ref, t_next).double(), want.mean(dim=(1, 2)),
+                               rtol=1e-5, atol=1e-7)
+    assert torch.equal(sde_step_kl(PARAM, x0, x0, t_next), torch.zeros(3))
+
+
+def test_grpo_kl_term_is_zero_at_the_reference_and_adds_beta_kl_away_from_it():
+    def loss_of(kl_weight, shift):
+        model = Linear2D()
+        reference = FrozenReference(list(model.parameters()))
+        reference.take()
+        with torch.no_grad():
+            model.b.add_(shift)  # the policy moved away from its reference by ``shift``
+        grpo = GRPO(group_size=2, clip=0.05, kl_weight=kl_weight)
+        assert grpo.needs_reference == (kl_weight > 0)
+        access = _access(model, seed=3, reference=reference if kl_weight > 0 else None)
+        loss, stats = grpo.loss(_batch(4), access, [(XReward(), 1.0)])
+        return loss, stats, model
+
+    plain, _, _ = loss_of(0.0, 0.0)
+    at_ref, stats, _ = loss_of(0.5, 0.0)
+    assert stats["rl/grpo_kl"] == 0.0 and torch.equal(at_ref, plain)
+    moved_plain, _, _ = loss_of(0.0, 0.3)
+    moved, stats, model = loss_of(0.5, 0.3)
+    # the stochastic steps' means differ by (1 - t') * (-t) * 0.3 per coordinate: KL = that^2 / (2 t'^2)
+    steps = TIMESTEPS.numel() - 2
+    want = sum(((1 - TIMESTEPS[i + 1].double()) * (0.001 - TIMESTEPS[i].double()) * 0.3) ** 2
+               / (2 * TIMESTEPS[i + 1].double() ** 2) for i in range(steps)) / steps
+    assert stats["rl/grpo_kl"] == pytest.approx(float(want), rel=1e-4)
+    assert moved.item() == pytest.approx(moved_plain.item() + 0.5 * float(want), rel=1e-5)
+    moved.backward()
+    assert model.b.grad is not None and model.b.grad.abs().sum() > 0
+
+
 def test_frozen_reference_runs_the_snapshot_and_restores_the_weights_bit_for_bit():
     model = Linear2D()
     reference = FrozenReference(list(model.parameters()))
@@ -201,6 +241,7 @@ def test_build_rl_method_by_name():
      "does not divide the per-rank RL batch 3"),
     (["--rl.method", "grpo", "--dmd.num_steps", "1"], "--dmd.num_steps: GRPO needs >= 2 sampler steps"),
     (["--rl.method", "dpo", "--rl.dpo_k", "1"], "--rl.dpo_k: DPO needs K >= 2"),
+    (["--rl.method", "grpo", "--rl.grpo_kl_weight", "-1"], "--rl.grpo_kl_weight: must be >= 0"),
     (["--rl.method", "ppo"], "--rl.method: 'ppo' is not one of none, refl, dpo, grpo"),
 ])
 def test_bad_rl_config_is_one_line(argv, needle):

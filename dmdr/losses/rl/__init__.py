@@ -27,7 +27,8 @@ def build_rl_method(rl: Any, sampler: str = "ode") -> RLMethod | None:
     if rl.method == "dpo":
         return OnPolicyDPO(rl.dpo_k, rl.dpo_beta, rl.dpo_weight, sampler=sampler)
     if rl.method == "grpo":
-        return GRPO(rl.grpo_group_size, rl.grpo_clip, rl.grpo_weight, rl.grpo_inner_updates)
+        return GRPO(rl.grpo_group_size, rl.grpo_clip, rl.grpo_weight, rl.grpo_inner_updates,
+                    kl_weight=rl.grpo_kl_weight)
     raise ValueError(f"unknown rl.method {rl.method!r} (known: {', '.join(METHODS)})")
 
 

@@ -7,7 +7,7 @@ The trainer (and the toy world) build two small objects per generator step and c
 * :class:`PolicyAccess` (the ``generator`` argument): how to call the generator (with grad), its frozen
   reference (DPO), its few-step levels and parameterization, the run's noise stream and the decoder.
 
-A method declares what it needs from its owner as class attributes: ``needs_reference`` (a frozen
+A method declares what it needs from its owner as attributes: ``needs_reference`` (a frozen
 snapshot of the generator at the RL start, see :mod:`dmdr.losses.rl.reference`) and ``stateful``
 (sampler state kept across generator steps, e.g. GRPO's group; then the method's ``state_dict`` /
 ``load_state_dict`` go into the checkpoint, per rank). Randomness comes only from

@@ -9,6 +9,11 @@ sampling time (:func:`dmdr.sampling.sde_sample_with_log_probs`). Advantages are 
 
 averaged over the ``N - 1`` stochastic steps (the last step is deterministic). ``L = L_dmd + lambda L``.
 
+With DMD the KL term of Flow-GRPO is dropped: the DMD loss regularises instead. ``kl_weight = beta > 0`` adds it
+back, ``L = -mean min(...) + beta KL(pi_theta || pi_ref)`` per stochastic step (:func:`~dmdr.sampling.sde_step_kl`,
+against a frozen reference: the generator at the RL start), for GRPO *without* DMD (``--dmd.weight 0``): the
+paper's "only RL" row with the regulariser the method originally had.
+
 Groups live on one rank: the per-rank batch of ``B`` prompts contributes its first ``B / G`` prompts, each
 repeated ``G`` times, so every rank samples and trains exactly ``B`` trajectories and runs the same
 number of forwards (FSDP2 collectives never wait on a rank with another group count).
@@ -32,7 +37,7 @@ from torch import Tensor
 
 from dmdr.losses.rl.base import PolicyAccess, RLBatch, poison_if, repeat_index, score
 from dmdr.rewards.base import Reward
-from dmdr.sampling import sde_sample_with_log_probs, sde_step_log_prob
+from dmdr.sampling import sde_sample_with_log_probs, sde_step_kl, sde_step_log_prob
 
 
 def group_advantages(scores: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
@@ -61,20 +66,25 @@ class GRPO:
         weight: ``lambda`` in ``L = L_dmd + lambda L_grpo`` (``rl.grpo_weight``).
         inner_updates: generator updates per group ``mu`` (``rl.grpo_inner_updates``).
         adv_eps: the ``1e-4`` of the advantage's denominator.
+        kl_weight: ``beta`` of Flow-GRPO's KL term against the reference (``rl.grpo_kl_weight``; 0: none, DMD
+            regularises).
     """
 
     name = "grpo"
-    needs_reference = False
     stateful = True
 
     def __init__(self, group_size: int = 4, clip: float = 1e-3, weight: float = 1.0, inner_updates: int = 1,
-                 adv_eps: float = 1e-4):
+                 adv_eps: float = 1e-4, kl_weight: float = 0.0):
         if group_size < 2:
             raise ValueError(f"GRPO needs groups of >= 2 samples, got {group_size}")
         if inner_updates < 1:
             raise ValueError(f"GRPO inner_updates must be >= 1, got {inner_updates}")
         self.group_size, self.clip, self.weight = int(group_size), float(clip), float(weight)
         self.inner_updates, self.adv_eps = int(inner_updates), float(adv_eps)
+        if kl_weight < 0:
+            raise ValueError(f"GRPO kl_weight must be >= 0, got {kl_weight}")
+        self.kl_weight = float(kl_weight)
+        self.needs_reference = self.kl_weight > 0
         self.group: dict[str, Any] | None = None
         """The current group (states, old log-probs, advantages, conditioning, uses left), or None."""
         self.last_advantages: Tensor | None = None
@@ -124,6 +134,12 @@ class GRPO:
         loss = clipped_policy_loss(log_prob, group["old_log_probs"], group["advantages"], self.clip)
         self.last_advantages = group["advantages"]
         stats = dict(group["stats"])
+        if self.kl_weight > 0:
+            with torch.no_grad():
+                x0_ref = param.to_x0(x, t, g.reference_fn(x, t, cond))
+            kl = sde_step_kl(param, x0_hat, x0_ref, t_next).mean()
+            loss = loss + self.kl_weight * kl
+            stats["rl/grpo_kl"] = kl.item()
         with torch.no_grad():
             ratio = torch.exp(log_prob - group["old_log_probs"])
             stats.update({"rl/grpo_loss": loss.item(), "rl/grpo_ratio_dev": (ratio - 1).abs().mean().item(),

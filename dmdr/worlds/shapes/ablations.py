@@ -13,7 +13,8 @@ reports 1000 and 2000; here each arm is scored at half and at all of its steps):
 
 **Table 5** (RL and DMD): from the ``+DynaRS`` cold start of the same seed, ``rl_steps`` more steps each of
 ``w/ only Distill.`` (``--rl.method none``), and for ReFL, DPO and GRPO ``w/ only RL`` (``--dmd.weight 0``;
-one critic step per generator step, since no score is used) and ``w/ Distill. + RL``. Each is scored every
+one critic step per generator step, since no score is used; with the method's own regulariser where it has one
+that needs no images, :data:`ONLY_RL_REGULARISER`) and ``w/ Distill. + RL``. Each is scored every
 ``curve_every`` steps (the reward-hacking view) and at its end; ``init`` is the cold start itself.
 
 Every run is ``recipes/shapes_dmdr.py`` in one process (per-rank batch as the recipe, so a run here has half the
@@ -67,11 +68,16 @@ INIT = "dynars"
 """The Table 4 arm whose cold start is Table 5's init (the full dynamic cold start)."""
 
 METHODS = {"refl": "ReFL", "dpo": "DPO", "grpo": "GRPO"}
+ONLY_RL_REGULARISER = {"refl": (), "dpo": (), "grpo": ("--rl.grpo_kl_weight", "0.04")}
+"""The paper's only-RL rows keep "the regularization originally used in these methods": GRPO gets Flow-GRPO's KL
+term (beta 0.04, Flow-GRPO's GenEval setting); DPO's is its reference term, always there; ReFL's pretraining
+loss needs real images, which DMDR never uses, so only-RL ReFL has none."""
 TABLE5 = (
     Arm("distill", "w/ only Distill.", ("--rl.method", "none")),
     *(arm for m, name in METHODS.items() for arm in (
-        Arm(f"{m}_only", f"w/ only RL ({name})", ("--rl.method", m, "--dmd.weight", "0", "--dmd.ratio", "1"),
-            method=m, rl_only=True),
+        Arm(f"{m}_only", f"w/ only RL ({name})",
+            ("--rl.method", m, "--dmd.weight", "0", "--dmd.ratio", "1", *ONLY_RL_REGULARISER[m]), method=m,
+            rl_only=True),
         Arm(m, f"w/ Distill. + RL ({name})", ("--rl.method", m), method=m))),
 )
 
@@ -294,7 +300,9 @@ def run_job(job: Job, teacher: str, threads: int = 1) -> dict:
         return {**cached, "cached": True}
     torch.set_num_threads(threads)
     _quiet_loaders()
-    result: dict[str, Any] = {"name": job.name, "spec": job.spec_hash()}
+    from dmdr.provenance import source_commit
+
+    result: dict[str, Any] = {"name": job.name, "spec": job.spec_hash(), "commit": source_commit()}
     if job.name == "reference":
         start = time.perf_counter()
         result["rows"] = _score_reference(job, teacher)
@@ -315,5 +323,5 @@ def run_job(job: Job, teacher: str, threads: int = 1) -> dict:
     return result
 
 
-__all__ = ["Arm", "TABLE4", "TABLE5", "INIT", "METHODS", "Job", "Settings", "COST", "plan_jobs", "expected_wall",
-           "cached_result", "run_job", "score_checkpoint"]
+__all__ = ["Arm", "TABLE4", "TABLE5", "INIT", "METHODS", "ONLY_RL_REGULARISER", "Job", "Settings", "COST",
+           "plan_jobs", "expected_wall", "cached_result", "run_job", "score_checkpoint"]

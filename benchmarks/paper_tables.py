@@ -44,17 +44,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rl-steps", type=int, default=None, help="generator steps of each Table 5 run after the cold "
                    "start (default the recipe's RL_STEPS)")
     p.add_argument("--curve-every", type=int, default=10, help="Table 5: score a checkpoint every this many steps")
-    p.add_argument("--prompts", type=int, default=96, help="held-out prompts every checkpoint is scored on")
+    p.add_argument("--prompts", type=int, default=0, help="held-out prompts every checkpoint is scored on (0: all)")
+    p.add_argument("--noise-seeds", type=int, default=2, help="noise draws per prompt, the same for every model")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at a time (one thread each)")
-    p.add_argument("--quick", action="store_true", help="1 seed, a few steps, 8 prompts (the CI smoke run)")
+    p.add_argument("--quick", action="store_true", help="1 seed, a few steps, 8 prompts x 1 noise draw (CI smoke run)")
     p.add_argument("--overwrite", action="store_true", help="delete --out first")
     p.add_argument("overrides", nargs="*", help="extra --section.field value overrides for every training run")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds = 1
         args.cold_steps, args.rl_steps = args.cold_steps or 2, args.rl_steps or 2
-        args.curve_every, args.prompts = 1, min(args.prompts, 8)
-    for name in ("seeds", "jobs", "curve_every", "prompts"):
+        args.curve_every, args.prompts, args.noise_seeds = 1, 8, 1
+    if args.prompts < 0:
+        p.error("--prompts must be >= 0 (0: every held-out prompt)")
+    for name in ("seeds", "jobs", "curve_every", "noise_seeds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -72,7 +75,8 @@ def settings(args: argparse.Namespace):
         raise SystemExit("error: --cold-steps must be >= 2 (Table 4 scores half of it) and --rl-steps >= 1")
     return Settings(out=str(Path(args.out).resolve()), teacher=str(Path(args.teacher).resolve()), tables=tables,
                     seeds=args.seeds, cold_steps=cold, rl_steps=rl, curve_every=args.curve_every,
-                    prompts=args.prompts, quick=args.quick, overrides=tuple(args.overrides), jobs=args.jobs)
+                    prompts=args.prompts, noise_seeds=args.noise_seeds, quick=args.quick,
+                    overrides=tuple(args.overrides), jobs=args.jobs)
 
 
 def _minutes(seconds: float) -> str:
@@ -125,6 +129,7 @@ def run_all(jobs: list, s, workers: int) -> dict[str, dict]:
 def write_outputs(results: dict[str, dict], s, wall: float, argv: list[str]) -> str:
     from dmdr.provenance import source_commit
     from dmdr.worlds.shapes import tables
+    from dmdr.worlds.shapes.ablations import scored_prompts
 
     out = Path(s.out)
     reference = results["reference"]["rows"]
@@ -139,7 +144,8 @@ def write_outputs(results: dict[str, dict], s, wall: float, argv: list[str]) -> 
     sections = [f"# DMDR's ablations in miniature (shapes world)\n\n{report['date']}, commit {report['commit']} "
                 f"(the jobs ran at {made}), "
                 f"{s.seeds} training seed(s) per row, cold start {s.cold_steps} generator steps, RL stage "
-                f"{s.rl_steps} steps, scored on {s.prompts} held-out prompts (the same noise for every model); "
+                f"{s.rl_steps} steps, scored on {len(scored_prompts(s.prompts))} held-out prompts x {s.noise_seeds} "
+                "noise draws (the same for every model); "
                 f"wall time {_minutes(wall)} ({_minutes(trained)} of training and scoring over all runs, on "
                 f"{s.jobs} cores).\nCells: mean ± std over seeds; ShapeEval is `overall` (mean of the "
                 "colour, shape, count and position accuracies); fidelity is the fraction of pixels that are clean "

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _settings(**kw) -> Settings:
     base = {"out": "/tmp/nowhere", "teacher": str(REPO / "assets" / "shapes-teacher"), "seeds": 2, "cold_steps": 6,
-            "rl_steps": 4, "curve_every": 2, "prompts": 8}
+            "rl_steps": 4, "curve_every": 2, "prompts": 8, "noise_seeds": 1}
     return Settings(**{**base, **kw})
 
 

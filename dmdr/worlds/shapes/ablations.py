@@ -24,8 +24,9 @@ job whose ``result.json`` matches its spec is not run again, so an interrupted b
 stopped (a run cut mid-training resumes from its own latest checkpoint).
 
 Scoring: every checkpoint is loaded as training built it (:func:`dmdr.export.load_generator`) and sampled with
-the student's few-step sampler on the same held-out prompts and the same noise (noise seed 0) for every model;
-the spread in the tables is over training seeds.
+the student's few-step sampler on the held-out prompts (all 172 by default), with the same ``noise_seeds`` draws
+of noise for every model; a checkpoint's score is the mean over those draws, and the spread in the tables is over
+training seeds.
 """
 
 from __future__ import annotations
@@ -108,11 +109,12 @@ class Job:
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-COST = {"startup": 12.0, "cold": 1.3, "none": 1.0, "refl": 0.8, "dpo": 1.05, "grpo": 0.85, "rl_only": 0.45,
-        "score": 3.0, "reference": 25.0}
-"""Seconds on one core of this project's 2-core CI machine (idle), per generator step at the recipe's batch,
-per scored checkpoint, per process start: the up-front estimate of the wall time (the progress line then
-rescales it by the measured speed)."""
+COST = {"startup": 12.0, "cold": 1.2, "none": 1.15, "refl": 0.65, "dpo": 0.95, "grpo": 0.72, "refl_only": 0.15,
+        "dpo_only": 0.45, "grpo_only": 0.3, "score": 1.5, "score_image": 0.012, "reference_image": 0.16}
+"""Seconds on one core of this project's 2-core CI machine (idle, measured by a full run): per process start, per
+generator step at the recipe's batch (cold start; Table 5 by arm), per scored checkpoint plus per scored image, per
+image of the teacher's rows (25-step CFG and 2-step). The up-front estimate of the wall time; the progress line
+rescales it by the measured speed."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,10 @@ class Settings:
     cold_steps: int = 60
     rl_steps: int = 60
     curve_every: int = 10
-    prompts: int = 96
+    prompts: int = 0
+    """Held-out prompts every checkpoint is scored on (0: all of them)."""
+    noise_seeds: int = 2
+    """Noise draws per prompt (the same for every model); a checkpoint's score is their mean."""
     quick: bool = False
     overrides: tuple[str, ...] = ()
     jobs: int = 1
@@ -146,8 +151,10 @@ def _common_argv(s: Settings, prompts: Path, run_dir: Path, seed: int) -> list[s
 def plan_jobs(s: Settings) -> list[Job]:
     """Every job of the requested tables, in an order where each job's ``after`` comes first."""
     out, prompts = Path(s.out), Path(s.out) / "prompts.txt"
-    scoring = {"prompts": s.prompts, "noise_seed": 0}
-    jobs = [Job("reference", str(out / "reference"), scoring=scoring, cost=COST["reference"] * s.prompts / 96)]
+    scoring = {"prompts": s.prompts, "noise_seeds": s.noise_seeds}
+    images = len(scored_prompts(s.prompts)) * s.noise_seeds
+    score = COST["score"] + COST["score_image"] * images
+    jobs = [Job("reference", str(out / "reference"), scoring=scoring, cost=COST["reference_image"] * images)]
     c, half = s.cold_steps, max(1, s.cold_steps // 2)
     arms4 = TABLE4 if 4 in s.tables else tuple(a for a in TABLE4 if a.key == INIT)
     for seed in range(s.seeds):
@@ -157,7 +164,7 @@ def plan_jobs(s: Settings) -> list[Job]:
                     "--checkpoint.interval", str(half), *arm.overrides, *s.overrides]
             steps = sorted({half, c})
             jobs.append(Job(f"t4/{arm.key}/seed{seed}", str(run_dir), argv, score_steps=steps, keep_steps=[c],
-                            scoring=scoring, cost=COST["startup"] + COST["cold"] * c + COST["score"] * len(steps)))
+                            scoring=scoring, cost=COST["startup"] + COST["cold"] * c + score * len(steps)))
         if 5 not in s.tables:
             continue
         init = out / "t4" / INIT / f"seed{seed}"
@@ -167,12 +174,20 @@ def plan_jobs(s: Settings) -> list[Job]:
             run_dir = out / "t5" / arm.key / f"seed{seed}"
             argv = [*_common_argv(s, prompts, run_dir, seed), "--train.max_steps", str(c + s.rl_steps),
                     "--checkpoint.interval", str(every), *arm.overrides, *s.overrides]
-            per_step = COST["rl_only"] if arm.rl_only else COST[arm.method or "none"]
+            per_step = COST[arm.key if arm.method else "none"]
             jobs.append(Job(f"t5/{arm.key}/seed{seed}", str(run_dir), argv,
                             start=str(init / "checkpoints" / f"step-{c}"), score_steps=steps, keep_steps=[steps[-1]],
                             after=f"t4/{INIT}/seed{seed}", scoring=scoring,
-                            cost=COST["startup"] + per_step * s.rl_steps + COST["score"] * len(steps)))
+                            cost=COST["startup"] + per_step * s.rl_steps + score * len(steps)))
     return jobs
+
+
+def scored_prompts(n: int) -> list[str]:
+    """The held-out prompts a checkpoint is scored on: ``n`` of them spread over the split, or all for 0."""
+    from dmdr.worlds.shapes.evaluation import heldout_prompts
+    from dmdr.worlds.shapes.scene import split_prompts
+
+    return heldout_prompts(n) if n > 0 else split_prompts("heldout")
 
 
 def expected_wall(jobs: list[Job], workers: int) -> float:
@@ -227,7 +242,7 @@ def _score_reference(job: Job, teacher: str) -> list[dict]:
     import torch
 
     from dmdr.models import load_backbone
-    from dmdr.worlds.shapes.evaluation import Sampler, evaluate_model, heldout_prompts
+    from dmdr.worlds.shapes.evaluation import Sampler, evaluate_model
     from dmdr.worlds.shapes.pipeline import MAX_SEQUENCE_LENGTH
     from dmdr.worlds.shapes.scene import IMAGE_SIZE
 
@@ -237,30 +252,35 @@ def _score_reference(job: Job, teacher: str) -> list[dict]:
     cfg = shapes_dmdr()
     n, shift, w0 = cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.guidance
     backbone = load_backbone(teacher, dtype=torch.float32, device="cpu", max_sequence_length=MAX_SEQUENCE_LENGTH)
-    prompts = heldout_prompts(job.scoring["prompts"])
+    prompts = scored_prompts(job.scoring["prompts"])
     rows = []
     for label, sampler in ((f"teacher 25-step CFG {w0:g}", Sampler("teacher", 25, w0, 1.0)),
                            (f"teacher {n}-step", Sampler("few_step", n, 1.0, shift))):
-        row = evaluate_model(backbone, backbone.teacher, sampler, prompts, [job.scoring["noise_seed"]], IMAGE_SIZE)
-        rows.append({"label": label, "nfe": row["nfe"], "scores": row["per_seed"][0], "wall_s": row["wall_s"]})
+        row = evaluate_model(backbone, backbone.teacher, sampler, prompts, list(range(job.scoring["noise_seeds"])),
+                             IMAGE_SIZE)
+        rows.append({"label": label, "nfe": row["nfe"], "scores": {k: v["mean"] for k, v in row["scores"].items()},
+                     "per_noise_seed": row["per_seed"], "wall_s": row["wall_s"]})
     return rows
 
 
-def score_checkpoint(run_dir: str | Path, step: int, prompts: int, noise_seed: int = 0) -> dict[str, float]:
-    """ShapeEval, fidelity and reward of the generator of ``<run_dir>/checkpoints/step-<step>`` (few-step sampler)."""
+def score_checkpoint(run_dir: str | Path, step: int, prompts: int, noise_seeds: int = 1) -> dict[str, float]:
+    """ShapeEval, fidelity and reward of ``<run_dir>/checkpoints/step-<step>``'s generator (few-step sampler).
+
+    Each key is the mean over ``noise_seeds`` draws of noise (seeds 0, 1, ...; the same for every model) on
+    :func:`scored_prompts` ``(prompts)``.
+    """
     import torch
 
     from dmdr.export import load_generator, read_run_config, resolve_checkpoint
-    from dmdr.worlds.shapes.evaluation import Sampler, heldout_prompts, sample_images, score_images
+    from dmdr.worlds.shapes.evaluation import Sampler, evaluate_model
 
     cfg = read_run_config(run_dir)
     loaded = load_generator(cfg, resolve_checkpoint(run_dir, step), device="cpu", dtype=torch.float32,
                             weights="trained")
     sampler = Sampler("few_step", cfg.dmd.num_steps, 1.0, cfg.dmd.shift, cfg.dmd.t_min)
-    texts = heldout_prompts(prompts)
-    images, _ = sample_images(loaded.backbone, loaded.roles.generator_fn, sampler, texts, noise_seed,
-                              cfg.model.resolution)
-    return score_images(images, texts)
+    row = evaluate_model(loaded.backbone, loaded.roles.generator_fn, sampler, scored_prompts(prompts),
+                         list(range(noise_seeds)), cfg.model.resolution)
+    return {k: v["mean"] for k, v in row["scores"].items()}
 
 
 def _training_curve(run_dir: Path) -> list[dict[str, float]]:
@@ -310,8 +330,8 @@ def run_job(job: Job, teacher: str, threads: int = 1) -> dict:
     else:
         result["train_s"] = _train(job, threads)
         start = time.perf_counter()
-        result["scores"] = {str(k): score_checkpoint(job.run_dir, k, job.scoring["prompts"], job.scoring["noise_seed"])
-                            for k in job.score_steps}
+        result["scores"] = {str(k): score_checkpoint(job.run_dir, k, job.scoring["prompts"],
+                                                     job.scoring["noise_seeds"]) for k in job.score_steps}
         result["score_s"] = time.perf_counter() - start
         result["curve"] = _training_curve(Path(job.run_dir))
         result["config"] = json.loads((Path(job.run_dir) / "config.json").read_text())
@@ -324,4 +344,4 @@ def run_job(job: Job, teacher: str, threads: int = 1) -> dict:
 
 
 __all__ = ["Arm", "TABLE4", "TABLE5", "INIT", "METHODS", "ONLY_RL_REGULARISER", "Job", "Settings", "COST",
-           "plan_jobs", "expected_wall", "cached_result", "run_job", "score_checkpoint"]
+           "plan_jobs", "scored_prompts", "expected_wall", "cached_result", "run_job", "score_checkpoint"]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -102,7 +103,7 @@ class Job:
     cost: float = 0.0
     """Expected seconds (one core), from :data:`COST`."""
     scoring: dict[str, Any] = field(default_factory=dict)
-    """What the checkpoints are scored on: prompts, noise seed, resolution."""
+    """What the checkpoints are scored on: ``prompts`` (0: every held-out prompt) and ``noise_seeds``."""
 
     def spec_hash(self) -> str:
         spec = {k: v for k, v in asdict(self).items() if k not in ("cost", "after")}
@@ -217,8 +218,6 @@ def cached_result(job: Job) -> dict | None:
 
 def _train(job: Job, threads: int) -> float:
     """Run the recipe for ``job`` in a subprocess; returns its wall seconds. One line naming the log on failure."""
-    import os
-
     run_dir = Path(job.run_dir)
     argv = list(job.argv)
     if job.start and not (run_dir / "checkpoints" / "latest").exists():

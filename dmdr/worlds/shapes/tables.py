@@ -45,20 +45,14 @@ def _runs(results: dict[str, dict], table: int, key: str) -> list[dict]:
     return [r for name, r in sorted(results.items()) if name.startswith(f"t{table}/{key}/")]
 
 
-def _row(label: str, key: str, runs: list[dict], step: int, extra: dict | None = None) -> dict:
+def _row(label: str, key: str, runs: list[dict], step: int, overrides: tuple[str, ...] = (),
+         extra: dict | None = None) -> dict:
+    """A table row: mean/std over the seeds' scores at ``step``; ``overrides`` are the arm's own training flags."""
     per_seed = [r["scores"][str(step)] for r in runs]
     return {"label": label, "key": key, "step": step, "seeds": len(runs),
             "scores": mean_std(per_seed), "per_seed": per_seed,
             "wall_s": _stat([r.get("train_s", 0.0) + r.get("score_s", 0.0) for r in runs]),
-            "overrides": _overrides(runs), "config": runs[0].get("config", {}) if runs else {}, **(extra or {})}
-
-
-def _overrides(runs: list[dict]) -> list[str]:
-    """The row's own training overrides (its config differs from the recipe's only in these and the seed)."""
-    if not runs:
-        return []
-    key = runs[0]["name"].split("/")[1]
-    return list(next(a.overrides for a in (*TABLE4, *TABLE5) if a.key == key))
+            "overrides": list(overrides), "config": runs[0].get("config", {}) if runs else {}, **(extra or {})}
 
 
 def _schedule(runs: list[dict]) -> dict[str, Any]:
@@ -78,21 +72,23 @@ def table4(results: dict[str, dict], s: Settings) -> list[dict]:
     for arm in TABLE4:
         runs = _runs(results, 4, arm.key)
         if runs:
-            rows.append({"label": arm.label, "key": arm.key, "at": {str(k): _row(arm.label, arm.key, runs, k)
-                                                                     for k in sorted({half, c})},
-                         "schedule": _schedule(runs), "paper": PAPER_TABLE4[arm.key]})
+            at = {str(k): _row(arm.label, arm.key, runs, k, arm.overrides) for k in sorted({half, c})}
+            rows.append({"label": arm.label, "key": arm.key, "at": at, "schedule": _schedule(runs),
+                         "paper": PAPER_TABLE4[arm.key]})
     return rows
 
 
 def table5(results: dict[str, dict], s: Settings) -> list[dict]:
     c, end = s.cold_steps, s.cold_steps + s.rl_steps
     init = _runs(results, 4, INIT)
-    rows = [_row("init", "init", init, c, {"paper": dict(zip(PAPER_METRICS5, PAPER_TABLE5["init"]))})]
+    init_arm = next(a for a in TABLE4 if a.key == INIT)
+    rows = [_row("init", "init", init, c, init_arm.overrides,
+                 {"paper": dict(zip(PAPER_METRICS5, PAPER_TABLE5["init"]))})]
     for arm in TABLE5:
         runs = _runs(results, 5, arm.key)
         if runs:
-            rows.append(_row(arm.label, arm.key, runs, end, {"paper": dict(zip(PAPER_METRICS5,
-                                                                                PAPER_TABLE5[arm.key]))}))
+            rows.append(_row(arm.label, arm.key, runs, end, arm.overrides,
+                             {"paper": dict(zip(PAPER_METRICS5, PAPER_TABLE5[arm.key]))}))
     return rows
 
 

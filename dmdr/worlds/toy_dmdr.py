@@ -204,9 +204,67 @@ def engine_config(cfg: ToyDMDRConfig, t_min: float) -> TrainConfig:
     return c
 
 
+def toy_engine(teacher: MLPDenoiser, world: GaussianMixtureWorld, cfg: ToyDMDRConfig,
+               rng: torch.Generator, seed: int = 0) -> StepEngine:
+    """The trainer's step engine on the toy world: a trainable copy of ``teacher`` as the generator, another copy
+    with the ``critic`` LoRA as real and fake score, every draw from ``rng`` (LoRA init and ``reinit`` from
+    ``seed``)."""
+    if cfg.rl_method not in METHODS:
+        raise ValueError(f"rl_method must be one of {', '.join(METHODS)}, got {cfg.rl_method!r}")
+    rl_on = cfg.reward is not None and cfg.rl_method != "none"
+    if not cfg.dmd and not rl_on:
+        raise ValueError("a toy run needs the DMD loss, a reward (and rl_method), or both")
+    if not cfg.dmd and cfg.rl_start_step > 0:
+        raise ValueError("ReFL alone (dmd=False) must start at step 0: before it the generator has no loss")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # LoRA A init and 'reinit' draw from the global RNG
+        generator = _make_generator(teacher, cfg)
+        critic = copy.deepcopy(teacher).requires_grad_(False)
+        inject_lora(critic.net, "critic", cfg.critic_rank, cfg.critic_alpha, cfg.critic_targets)
+    roles = Roles(generator=generator, teacher=critic, generator_params=list(generator.parameters()),
+                  critic_params=lora_parameters(critic.net, "critic"), shared_base=False)
+    param = teacher.parameterization
+    return StepEngine(engine_config(cfg, param.t_min), roles, param,
+                      [(cfg.reward, cfg.reward_weight)] if rl_on else [], rng=rng,
+                      noise=lambda n: torch.randn(n, world.dim, generator=rng), decode=lambda x: x,
+                      device=torch.device("cpu"))
+
+
+class _Evaluation:
+    """The distance (and mean reward) of a generator's samples to guided multi-step teacher samples, from noise
+    independent of the training draws, the same noise at every evaluation."""
+
+    def __init__(self, teacher: MLPDenoiser, world: GaussianMixtureWorld, cfg: ToyDMDRConfig, seed: int):
+        self.cfg, self.seed, self.param = cfg, seed, teacher.parameterization
+        eval_rng = torch.Generator().manual_seed(10_000 + seed)
+        self.labels = world.balanced_labels(cfg.eval_samples)
+        self.cond = world.cond(self.labels)
+        ref_noise = torch.randn(cfg.eval_samples, world.dim, generator=eval_rng)
+        self.reference = teacher_sample(teacher, ref_noise, self.cond, world.uncond(cfg.eval_samples), self.param,
+                                        cfg.guidance, num_steps=cfg.teacher_sample_steps)
+        self.noise = torch.randn(cfg.eval_samples, world.dim, generator=eval_rng)
+        self.prompts = [f"class {c}" for c in self.labels.tolist()]
+
+    @torch.no_grad()
+    def __call__(self, k: int, engine: StepEngine, history: ToyHistory) -> None:
+        cfg = self.cfg
+        samples = few_step_sample(engine.roles.generator_fn, self.noise, self.cond, engine.timesteps, self.param,
+                                  mode=cfg.backward_simulation,
+                                  generator=torch.Generator().manual_seed(20_000 + self.seed))
+        dist = class_sliced_wasserstein(samples, self.reference, self.labels, cfg.eval_projections,
+                                        torch.Generator().manual_seed(self.seed))
+        score = cfg.reward(samples, self.prompts).mean().item() if cfg.reward is not None else math.nan
+        history.steps.append(k)
+        history.distance.append(dist.item())
+        history.reward.append(score)
+        history.samples = samples
+        if cfg.keep_samples:
+            history.sample_history.append(samples)
+
+
 def run_toy_dmdr(teacher: MLPDenoiser, world: GaussianMixtureWorld, cfg: ToyDMDRConfig,
                  seed: int = 0) -> ToyHistory:
-    """Train a few-step generator on the toy world with DMD and/or ReFL; return the distance record.
+    """Train a few-step generator on the toy world with DMD and/or an RL branch; return the distance record.
 
     Args:
         teacher: the trained :class:`MLPDenoiser`; left untouched (the critic LoRA goes into a copy).
@@ -218,54 +276,11 @@ def run_toy_dmdr(teacher: MLPDenoiser, world: GaussianMixtureWorld, cfg: ToyDMDR
         The distance to the guided teacher samples (and the mean reward, NaN without one) at generator
         step 0 and every ``eval_every`` steps after.
     """
-    if cfg.rl_method not in METHODS:
-        raise ValueError(f"rl_method must be one of {', '.join(METHODS)}, got {cfg.rl_method!r}")
-    rl_on = cfg.reward is not None and cfg.rl_method != "none"
-    if not cfg.dmd and not rl_on:
-        raise ValueError("a toy run needs the DMD loss, a reward (and rl_method), or both")
-    if not cfg.dmd and cfg.rl_start_step > 0:
-        raise ValueError("ReFL alone (dmd=False) must start at step 0: before it the generator has no loss")
-    param = teacher.parameterization
     rng = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # LoRA A init and 'reinit' draw from the global RNG
-        generator = _make_generator(teacher, cfg)
-        critic = copy.deepcopy(teacher).requires_grad_(False)
-        inject_lora(critic.net, "critic", cfg.critic_rank, cfg.critic_alpha, cfg.critic_targets)
-    roles = Roles(generator=generator, teacher=critic, generator_params=list(generator.parameters()),
-                  critic_params=lora_parameters(critic.net, "critic"), shared_base=False)
-    engine = StepEngine(engine_config(cfg, param.t_min), roles, param,
-                        [(cfg.reward, cfg.reward_weight)] if rl_on else [], rng=rng,
-                        noise=lambda n: torch.randn(n, world.dim, generator=rng), decode=lambda x: x,
-                        device=torch.device("cpu"))
-
-    # The reference: guided multi-step teacher samples, from noise independent of the training draws.
-    eval_rng = torch.Generator().manual_seed(10_000 + seed)
-    labels = world.balanced_labels(cfg.eval_samples)
-    eval_cond = world.cond(labels)
-    ref_noise = torch.randn(cfg.eval_samples, world.dim, generator=eval_rng)
-    reference = teacher_sample(teacher, ref_noise, eval_cond, world.uncond(cfg.eval_samples), param,
-                               cfg.guidance, num_steps=cfg.teacher_sample_steps)
-    gen_noise = torch.randn(cfg.eval_samples, world.dim, generator=eval_rng)
-    eval_prompts = [f"class {c}" for c in labels.tolist()]
-    history = ToyHistory(reference=reference, labels=labels)
-
-    def evaluate(k: int) -> None:
-        with torch.no_grad():
-            samples = few_step_sample(roles.generator_fn, gen_noise, eval_cond, engine.timesteps, param,
-                                      mode=cfg.backward_simulation,
-                                      generator=torch.Generator().manual_seed(20_000 + seed))
-            dist = class_sliced_wasserstein(samples, reference, labels, cfg.eval_projections,
-                                            torch.Generator().manual_seed(seed))
-            score = cfg.reward(samples, eval_prompts).mean().item() if cfg.reward is not None else math.nan
-        history.steps.append(k)
-        history.distance.append(dist.item())
-        history.reward.append(score)
-        history.samples = samples
-        if cfg.keep_samples:
-            history.sample_history.append(samples)
-
-    evaluate(0)
+    engine = toy_engine(teacher, world, cfg, rng, seed)
+    evaluate = _Evaluation(teacher, world, cfg, seed)
+    history = ToyHistory(reference=evaluate.reference, labels=evaluate.labels)
+    evaluate(0, engine, history)
     while engine.step < cfg.generator_steps:
         batch_labels = world.sample_labels(cfg.batch_size, rng)
         prompts = [f"class {c}" for c in batch_labels.tolist()]
@@ -273,7 +288,7 @@ def run_toy_dmdr(teacher: MLPDenoiser, world: GaussianMixtureWorld, cfg: ToyDMDR
             continue
         k = engine.step
         if k % cfg.eval_every == 0 or k == cfg.generator_steps:
-            evaluate(k)
+            evaluate(k, engine, history)
             if cfg.stop_distance is not None and history.final_distance <= cfg.stop_distance:
                 break
     return history

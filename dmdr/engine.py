@@ -36,6 +36,7 @@ from dmdr.algorithm import (
     generator_input,
 )
 from dmdr.config import TrainConfig
+from dmdr.errors import ConfigError
 from dmdr.losses.rl import PolicyAccess, RLBatch, build_rl_method
 from dmdr.models.base import Conditioning, Denoiser, index_conditioning
 from dmdr.parameterization import Parameterization
@@ -237,6 +238,10 @@ class StepEngine:
             loss = cfg.dmd.weight * terms.loss
             metrics.update({"loss/dmd": terms.loss.item(), "schedule/guidance": w,
                             "dmd/grad_abs_mean": terms.grad.abs().mean().item()})
+        if not self.trains_critic and not self.rl_active(k):
+            raise ConfigError(f"dmd.weight 0 trains the RL loss alone, but generator step {k} has no RL loss "
+                              f"(rl.method {cfg.rl.method}, rl.start_step {cfg.rl.start_step}, rl.rewards "
+                              f"{', '.join(cfg.rl.rewards) or 'none'}): start RL at or before step {k}")
         if self.rl_active(k):
             rl, stats = self.rl.loss(RLBatch(x0=x0, prompts=prompts, cond=cond), self.policy_access(), self.rewards)
             loss = loss + rl

@@ -12,6 +12,7 @@ import torch
 
 import dmdr.engine
 from dmdr.engine import StepEngine
+from dmdr.errors import ConfigError
 from dmdr.rewards.analytic import RegionReward
 from dmdr.worlds import GaussianMixtureWorld, ToyDMDRConfig, run_toy_dmdr, train_teacher
 from dmdr.worlds.toy_dmdr import toy_engine
@@ -97,3 +98,12 @@ def test_toy_grpo_alone_takes_the_kl_term_against_the_rl_start(world, teacher):
     assert first["rl/grpo_kl"] == 0.0 < second["rl/grpo_kl"]  # the policy moved away from its RL-start copy
     no_kl = _engine(teacher, world, dataclasses.replace(cfg, grpo_kl_weight=0.0))
     assert no_kl.reference is None and "rl/grpo_kl" not in _iterate(no_kl, world, 1)[0]
+
+
+def test_rl_alone_before_the_rl_start_is_one_config_error(world, teacher):
+    engine = _engine(teacher, world, dataclasses.replace(QUICK, dmd=False, reward=REWARD))
+    engine.cfg.rl.start_step = 5  # as a run launched with --dmd.weight 0 and a later rl.start_step
+    gen0 = _copy(engine.roles.generator_params)
+    with pytest.raises(ConfigError, match="dmd.weight 0 trains the RL loss alone, but generator step 0 has no RL"):
+        _iterate(engine, world, 1)
+    assert all(torch.equal(a, b) for a, b in zip(gen0, engine.roles.generator_params))

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dmdr.config import TrainConfig, apply_overrides, save_config
+from dmdr.config import TrainConfig, apply_overrides
 from dmdr.distributed.env import collect_released_objects
 from dmdr.errors import ConfigError, UserError
 from dmdr.preflight import PreflightError, Problem, job_shape, preflight_run, problem_from, reports
@@ -88,7 +88,8 @@ def main(recipe: Callable[[], TrainConfig], argv: list[str] | None = None,
             print(f"{where}error: {err}", file=sys.stderr)
         return 2
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not err.reported_elsewhere:
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
@@ -100,12 +101,14 @@ def main(recipe: Callable[[], TrainConfig], argv: list[str] | None = None,
 def run(cfg: TrainConfig) -> int:
     """Build everything from a resolved config and train; the library-level entry point."""
     from dmdr.build import build_run
+    from dmdr.config import to_dict
+    from dmdr.run_folder import record_launch
 
     check_output_dir(cfg.train.output_dir)
     session = build_run(cfg)
     try:
         if session.is_main:
-            save_config(cfg, cfg.train.output_dir)
+            record_launch(to_dict(cfg), cfg.train.output_dir, session.resumed_from)
         session.train()
     finally:
         session.close()

@@ -21,7 +21,8 @@ class MetricsLogger:
     """Appends one JSON object per logged step to ``<output_dir>/metrics.jsonl`` and mirrors to TensorBoard.
 
     On resume the file is first truncated to the records with ``step <= resume_step``, so a run that
-    died after logging but before checkpointing never leaves duplicate or stale records behind.
+    died after logging but before checkpointing never leaves duplicate or stale records behind. A fresh
+    start over an existing file moves it aside (:func:`dmdr.run_folder.archive_metrics`), never deletes it.
     """
 
     def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
@@ -34,8 +35,10 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             self._truncate_after(resume_step)
-        elif self.path.exists():
-            self.path.unlink()
+        else:
+            from dmdr.run_folder import archive_metrics
+
+            archive_metrics(self.path.parent)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

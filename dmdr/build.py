@@ -184,6 +184,8 @@ class Session:
     resumed_from: int | None
     lock: Any = None
     """The run folder's :class:`~dmdr.run_folder.RunFolderLock` (rank 0), released by :meth:`close`."""
+    guard: Any = None
+    """The :class:`~dmdr.guard.Guard` (``guard.action`` not ``off``), or None."""
 
     @property
     def is_main(self) -> bool:
@@ -191,7 +193,12 @@ class Session:
 
     def train(self) -> int:
         with self.preemption:
-            step = self.trainer.train(self.logger, checkpoint=self._save, should_stop=self.preemption.should_stop)
+            step = self.trainer.train(self.logger, checkpoint=self._save, should_stop=self.preemption.should_stop,
+                                      guard=self.guard)
+        if self.guard is not None and self.guard.stop_reason and not self.preemption.requested:
+            from dmdr.guard import GuardStopped
+
+            raise GuardStopped(self.guard.stop_reason)
         if (self.preemption.requested or self.trainer.stopped_early) and self.is_main:
             log.warning("stopped at generator step %d after a preemption signal; checkpoint written", step)
         elif self.is_main:
@@ -268,10 +275,16 @@ def _build_locked(cfg: TrainConfig, env: Any, lock: Any) -> Session:
     trainer = DMDRTrainer(cfg, backbone, roles, rewards, loader, env.device, dist=env,
                           skip_monitor=SkipMonitor.from_config(cfg.data),
                           compute_dtype=None if mesh is not None else DTYPES[cfg.parallel.param_dtype])
+    guard = None
+    if cfg.guard.action != "off":
+        from dmdr.guard import Guard
+
+        guard = Guard(cfg, trainer, checkpoints)
+        trainer.stateful_extras["guard"] = guard
     resumed = checkpoints.resume(trainer.app_state(), cfg.checkpoint.resume)
     if resumed is not None:
         log.info("resumed from generator step %d", resumed)
     logger = MetricsLogger(cfg.train.output_dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard,
                            resume_step=resumed)
     logger.log_text(resumed or 0, "run/summary", run_summary(cfg, backbone, env.device, env.world_size))
-    return Session(cfg, trainer, logger, checkpoints, env, PreemptionHandler(env), resumed, lock)
+    return Session(cfg, trainer, logger, checkpoints, env, PreemptionHandler(env), resumed, lock, guard)

@@ -14,7 +14,7 @@ instead *forwards* SIGTERM, SIGUSR1 and SIGINT to its workers: each worker's
 and exit 0, so the agent (and this process) exits 0. A second SIGTERM / SIGINT more than
 :data:`~dmdr.distributed.faults.REPEAT_GRACE_S` seconds later is the user insisting: torchrun's own
 shutdown runs. When the first failed worker exited with a dmdr user-facing code (2: bad input, 3:
-diverged) its one line is the whole report and this process exits with the same code.
+diverged, 4: stopped by the guard) its one line is the whole report and this process exits with the same code.
 
 SLURM: ``#SBATCH --signal=B:USR1@300`` signals only the batch shell, which forwards it to ``srun``
 (which forwards it to its tasks, these launchers); see the README's script.
@@ -34,8 +34,9 @@ import psutil
 from dmdr.distributed.faults import REPEAT_GRACE_S
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-USER_EXIT_CODES = (2, 3)
-"""Exit codes of a dmdr worker that already printed its one-line reason (launch.py: bad input, diverged)."""
+USER_EXIT_CODES = (2, 3, 4)
+"""Exit codes of a dmdr worker that already printed its one-line reason (launch.py: bad input, diverged, stopped
+by the guard)."""
 
 log = logging.getLogger("dmdr")
 

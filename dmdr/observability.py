@@ -57,6 +57,21 @@ class MetricsLogger:
                 continue  # a half-written last line from a killed run
         self.path.write_text("".join(k + "\n" for k in kept))
 
+    def set_aside_after(self, step: int, name: str) -> Path | None:
+        """Move the records with ``step`` > ``step`` into ``name`` (a rolled-back branch: kept, not mixed in)."""
+        if not self.enabled or not self.path.exists():
+            return None
+        kept, aside = [], []
+        for line in self.path.read_text().splitlines():
+            try:
+                (kept if json.loads(line).get("step", 0) <= step else aside).append(line)
+            except json.JSONDecodeError:
+                continue
+        dest = self.path.with_name(name)
+        dest.write_text("".join(a + "\n" for a in aside))
+        self.path.write_text("".join(k + "\n" for k in kept))
+        return dest
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return

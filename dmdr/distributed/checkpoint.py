@@ -261,6 +261,8 @@ class CheckpointManager:
         self.env = env or DistEnv()
         self.record = record
         self.owns_folder = owns_folder
+        self.protected: set[int] = set()
+        """Steps never pruned (the guard's last passing probe: its rollback target)."""
         self.writer = writer_token()  # rank 0's is the one used (it names and prunes the temps)
         self._pending: tuple[Any, int, Path, dict[str, Any]] | None = None
         self._group = None
@@ -418,8 +420,20 @@ class CheckpointManager:
             return
         oldest = _step_of(kept[-1])
         for p in self.checkpoints():
-            if p not in kept and (_step_of(p) or 0) < (oldest or 0):
+            if p not in kept and (_step_of(p) or 0) < (oldest or 0) and _step_of(p) not in self.protected:
                 shutil.rmtree(p, ignore_errors=True)
+
+    def discard_after(self, step: int) -> None:
+        """Delete every checkpoint newer than ``step`` (a rolled-back branch); collective."""
+        self.wait()
+        if self.env.is_main:
+            for p in self.checkpoints():
+                if (_step_of(p) or 0) > step:
+                    trash = self.root / f"{_TRASH}{p.name}.{self.writer}"
+                    os.replace(p, trash)  # atomically out of the step-<N> namespace, then deleted
+                    shutil.rmtree(trash, ignore_errors=True)
+            _fsync_dir(self.root)
+        self.env.barrier()
 
     # ------------------------------------------------------------------ find and load
     def latest(self, warn: bool = True) -> Path | None:

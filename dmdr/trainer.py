@@ -186,6 +186,8 @@ class DMDRTrainer:
         self._negative: Conditioning | None = None
         self._data_iter: Iterator | None = None
         self._fake_losses: list[float] = []
+        self.stateful_extras: dict[str, Any] = {}
+        """More ``Stateful`` entries of :meth:`app_state` (the guard's state, :mod:`dmdr.guard`)."""
 
     # ------------------------------------------------------------------ Stateful
     def state_dict(self) -> dict[str, Any]:
@@ -244,7 +246,13 @@ class DMDRTrainer:
             state["data_monitor"] = DataLoaderState(self.skip_monitor)
         if self.rl is not None and self.rl.stateful:
             state["rl_sampler"] = PerRank(self.rl, optional=True)  # absent from a cold start of another method
+        state.update(self.stateful_extras)
         return state
+
+    def restart_iteration(self) -> None:
+        """Forget the in-flight data iterator and partial averages (after loading a checkpoint mid-run)."""
+        self._data_iter = None
+        self._fake_losses.clear()
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -505,13 +513,14 @@ class DMDRTrainer:
             return self.backbone.codec.decode(latents).float()
 
     # ------------------------------------------------------------------ loop
-    def train(self, logger: MetricsLogger, checkpoint: Any = None, should_stop: Any = None) -> int:
+    def train(self, logger: MetricsLogger, checkpoint: Any = None, should_stop: Any = None, guard: Any = None) -> int:
         """Train until ``train.max_steps`` generator steps; returns the final generator step.
 
         Args:
             logger: metrics sink (no-op on non-main ranks).
             checkpoint: ``callable(step, final: bool)`` that saves the app state, or None.
             should_stop: ``callable() -> bool`` agreed across ranks (preemption), or None.
+            guard: a :class:`~dmdr.guard.Guard` (probe, rules, warn / stop / rollback), or None.
         """
         cfg = self.cfg
         is_main = self.dist is None or self.dist.is_main
@@ -539,7 +548,10 @@ class DMDRTrainer:
                     continue
                 throughput.update(1, self.batch_size(self.step - 1) * world * cfg.dmd.ratio)
                 k = self.step
-                if k % cfg.log.interval == 0 or k == cfg.train.max_steps:
+                verdict = guard.after_step(self, k, metrics, logger, checkpoint) if guard is not None else None
+                if verdict is not None and verdict.rolled_back:
+                    continue  # the step counter went back to the restored checkpoint's
+                if k % cfg.log.interval == 0 or k == cfg.train.max_steps or (verdict is not None and verdict.probed):
                     metrics = self._reduce(metrics, "mean")
                     metrics.update(throughput.report())
                     metrics["perf/peak_memory_gb"] = peak_memory_gb(self.device)
@@ -556,7 +568,9 @@ class DMDRTrainer:
                     images = self.sample_images(list(cfg.log.sample_prompts))
                     logger.log_images(k, "samples", images)
                 stop = should_stop() if should_stop is not None else False
-                due = cfg.checkpoint.interval and k % cfg.checkpoint.interval == 0
+                stop = stop or (verdict is not None and verdict.stop)
+                # A passing probe is a rollback target: it gets a checkpoint.
+                due = (cfg.checkpoint.interval and k % cfg.checkpoint.interval == 0) or (verdict and verdict.passed)
                 if checkpoint is not None and (due or stop or k == cfg.train.max_steps):
                     checkpoint(k, final=stop or k == cfg.train.max_steps)
                 if stop:

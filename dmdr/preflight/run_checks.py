@@ -319,7 +319,13 @@ def check_resume(ctx: RunContext) -> list[Problem]:
         found = CheckpointManager(ctx.cfg.train.output_dir).checkpoints()
     except (OSError, UserError):
         return []
-    ctx.facts["resume"] = next((str(p) for p in found if verify_checkpoint(p) is None), None)
+    reasons = [(p, verify_checkpoint(p)) for p in found]
+    ctx.facts["resume"] = next((str(p) for p, reason in reasons if reason is None), None)
+    if reasons and ctx.facts["resume"] is None:  # a fresh start would overwrite the run: only when asked
+        newest, reason = reasons[0]
+        return [Problem("checkpoint.resume", "auto", f"none of the {len(found)} checkpoint(s) in {newest.parent} is "
+                        f"usable (newest, {newest.name}: {reason}); resume an older copy with --checkpoint.resume "
+                        "<folder>, or start over in this folder with --checkpoint.resume never")]
     return []
 
 

@@ -229,12 +229,14 @@ def check_job(ctx: RunContext) -> list[Problem]:
     """The device exists, and ``dp_replicate x dp_shard`` fills the world size."""
     import torch
 
+    from dmdr.distributed.env import registered_backend
     from dmdr.distributed.mesh import resolve_dp
 
     problems = []
     device = ctx.cfg.train.device
-    if device not in ("auto", "cpu", "cuda"):
-        problems.append(Problem("train.device", device, "not one of auto, cpu, cuda"))
+    extra = registered_backend()  # an out-of-tree backend registered in this process (PrivateUse1)
+    if device not in ("auto", "cpu", "cuda") and device != extra:
+        problems.append(Problem("train.device", device, "not one of auto, cpu, cuda" + (f", {extra}" if extra else "")))
     elif device == "cuda" and not torch.cuda.is_available():
         problems.append(Problem("train.device", device, "CUDA is not available here; use --train.device cpu"))
     try:

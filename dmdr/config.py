@@ -238,6 +238,50 @@ class LogConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The guard-rails (:mod:`dmdr.guard`): a health probe every ``interval`` generator steps, rules on its
+    signals, and what a trip does. Every threshold is relative to the baseline probe (the first one at or
+    after ``start_step``) unless it says otherwise; ``docs`` of each rule: :mod:`dmdr.guard.rules`."""
+
+    action: Literal["off", "warn", "stop", "rollback"] = "off"
+    """``warn``: log the trip with its evidence; ``stop``: checkpoint, one line, exit 4; ``rollback``: restore the
+    last checkpoint that passed the probe, lower ``rollback_target`` by ``rollback_factor``, continue."""
+    interval: int = 250
+    """Generator steps between probes (each passing probe also writes a checkpoint: a rollback target)."""
+    start_step: int = -1
+    """The baseline probe's step; -1: ``rl.start_step`` (reward hacking begins with the RL branch)."""
+    prompts: tuple[str, ...] = ()
+    """Held-out probe prompts; empty: ``log.sample_prompts``."""
+    seeds: int = 2
+    """Noise draws per prompt (fixed, the same at every probe); diversity is measured across them."""
+    max_saturation_rise: float = 0.15
+    """Mean HSV saturation of the probe images may rise at most this much (absolute, in [0, 1])."""
+    max_colourfulness_rise: float = 0.5
+    """Hasler-Suesstrunk colourfulness may rise at most this fraction above the baseline."""
+    max_clipped_rise: float = 0.1
+    """Fraction of channel values at 0 or 1 may rise at most this much (absolute)."""
+    min_diversity_ratio: float = 0.5
+    """Distance between seeds of one prompt may fall to this fraction of the baseline, no lower."""
+    min_critic_teacher_ratio: float = 0.5
+    """Critic / teacher denoising loss on the probe samples may fall to this fraction of the baseline (lower: the
+    samples left what the teacher models)."""
+    max_dmd_grad_rise: float = 3.0
+    """The DMD gradient scale may grow to this multiple of the baseline."""
+    max_reward_gap: float = 0.25
+    """Training-batch reward minus probe reward may be at most this (absolute, weighted reward sum)."""
+    trend_window: int = 3
+    """A trend trip: saturation or colourfulness rose at each of this many probes in a row and by more than half
+    its threshold in all (0: no trend rule)."""
+    rollback_target: Literal["lr", "rl_weight"] = "lr"
+    """What a rollback lowers: the generator's learning rates, or the RL rewards' weights (under Adam the RL weight
+    only matters relative to the DMD loss: with ``dmd.weight 0`` use ``lr``)."""
+    rollback_factor: float = 0.5
+    """Multiplier applied per rollback (after n rollbacks: factor ** n)."""
+    max_rollbacks: int = 2
+    """Rollbacks before a trip stops the run instead."""
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/dmdr"
     max_steps: int = 4000
@@ -262,6 +306,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     train: RunConfig = field(default_factory=RunConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -458,6 +503,11 @@ def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) ->
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     _require(cfg.log.interval >= 1, "log.interval", "must be >= 1")
     _require(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    _require(cfg.guard.interval >= 1, "guard.interval", "must be >= 1")
+    _require(cfg.guard.seeds >= 2, "guard.seeds", "must be >= 2 (diversity is measured across seeds)")
+    _require(0 < cfg.guard.rollback_factor < 1, "guard.rollback_factor", "must be in (0, 1)")
+    _require(cfg.guard.max_rollbacks >= 0, "guard.max_rollbacks", "must be >= 0")
+    _require(cfg.guard.trend_window >= 0, "guard.trend_window", "must be >= 0")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

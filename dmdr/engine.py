@@ -194,6 +194,10 @@ class StepEngine:
             t_ca = beta_levels(d.ca_alpha, d.ca_beta, batch, self.rng, d.t_min, self.device)
         return DecoupledDMD(dm_weight=d.dm_weight, ca_weight=d.ca_weight, t_ca=t_ca)
 
+    def restart_iteration(self) -> None:
+        """Forget the partial critic-loss average (after loading a checkpoint mid-run)."""
+        self._fake_losses.clear()
+
     # ------------------------------------------------------------------ steps
     def iteration(self, cond: Conditioning, uncond: Conditioning, prompts: list[str]) -> dict[str, float] | None:
         """One iteration on a batch; returns the generator step's metrics when a generator step ran.

@@ -439,8 +439,11 @@ def write_folder(out: str | Path, fill: Callable[[Path], None], overwrite: bool 
     """Write an export folder ``out`` through ``fill(tmp)``: into a temporary sibling, then renamed into place.
 
     So ``out`` is never half-written; an earlier export there is replaced only with ``overwrite``
-    (:func:`check_output`). Disk and permission errors become one :class:`ConfigError` line.
+    (:func:`check_output`). Disk and permission errors become one :class:`ConfigError` line. Every file
+    gets the mode the umask allows (safetensors alone would leave the weights 0600, unreadable by the group).
     """
+    from dmdr.permissions import respect_umask
+
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -449,6 +452,7 @@ def write_folder(out: str | Path, fill: Callable[[Path], None], overwrite: bool 
     try:
         tmp.mkdir()
         fill(tmp)
+        respect_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

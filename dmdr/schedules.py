@@ -127,10 +127,15 @@ class DynaRSSampler:
 
 def beta_levels(a: float, b: float, n: int, generator: torch.Generator | None = None, t_min: float = 0.001,
                 device: torch.device | str = "cpu") -> Tensor:
-    """``n`` levels ``t ~ Beta(a, b)`` clipped to ``[t_min, 1)``, float32 on ``device``."""
+    """``n`` levels ``t ~ Beta(a, b)`` clipped to ``[t_min, 1)``, float32 on ``device``.
+
+    The draw happens on the generator's device (a random op must run where its generator lives: a CUDA
+    generator refuses a CPU op), then moves to ``device``.
+    """
     # Beta via two Gammas drawn from our generator (torch.distributions has no generator arg).
-    ga = torch._standard_gamma(torch.full((n,), a, dtype=torch.float64), generator=generator)
-    gb = torch._standard_gamma(torch.full((n,), b, dtype=torch.float64), generator=generator)
+    draw_on = generator.device if generator is not None else torch.device(device)
+    ga = torch._standard_gamma(torch.full((n,), a, dtype=torch.float64, device=draw_on), generator=generator)
+    gb = torch._standard_gamma(torch.full((n,), b, dtype=torch.float64, device=draw_on), generator=generator)
     t = ga / (ga + gb)
     upper = math.nextafter(1.0, 0.0)
     return t.clamp(t_min, upper).to(device=device, dtype=torch.float32)

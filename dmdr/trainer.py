@@ -36,6 +36,7 @@ from dmdr.generate import autocast, sample_images
 from dmdr.losses.rl import RLMethod
 from dmdr.models.base import Backbone, Conditioning, conditioning_to, repeat_conditioning
 from dmdr.observability import MetricsLogger, ProgressBar, StepPerf, data_metrics, reduce_over_ranks
+from dmdr.parameterization import Parameterization
 from dmdr.rewards.base import Reward
 from dmdr.snapshots import EMA, FrozenReference
 
@@ -85,6 +86,8 @@ class DMDRTrainer:
         self._ema_from_weights = False
         self._negative: Conditioning | None = None
         self._data_iter: Iterator | None = None
+        self.stateful_extras: dict[str, Any] = {}
+        """More ``Stateful`` entries of :meth:`app_state` (the guard's state, :mod:`dmdr.guard`)."""
 
     # ------------------------------------------------------------------ the engine's state, by its old names
     @property
@@ -94,6 +97,18 @@ class DMDRTrainer:
     @property
     def counters(self) -> Counters:
         return self.engine.counters
+
+    @property
+    def rewards(self) -> list[tuple[Reward, float]]:
+        return self.engine.rewards
+
+    @property
+    def param(self) -> Parameterization:
+        return self.engine.param
+
+    @property
+    def timesteps(self) -> Tensor:
+        return self.engine.timesteps
 
     @property
     def ema(self) -> EMA | None:
@@ -138,7 +153,13 @@ class DMDRTrainer:
             state["data_monitor"] = DataLoaderState(self.skip_monitor)
         if e.rl is not None and e.rl.stateful:
             state["rl_sampler"] = PerRank(e.rl, optional=True)  # absent from a cold start of another method
+        state.update(self.stateful_extras)
         return state
+
+    def restart_iteration(self) -> None:
+        """Forget the in-flight data iterator and partial averages (after loading a checkpoint mid-run)."""
+        self._data_iter = None
+        self.engine.restart_iteration()
 
     # ------------------------------------------------------------------ data
     def batch_size(self, k: int | None = None) -> int:
@@ -213,13 +234,14 @@ class DMDRTrainer:
                              compute_dtype=self.compute_dtype)
 
     # ------------------------------------------------------------------ loop
-    def train(self, logger: MetricsLogger, checkpoint: Any = None, should_stop: Any = None) -> int:
+    def train(self, logger: MetricsLogger, checkpoint: Any = None, should_stop: Any = None, guard: Any = None) -> int:
         """Train until ``train.max_steps`` generator steps; returns the final generator step.
 
         Args:
             logger: metrics sink (no-op on non-main ranks).
             checkpoint: ``callable(step, final: bool)`` that saves the app state, or None.
             should_stop: ``callable() -> bool`` agreed across ranks (preemption), or None.
+            guard: a :class:`~dmdr.guard.Guard` (probe, rules, warn / stop / rollback), or None.
         """
         cfg = self.cfg
         is_main = self.dist is None or self.dist.is_main
@@ -238,7 +260,10 @@ class DMDRTrainer:
                 samples = self.batch_size(self.step - 1) * world * self.engine.iterations_per_generator_step
                 perf.generator_step(stage, samples, counted=measured is not None)
                 k = self.step
-                if k % cfg.log.interval == 0 or k == cfg.train.max_steps:
+                verdict = guard.after_step(self, k, metrics, logger, checkpoint) if guard is not None else None
+                if verdict is not None and verdict.rolled_back:
+                    continue  # the step counter went back to the restored checkpoint's
+                if k % cfg.log.interval == 0 or k == cfg.train.max_steps or (verdict is not None and verdict.probed):
                     metrics = reduce_over_ranks(metrics, self.dist, "mean")
                     metrics.update(perf.report())
                     if self.skip_monitor is not None:
@@ -250,7 +275,9 @@ class DMDRTrainer:
                     images = self.sample_images(list(cfg.log.sample_prompts))
                     logger.log_images(k, "samples", images)
                 stop = should_stop() if should_stop is not None else False
-                due = cfg.checkpoint.interval and k % cfg.checkpoint.interval == 0
+                stop = stop or (verdict is not None and verdict.stop)
+                # A passing probe is a rollback target: it gets a checkpoint.
+                due = (cfg.checkpoint.interval and k % cfg.checkpoint.interval == 0) or (verdict and verdict.passed)
                 if checkpoint is not None and (due or stop or k == cfg.train.max_steps):
                     checkpoint(k, final=stop or k == cfg.train.max_steps)
                 if stop:

@@ -102,6 +102,10 @@ class DMDRTrainer:
     def rewards(self) -> list[tuple[Reward, float]]:
         return self.engine.rewards
 
+    @rewards.setter
+    def rewards(self, rewards: list[tuple[Reward, float]]) -> None:  # the guard lowers reward weights in place
+        self.engine.rewards = rewards
+
     @property
     def param(self) -> Parameterization:
         return self.engine.param

@@ -159,8 +159,9 @@ class DMDRTrainer:
         self.compute_dtype = compute_dtype
         self.stopped_early = False
         self.param = backbone.parameterization
+        # On the training device: the samplers index them every step (a host copy there is a sync on GPUs).
         self.timesteps = generator_levels(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min, cfg.dmd.timesteps,
-                                          self.param)
+                                          self.param).to(device)
         self.dynars = DynaRSSampler(cfg.dynamic.alpha, cfg.dynamic.beta, cfg.dynamic.decay_steps,
                                     t_min=cfg.dmd.t_min, enabled=cfg.dynamic.dynars, schedule=cfg.dynamic.schedule)
         self.counters = Counters()

@@ -23,8 +23,7 @@ class Crash(Exception):
     """Stands for kill -9: nothing after it runs but the finally blocks (which only close files)."""
 
 
-@pytest.fixture
-def trip_once(monkeypatch):
+def _install_trip_once(mp: pytest.MonkeyPatch) -> list[Guard]:
     """The first probe after the baseline trips while no rollback happened yet; every other probe passes."""
     guards: list[Guard] = []
     init = Guard.__init__
@@ -39,9 +38,14 @@ def trip_once(monkeypatch):
             return [Trip("saturation", "saturation: injected", {"probe/saturation": latest["probe/saturation"]})]
         return []
 
-    monkeypatch.setattr(Guard, "__init__", capture)
-    monkeypatch.setattr(guard_module, "evaluate", fake)
+    mp.setattr(Guard, "__init__", capture)
+    mp.setattr(guard_module, "evaluate", fake)
     return guards
+
+
+@pytest.fixture
+def trip_once(monkeypatch):
+    return _install_trip_once(monkeypatch)
 
 
 def _cfg(assets, out: Path, **kw):
@@ -62,14 +66,16 @@ def _same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
-@pytest.fixture
-def uninterrupted(tiny_assets, trip_once, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_assets, tmp_path_factory):
     from dmdr.launch import run
 
-    out = tmp_path / "straight"
+    out = tmp_path_factory.mktemp("guard") / "straight"
     cfg = _cfg(tiny_assets, out)
     base_lr = cfg.optim.rl_generator_lr
-    assert run(cfg) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        _install_trip_once(mp)
+        assert run(cfg) == 0
     return out, base_lr
 
 

@@ -48,10 +48,11 @@ def generator_input(x0_sim: Tensor, timesteps: Tensor, param: Parameterization,
     """
     n = timesteps.numel() - 1
     device = generator.device if generator is not None else torch.device("cpu")
-    idx = torch.randint(0, n, (x0_sim.shape[0],), generator=generator, device=device).cpu()
-    t = timesteps[idx].to(x0_sim.device)
+    # Drawn where the generator lives and indexed where the data lives: no host round trip (a sync on GPUs).
+    idx = torch.randint(0, n, (x0_sim.shape[0],), generator=generator, device=device).to(x0_sim.device)
+    t = timesteps.to(x0_sim.device)[idx]
     noise = randn_like(x0_sim, generator)
-    first = (idx == 0).to(x0_sim.device).reshape(-1, *([1] * (x0_sim.ndim - 1)))
+    first = (idx == 0).reshape(-1, *([1] * (x0_sim.ndim - 1)))
     return torch.where(first, noise, param.renoise(x0_sim, noise, t)), t
 
 

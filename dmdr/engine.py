@@ -123,7 +123,9 @@ class StepEngine:
         self.decode = decode
         self.device = device
         self.dist = dist
-        self.timesteps = generator_levels(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min, cfg.dmd.timesteps, param)
+        # On the training device: the samplers index them every step (a host copy there is a sync on GPUs).
+        self.timesteps = generator_levels(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min, cfg.dmd.timesteps,
+                                          param).to(device)
         self.dynars = DynaRSSampler(cfg.dynamic.alpha, cfg.dynamic.beta, cfg.dynamic.decay_steps,
                                     t_min=cfg.dmd.t_min, enabled=cfg.dynamic.dynars, schedule=cfg.dynamic.schedule)
         self.counters = Counters()

@@ -40,7 +40,7 @@ def sample_images(backbone: Backbone, generator_fn: PredictFn, cfg: TrainConfig,
     else:
         cond = conditioning_to(backbone.extras["sample_cond"], device)
     d = cfg.dmd
-    timesteps = generator_levels(d.num_steps, d.shift, d.t_min, d.timesteps, backbone.parameterization)
+    timesteps = generator_levels(d.num_steps, d.shift, d.t_min, d.timesteps, backbone.parameterization).to(device)
     with autocast(device, compute_dtype):
         latents = few_step_sample(generator_fn, noise, cond, timesteps, backbone.parameterization, mode=d.sampler,
                                   generator=g)

@@ -16,6 +16,9 @@ and exit 0, so the agent (and this process) exits 0. A second SIGTERM / SIGINT m
 shutdown runs. When the first failed worker exited with a dmdr user-facing code (2: bad input, 3:
 diverged, 4: stopped by the guard) its one line is the whole report and this process exits with the same code.
 
+SIGTERM / SIGINT forwarding needs a torchrun with ``--signals-to-handle`` (recent torch, 2.14 tested): an older
+one installs its own handlers for them when the workers start (SIGUSR1 is forwarded by any version).
+
 SLURM: ``#SBATCH --signal=B:USR1@300`` signals only the batch shell, which forwards it to ``srun``
 (which forwards it to its tasks, these launchers); see the README's script.
 """

@@ -53,6 +53,7 @@ def shapes_dmdr() -> TrainConfig:
     cfg.checkpoint.keep_last = 2
     cfg.log.interval, cfg.log.sample_interval = 10, COLD_START
     cfg.log.sample_prompts = tuple(heldout_prompts(8))
+    cfg.guard.action, cfg.guard.interval = "warn", 10  # guard-rails on (dmdr.guard): probe, rules, warn
     cfg.train.max_steps = COLD_START + RL_STEPS
     cfg.train.device = "cpu"
     cfg.train.output_dir = "runs/shapes"

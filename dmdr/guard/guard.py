@@ -1,7 +1,8 @@
 """The guard: probe every ``guard.interval`` generator steps, judge the signals, warn / stop / roll back.
 
 Timeline: the *baseline* probe runs at ``guard.start_step`` (default ``rl.start_step``: hacking starts with
-the RL branch) and every ``guard.interval`` steps after it. A probe that breaks no rule *passes* and the
+the RL branch; or at the first step after it, for a run branched from a checkpoint written there) and a probe
+every ``guard.interval`` steps after it. A probe that breaks no rule *passes* and the
 trainer writes a checkpoint at its step (the rollback target). One that trips:
 
 * ``warn``: logs each trip with its evidence (``<output_dir>/guard.jsonl``, the log, ``guard/trips``);
@@ -120,7 +121,11 @@ class Guard:
             self.trainer.rewards = [(r, w * s) for (r, _), w in zip(self.trainer.rewards, self._base_weights)]
 
     def due(self, k: int) -> bool:
-        return k >= self.start and (k - self.start) % self.g.interval == 0
+        """A probe step: ``start_step`` and every ``interval`` after it; and the first step at or after
+        ``start_step`` without a baseline (a branch started from a checkpoint written at ``start_step``)."""
+        if k < self.start:
+            return False
+        return (k - self.start) % self.g.interval == 0 or self.state["baseline"] is None
 
     def _accumulate(self, metrics: dict[str, float]) -> None:
         acc = self.state["acc"]

@@ -92,13 +92,19 @@ def test_a_resumed_run_on_the_device_equals_the_uninterrupted_one(hostdev, runs,
                          model_tensors(resumed / "checkpoints" / "step-4"))
 
 
-@pytest.mark.parametrize("method", ["dpo", "grpo"])
-def test_rl_branches_train_on_the_device(hostdev, assets, tmp_path, method):
+@pytest.mark.parametrize("method", ["dpo", "grpo", "sdxl-refl"])
+def test_rl_branches_and_epsilon_models_train_on_the_device(hostdev, assets, tmp_path, method):
     overrides = {**QUICK, "rl__method": method, "rl__grpo_group_size": 2, "checkpoint__interval": 0,
                  "log__sample_interval": 0, "train__max_steps": 3, "dmd__ratio": 1, "rl__start_step": 1}
+    if method == "sdxl-refl":  # an epsilon-prediction UNet at fixed integer timesteps (the EpsilonPrediction path)
+        from dmdr.models.tiny import build_tiny_sdxl
+
+        overrides.update(rl__method="refl", model__path=str(build_tiny_sdxl(tmp_path / "tiny-sdxl")),
+                         model__family="sdxl", dmd__num_steps=2, dmd__timesteps="999,499")
     assert run(tiny_config(assets, tmp_path / method, train__device=DEV, **overrides)) == 0
     records = _metrics(tmp_path / method)
     assert all("loss/rl" in r and torch.isfinite(torch.tensor(r["loss/rl"])) for r in records[1:])
+    assert records[-1]["train/skipped_steps"] == 0
 
 
 def test_sampling_and_export_on_the_device_match_cpu(hostdev, runs, tmp_path):

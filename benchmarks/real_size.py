@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import shutil
@@ -163,7 +164,16 @@ def worker(args: argparse.Namespace) -> int:
     import dmdr.trainer as trainer_module
     from dmdr.launch import run
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s dmdr %(levelname)s %(message)s")
     spent: dict[str, float] = defaultdict(float)
+    rank = int(os.environ.get("RANK", "0"))
+
+    def record(code: int | None, total: float | None) -> None:
+        """This rank's numbers so far (rewritten after every phase: a run stopped midway still tells)."""
+        stats = {"rank": rank, "exit": code, "seconds_total": total, "seconds": dict(spent),
+                 "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                 "rss_before_build_gb": rss_start, "threads": args.threads}
+        (args.out / f"rank{rank}.json").write_text(json.dumps(stats, indent=1))
 
     def timed(key, fn):
         def wrapper(*a, **kw):
@@ -172,6 +182,7 @@ def worker(args: argparse.Namespace) -> int:
                 return fn(*a, **kw)
             finally:
                 spent[key] += time.perf_counter() - t0
+                record(None, None)
         return wrapper
 
     cls = trainer_module.DMDRTrainer
@@ -184,12 +195,7 @@ def worker(args: argparse.Namespace) -> int:
     folder, prompts, cache = Path(args.folder), Path(args.prompts), Path(args.cache)
     t0 = time.perf_counter()
     code = run(recipe_config(run_overrides(args, folder, prompts, cache)))
-    total = time.perf_counter() - t0
-    rank = int(os.environ.get("RANK", "0"))
-    stats = {"rank": rank, "exit": code, "seconds_total": total, "seconds": dict(spent),
-             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-             "rss_before_build_gb": rss_start, "threads": args.threads}
-    (args.out / f"rank{rank}.json").write_text(json.dumps(stats, indent=1))
+    record(code, time.perf_counter() - t0)
     return code
 
 

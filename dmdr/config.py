@@ -59,6 +59,12 @@ class DMDConfig:
     """Fixed generator timesteps in the network's own units, one per step (SDXL: ``999,749,499,249``;
     its one-step generator ``399``); empty = ``num_steps`` shifted levels from ``linspace(1, t_min)``."""
     backward_simulation: Literal["ode", "sde"] = "ode"
+    """``ode``: the generator's Euler sample, renoised at a drawn level with fresh noise (the authors' 'ode');
+    ``sde``: DMD2's chain, the generator trained on the state its sde sampler visits at the drawn level."""
+    critic_samples: Literal["final", "level"] = "final"
+    """What the critic (fake score) learns from: ``final`` the simulated sample ``x0_sim`` (the authors' default);
+    ``level`` the generator's clean estimate at this iteration's drawn level, the outputs the DMD gradient acts
+    on, first-step ones included (DMD2, FastVideo; with ``ode`` it costs one more no-grad generator call)."""
     sampler: Literal["ode", "sde"] = "ode"
     """Inference sampler (sample images, ``tools/sample.py``, the exported pipeline): ``ode`` deterministic
     steps (flows: Euler, the exported ``FlowMatchEulerDiscreteScheduler``); ``sde`` x0 then renoise with fresh

@@ -182,6 +182,9 @@ class DataConfig:
     """Prompts per data-parallel rank per iteration (the cold start's, and the RL stage's unless set below)."""
     rl_batch_size: int = 0
     """Prompts per rank per iteration from ``rl.start_step`` on (ALGORITHM.md halves it there); 0 = ``batch_size``."""
+    rl_batch_for_distill: bool = False
+    """Also switch to ``rl_batch_size`` at ``rl.start_step`` when no RL branch runs (``rl.method none``): an
+    only-distill arm then trains at the RL arms' batch (off: it keeps ``batch_size``, as before)."""
     num_workers: int = 2
     """Loader worker processes per rank (0 = read in the training process)."""
     shuffle_buffer: int = 10_000

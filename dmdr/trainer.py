@@ -274,7 +274,9 @@ class DMDRTrainer:
     def batch_size(self, k: int | None = None) -> int:
         """Prompts per rank per iteration at generator step ``k``: ``data.rl_batch_size`` once RL is on (if set)."""
         d = self.cfg.data
-        return d.rl_batch_size if d.rl_batch_size and self.rl_active(k) else d.batch_size
+        k = self.step if k is None else k
+        stage = self.rl_active(k) or (d.rl_batch_for_distill and k >= self.cfg.rl.start_step)
+        return d.rl_batch_size if d.rl_batch_size and stage else d.batch_size
 
     def _next_batch(self) -> dict[str, Any]:
         """This iteration's prompts, as whole loader batches (:func:`dmdr.data.loader_batch_size`).

@@ -45,3 +45,23 @@ def test_generator_input_and_critic_samples(tiny_assets, tmp_path, monkeypatch, 
         for level, x0_sim in zip(seen["level"], seen["x0_sim"]):
             last = level.t == seen["last_t"]
             torch.testing.assert_close(level.clean[last], x0_sim[last])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", [False, True])
+def test_only_distill_switches_to_the_rl_batch_when_asked(tiny_assets, tmp_path, monkeypatch, switch):
+    from dmdr.trainer import DMDRTrainer
+
+    sizes: list[int] = []
+    conditioning = DMDRTrainer._conditioning
+
+    def record(self, batch):
+        sizes.append(len(batch["prompts"]))
+        return conditioning(self, batch)
+
+    monkeypatch.setattr(DMDRTrainer, "_conditioning", record)
+    cfg = tiny_config(tiny_assets, tmp_path / "run", rl__method="none", data__rl_batch_for_distill=str(switch).lower(),
+                      train__max_steps=3, rl__start_step=1, dmd__ratio=1)
+    assert (cfg.data.batch_size, cfg.data.rl_batch_size) == (4, 2)
+    assert run(cfg) == 0
+    assert sizes == ([4, 2, 2] if switch else [4, 4, 4])

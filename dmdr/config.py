@@ -103,6 +103,11 @@ class DynamicConfig:
     beta: float = 1.5
     decay_steps: int = 2000
     """D, in generator steps, shared by DynaDG and DynaRS."""
+    end_alpha: float = 1.0
+    end_beta: float = 1.0
+    """DynaRS decays to Beta(end_alpha, end_beta) (the paper: 1, 1, uniform levels). Above 1 / at most 1 keeps the
+    renoise levels biased to high noise after the cold start (the shapes recipe: low levels, where the critic is
+    weakest, otherwise carry half the DMD gradient and the student drifts; README, issue 23)."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """``cosine``: both decay over D (the paper's method); ``constant``: the paper's "-Dynamic" ablation, the
     step-0 real scale s_r0 and Beta(alpha, beta) renoise levels for the whole run (``decay_steps`` unused)."""
@@ -416,6 +421,8 @@ def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) ->
     _require(cfg.dmd.ca_alpha > 0 and cfg.dmd.ca_beta > 0, "dmd.ca_alpha", "ca_alpha and ca_beta must be > 0")
     _require(cfg.dynamic.decay_steps >= 0, "dynamic.decay_steps", "must be >= 0")
     _require(cfg.dynamic.alpha > 0 and cfg.dynamic.beta > 0, "dynamic.alpha", "alpha and beta must be > 0")
+    _require(cfg.dynamic.end_alpha > 0 and cfg.dynamic.end_beta > 0, "dynamic.end_alpha",
+             "end_alpha and end_beta must be > 0")
     _require(cfg.model.critic_lora_rank >= 1, "model.critic_lora_rank", "must be >= 1")
     _require(cfg.model.generator_lora_rank >= 1, "model.generator_lora_rank", "must be >= 1")
     _require(cfg.model.resolution % 16 == 0, "model.resolution", "must be a multiple of 16")

@@ -165,7 +165,8 @@ class DMDRTrainer:
         self.timesteps = generator_levels(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min, cfg.dmd.timesteps,
                                           self.param)
         self.dynars = DynaRSSampler(cfg.dynamic.alpha, cfg.dynamic.beta, cfg.dynamic.decay_steps,
-                                    t_min=cfg.dmd.t_min, enabled=cfg.dynamic.dynars, schedule=cfg.dynamic.schedule)
+                                    t_min=cfg.dmd.t_min, enabled=cfg.dynamic.dynars, schedule=cfg.dynamic.schedule,
+                                    end=(cfg.dynamic.end_alpha, cfg.dynamic.end_beta))
         self.counters = Counters()
         rank = dist.rank if dist is not None else 0
         # One noise stream per rank (ranks see different prompts and must draw different noise);

@@ -59,6 +59,12 @@ class DMDConfig:
     """Fixed generator timesteps in the network's own units, one per step (SDXL: ``999,749,499,249``;
     its one-step generator ``399``); empty = ``num_steps`` shifted levels from ``linspace(1, t_min)``."""
     backward_simulation: Literal["ode", "sde"] = "ode"
+    """``ode``: the generator's Euler sample, renoised at a drawn level with fresh noise (the authors' 'ode');
+    ``sde``: DMD2's chain, the generator trained on the state its sde sampler visits at the drawn level."""
+    critic_samples: Literal["final", "level"] = "final"
+    """What the critic (fake score) learns from: ``final`` the simulated sample ``x0_sim`` (the authors' default);
+    ``level`` the generator's clean estimate at this iteration's drawn level, the outputs the DMD gradient acts
+    on, first-step ones included (DMD2, FastVideo; with ``ode`` it costs one more no-grad generator call)."""
     sampler: Literal["ode", "sde"] = "ode"
     """Inference sampler (sample images, ``tools/sample.py``, the exported pipeline): ``ode`` deterministic
     steps (flows: Euler, the exported ``FlowMatchEulerDiscreteScheduler``); ``sde`` x0 then renoise with fresh
@@ -97,6 +103,11 @@ class DynamicConfig:
     beta: float = 1.5
     decay_steps: int = 2000
     """D, in generator steps, shared by DynaDG and DynaRS."""
+    end_alpha: float = 1.0
+    end_beta: float = 1.0
+    """DynaRS decays to Beta(end_alpha, end_beta) (the paper: 1, 1, uniform levels). Above 1 / at most 1 keeps the
+    renoise levels biased to high noise after the cold start (the shapes recipe: low levels, where the critic is
+    weakest, otherwise carry half the DMD gradient and the student drifts; README, issue 23)."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """``cosine``: both decay over D (the paper's method); ``constant``: the paper's "-Dynamic" ablation, the
     step-0 real scale s_r0 and Beta(alpha, beta) renoise levels for the whole run (``decay_steps`` unused)."""
@@ -176,6 +187,9 @@ class DataConfig:
     """Prompts per data-parallel rank per iteration (the cold start's, and the RL stage's unless set below)."""
     rl_batch_size: int = 0
     """Prompts per rank per iteration from ``rl.start_step`` on (ALGORITHM.md halves it there); 0 = ``batch_size``."""
+    rl_batch_for_distill: bool = False
+    """Also switch to ``rl_batch_size`` at ``rl.start_step`` when no RL branch runs (``rl.method none``): an
+    only-distill arm then trains at the RL arms' batch (off: it keeps ``batch_size``, as before)."""
     num_workers: int = 2
     """Loader worker processes per rank (0 = read in the training process)."""
     shuffle_buffer: int = 10_000
@@ -452,6 +466,8 @@ def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) ->
     _require(cfg.dmd.ca_alpha > 0 and cfg.dmd.ca_beta > 0, "dmd.ca_alpha", "ca_alpha and ca_beta must be > 0")
     _require(cfg.dynamic.decay_steps >= 0, "dynamic.decay_steps", "must be >= 0")
     _require(cfg.dynamic.alpha > 0 and cfg.dynamic.beta > 0, "dynamic.alpha", "alpha and beta must be > 0")
+    _require(cfg.dynamic.end_alpha > 0 and cfg.dynamic.end_beta > 0, "dynamic.end_alpha",
+             "end_alpha and end_beta must be > 0")
     _require(cfg.model.critic_lora_rank >= 1, "model.critic_lora_rank", "must be >= 1")
     _require(cfg.model.generator_lora_rank >= 1, "model.generator_lora_rank", "must be >= 1")
     _require(cfg.model.resolution % 16 == 0, "model.resolution", "must be a multiple of 16")

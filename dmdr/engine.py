@@ -28,12 +28,15 @@ from torch import Tensor
 
 from dmdr.algorithm import (
     DecoupledDMD,
+    LevelInput,
     backward_simulate,
+    chain_input,
     critic_step_loss,
     dmd_generator_loss,
     draw_guidance,
     generator_clean_estimate,
     generator_input,
+    simulate_chain,
 )
 from dmdr.config import TrainConfig
 from dmdr.errors import ConfigError
@@ -127,7 +130,8 @@ class StepEngine:
         self.timesteps = generator_levels(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min, cfg.dmd.timesteps,
                                           param).to(device)
         self.dynars = DynaRSSampler(cfg.dynamic.alpha, cfg.dynamic.beta, cfg.dynamic.decay_steps,
-                                    t_min=cfg.dmd.t_min, enabled=cfg.dynamic.dynars, schedule=cfg.dynamic.schedule)
+                                    t_min=cfg.dmd.t_min, enabled=cfg.dynamic.dynars, schedule=cfg.dynamic.schedule,
+                                    end=(cfg.dynamic.end_alpha, cfg.dynamic.end_beta))
         self.counters = Counters()
         o = cfg.optim
         self.generator_opt = torch.optim.AdamW(roles.generator_params, lr=o.generator_lr, betas=o.betas,
@@ -173,9 +177,12 @@ class StepEngine:
         return dynadg_real_scale(k, d.real_scale_init, d.decay_steps, d.schedule) if d.dynadg else 0.0
 
     def batch_size(self, k: int | None = None) -> int:
-        """Prompts per rank per iteration at generator step ``k``: ``data.rl_batch_size`` once RL is on (if set)."""
+        """Prompts per rank per iteration at generator step ``k``: ``data.rl_batch_size`` once RL is on (if set;
+        with ``data.rl_batch_for_distill`` from ``rl.start_step`` even without an RL branch)."""
         d = self.cfg.data
-        return d.rl_batch_size if d.rl_batch_size and self.rl_active(k) else d.batch_size
+        k = self.step if k is None else k
+        stage = self.rl_active(k) or (d.rl_batch_for_distill and k >= self.cfg.rl.start_step)
+        return d.rl_batch_size if d.rl_batch_size and stage else d.batch_size
 
     def apply_learning_rates(self, k: int) -> None:
         """The cold-start learning rates, or the RL stage's from ``rl.start_step``."""
@@ -206,12 +213,12 @@ class StepEngine:
 
         ``loss/fake`` is the mean of the critic losses since the previous generator step.
         """
-        x0_sim = backward_simulate(self.roles.generator_fn, self.noise(len(prompts)), cond, self.timesteps,
-                                   self.param, mode=self.cfg.dmd.backward_simulation, generator=self.rng)
-        metrics = self.generator_update(x0_sim, cond, uncond, prompts) if self.generator_step_due() else None
+        x0_sim, level = self.simulate(self.noise(len(prompts)), cond)
+        metrics = self.generator_update(x0_sim, cond, uncond, prompts, level) if self.generator_step_due() else None
         critic_metrics: dict[str, float] = {}
         if self.trains_critic:
-            critic_metrics = self.critic_update(x0_sim, cond)
+            critic_x0 = level.clean if self.cfg.dmd.critic_samples == "level" else x0_sim
+            critic_metrics = self.critic_update(critic_x0, cond)
             self._fake_losses.append(critic_metrics.pop("loss/fake"))
         self.counters.iteration += 1
         if metrics is None:
@@ -224,14 +231,35 @@ class StepEngine:
         metrics["train/skipped_steps"] = self.counters.skipped_steps
         return metrics
 
-    def generator_update(self, x0_sim: Tensor, cond: Conditioning, uncond: Conditioning,
-                         prompts: list[str]) -> dict[str, float]:
-        """The generator's DMD (+ RL) step at ``k``; skipped (and counted) when its loss or gradient is not finite."""
+    def simulate(self, noise: Tensor, cond: Conditioning) -> tuple[Tensor, LevelInput | None]:
+        """This iteration's ``x0_sim`` and, when drawn up front (``sde``, or a critic on the level's estimate), the
+        generator's input with its clean estimate; None: the generator step draws its input from ``x0_sim``."""
+        d, r = self.cfg.dmd, self.roles
+        if d.backward_simulation == "sde":
+            chain = simulate_chain(r.generator_fn, noise, cond, self.timesteps, self.param, generator=self.rng)
+            return chain.sample, chain_input(chain, self.timesteps, self.rng)
+        x0_sim = backward_simulate(r.generator_fn, noise, cond, self.timesteps, self.param, mode="ode",
+                                   generator=self.rng)
+        if d.critic_samples != "level":
+            return x0_sim, None
+        x_t, t = generator_input(x0_sim, self.timesteps, self.param, self.rng)
+        with torch.no_grad():
+            clean = generator_clean_estimate(r.generator_fn, x_t, t, cond, self.param)
+        return x0_sim, LevelInput(x_t=x_t, t=t, clean=clean)
+
+    def generator_update(self, x0_sim: Tensor, cond: Conditioning, uncond: Conditioning, prompts: list[str],
+                         level: LevelInput | None = None) -> dict[str, float]:
+        """The generator's DMD (+ RL) step at ``k``; skipped (and counted) when its loss or gradient is not finite.
+
+        ``level``: the input drawn by :meth:`simulate` (None: drawn here from ``x0_sim``)."""
         k = self.step
         cfg = self.cfg
         r = self.roles
         self.apply_learning_rates(k)
-        x_t, t = generator_input(x0_sim, self.timesteps, self.param, self.rng)
+        if level is None:
+            x_t, t = generator_input(x0_sim, self.timesteps, self.param, self.rng)
+        else:
+            x_t, t = level.x_t, level.t
         x0 = generator_clean_estimate(r.generator_fn, x_t, t, cond, self.param)
         s_r = self.real_scale(k)
         metrics = {"schedule/lora_scale_real": s_r, "schedule/dynars_mean": self.dynars.mean(k)}

@@ -15,12 +15,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 import types
 from pathlib import Path
 
 import torch
 
 NAME = "hostdev"
+EXTENSION = "dmdr_hostdev"
+STALE_LOCK_S = 900
+"""A build lock older than this is a killed build's (a build takes about a minute on 2 busy cores)."""
 SOURCE = Path(__file__).with_name("hostdev.cpp")
 _extension = None
 
@@ -80,12 +84,15 @@ def load(verbose: bool = False):
     global _extension
     if _extension is not None:
         return _extension
+    from torch.utils.cpp_extension import _get_build_directory
     from torch.utils.cpp_extension import load as load_extension
 
-    build = os.environ.get("DMDR_HOSTDEV_BUILD")
-    if build:
-        Path(build).mkdir(parents=True, exist_ok=True)
-    ext = load_extension(name="dmdr_hostdev", sources=[str(SOURCE)], build_directory=build,
+    build = Path(os.environ.get("DMDR_HOSTDEV_BUILD") or _get_build_directory(EXTENSION, verbose))
+    build.mkdir(parents=True, exist_ok=True)
+    lock = build / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)  # left by a build that was killed: cpp_extension would wait on it forever
+    ext = load_extension(name=EXTENSION, sources=[str(SOURCE)], build_directory=str(build),
                          extra_cflags=["-O1"], verbose=verbose)
     current = torch._C._get_privateuse1_backend_name()
     if current != NAME:

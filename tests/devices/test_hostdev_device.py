@@ -87,3 +87,13 @@ def test_every_generator_draw_of_one_training_iteration_uses_the_device(hostdev)
     x0 = torch.randn(3, 4, 8, 8, generator=g, device=DEV)
     x_t, t = generator_input(x0, few_step_timesteps(4, 3.0), FlowMatching(t_min=0.001), g)
     assert x_t.device.type == DEV and t.device.type == DEV
+
+
+def test_train_device_takes_the_registered_backend_and_names_it_when_refusing(hostdev, monkeypatch):
+    from dmdr.distributed.env import init_distributed
+    from dmdr.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_distributed(device=DEV).device == torch.device(DEV, 0)
+    with pytest.raises(ConfigError, match="not one of auto, cpu, cuda, hostdev"):
+        init_distributed(device="tpu")

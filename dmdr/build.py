@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from dmdr.config import TrainConfig
+from dmdr.engine import Roles
 from dmdr.errors import ConfigError
 from dmdr.models.base import Backbone, Denoiser
 from dmdr.observability import MetricsLogger
 from dmdr.rewards.base import Reward
-from dmdr.trainer import DMDRTrainer, Roles
+from dmdr.trainer import DMDRTrainer
 
 log = logging.getLogger("dmdr")
 

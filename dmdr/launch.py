@@ -20,12 +20,12 @@ from pathlib import Path
 
 from dmdr.config import TrainConfig, apply_overrides
 from dmdr.distributed.env import collect_released_objects
+from dmdr.engine import TrainingDiverged
 from dmdr.errors import ConfigError, UserError
 from dmdr.guard import GuardStopped
 from dmdr.preflight import PreflightError, Problem, job_shape, preflight_run, problem_from, reports
 from dmdr.preflight.files import writable_problem
 from dmdr.preflight.plan import describe
-from dmdr.trainer import TrainingDiverged
 
 log = logging.getLogger("dmdr")
 

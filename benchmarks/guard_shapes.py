@@ -77,6 +77,21 @@ def events(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+def offline_trips(rows: dict[int, dict[str, float]], overrides: list[str]) -> dict[int, list[str]]:
+    """The rules (today's defaults plus ``--guard.*`` ``overrides``) re-applied to a warn run's logged probes."""
+    from dmdr.config import TrainConfig, apply_overrides
+    from dmdr.guard.rules import evaluate
+
+    g = apply_overrides(TrainConfig(), overrides).guard
+    steps = sorted(rows)
+    out, history = {}, []
+    for step in steps:
+        history = [*history, rows[step]][-(g.trend_window + 1):]
+        if step != steps[0]:
+            out[step] = [t.rule for t in evaluate(rows[step], rows[steps[0]], history, g)]
+    return out
+
+
 def fidelity(run_dir: Path, steps: list[int], prompts: int) -> dict[int, float]:
     from dmdr.worlds.shapes.ablations import score_checkpoint
 
@@ -122,12 +137,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: trips at {[e['step'] for e in events(run_dir)]}, fidelity "
               f"{ {k: round(v, 4) for k, v in report['arms'][name]['fidelity'].items()} }", flush=True)
     refl, dmdr = report["arms"]["refl"], report["arms"]["dmdr"]
-    detect = next((e["step"] for e in refl["events"]), None)
+    guard_overrides = [a for i, a in enumerate(args.overrides) if a.startswith("--guard.")
+                       or (i and args.overrides[i - 1].startswith("--guard."))]
+    for arm in (refl, dmdr):  # the warn runs' probes judged by the current rules
+        arm["trips_now"] = {k: v for k, v in offline_trips(arm["probes"], guard_overrides).items() if v}
+    detect = min(refl["trips_now"], default=None)
     below = next((s for s in sorted(refl["fidelity"]) if s in dmdr["fidelity"]
                   and refl["fidelity"][s] < dmdr["fidelity"][s]), None)
     summary = {"refl_detection_step": detect, "refl_first_step_below_dmdr_fidelity": below,
                "detected_before_fidelity_fell": detect is not None and (below is None or detect <= below),
-               "dmdr_false_alarms": len(dmdr["events"]), "walls_s": walls}
+               "refl_trips": refl["trips_now"], "dmdr_false_alarms": len(dmdr["trips_now"]),
+               "dmdr_trips": dmdr["trips_now"], "walls_s": walls}
     if "refl_rollback" in report["arms"]:
         summary["final_fidelity_refl"] = refl["fidelity"].get(end)
         rolled = report["arms"]["refl_rollback"]

@@ -64,6 +64,8 @@ from torch import nn
 
 from dmdr.config import TrainConfig, from_dict
 from dmdr.errors import CheckpointError, ConfigError, ModelLoadError
+from dmdr.models.families import family_of_pipeline
+from dmdr.models.family import FamilySpec
 
 SETTINGS_FILE = "dmdr_inference.json"
 SETTINGS_FORMAT = 1
@@ -73,10 +75,6 @@ WEIGHTS = ("auto", "ema", "trained")
 """Choices of ``weights`` / ``--weights`` (see the module doc)."""
 EMA_PREFIX = "trainer.ema."
 """DCP key prefix of the trainer's EMA tensors (:meth:`dmdr.trainer.DMDRTrainer.state_dict`, entry ``trainer``)."""
-NO_CFG = {"StableDiffusion3Pipeline": 1.0, "ZImagePipeline": 0.0, "StableDiffusionXLPipeline": 0.0}
-"""The ``guidance_scale`` that switches CFG off: SD3 and SDXL guide iff > 1, Z-Image iff > 0."""
-EPSILON_PIPELINES = {"StableDiffusionXLPipeline": "unet"}
-"""Pipelines of epsilon-prediction UNets (exported with an ``LCMScheduler``), and their denoiser component."""
 LCM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
             "rescale_betas_zero_snr")
 """The teacher scheduler's settings the exported ``LCMScheduler`` keeps (they define ``alphas_cumprod``)."""
@@ -109,13 +107,18 @@ class InferenceSettings:
     """The run's ``dmd.timesteps`` (fixed model timesteps; SDXL's integers), empty for a shifted schedule."""
 
     @property
+    def family(self) -> FamilySpec | None:
+        """The family of :attr:`pipeline_class` (``None``: unknown, read as a flow transformer pipeline)."""
+        return family_of_pipeline(self.pipeline_class)
+
+    @property
     def epsilon(self) -> bool:
         """An epsilon-prediction UNet pipeline (``LCMScheduler`` + ``timesteps``) rather than a flow."""
-        return self.pipeline_class in EPSILON_PIPELINES
+        return self.family is not None and self.family.prediction == "epsilon"
 
     @property
     def denoiser_component(self) -> str:
-        return EPSILON_PIPELINES.get(self.pipeline_class, "transformer")
+        return self.family.denoiser_component if self.family else "transformer"
 
     @property
     def scheduler_class(self) -> str:
@@ -137,7 +140,8 @@ class InferenceSettings:
 
     @property
     def guidance_scale(self) -> float:
-        return NO_CFG.get(self.pipeline_class, 0.0)
+        """The pipeline's ``guidance_scale`` that switches CFG off (dmdr's generator is distilled with CFG)."""
+        return self.family.no_cfg_guidance if self.family else 0.0
 
     def pipeline_kwargs(self, exact: bool = True) -> dict[str, Any]:
         """Keyword arguments for the stock pipeline's ``__call__`` (add ``prompt``, ``latents`` / ``generator``).

@@ -22,13 +22,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dmdr.models.families import family_of_pipeline
+
 log = logging.getLogger("dmdr")
 
 EVAL_FILE = Path("eval") / "results.json"
 LICENSE_FIELDS = ("license", "license_name", "license_link")
 FORMS = ("pipeline", "lora", "single-file")
-TRANSFORMER_CLASSES = {"StableDiffusion3Pipeline": "SD3Transformer2DModel",
-                       "ZImagePipeline": "ZImageTransformer2DModel"}
 
 
 def base_card(base: str | Path) -> dict[str, Any]:
@@ -254,7 +254,8 @@ def _usage(form: str, s: Any, base_ref: str, files: dict[str, str], dtype: str) 
                 "shift the sigmas again):\n\n"
                 f'{head}\n\npipe = {cls}.from_pretrained("{base_ref}", {td})\n{lora_lines(here)}{settings}'
                 f"{_call(s)}\n```\n\n{merged}")
-    model_class = TRANSFORMER_CLASSES.get(cls, "<the transformer class>")
+    fam = family_of_pipeline(cls)
+    model_class = (fam.single_file_class if fam else None) or "<the transformer class>"
     return (f"`{files['single_file']}`: the distilled transformer as one safetensors file with diffusers' key "
             "names (UIs that load diffusers-keyed diffusion models take it as it is). In diffusers, give the base "
             "folder as `config` (diffusers infers the architecture only from the original checkpoint layouts):\n\n"

@@ -8,8 +8,9 @@ Library side of ``tools/convert_to_diffusers.py --lora`` and ``--single-file`` (
 without conversion (``SD3LoraLoaderMixin`` / ``ZImageLoraLoaderMixin.load_lora_weights`` of 0.42):
 ``<prefix>.<module>.lora_A.weight`` of shape ``(r, in)`` and ``<prefix>.<module>.lora_B.weight`` of
 shape ``(out, r)``, the prefix naming the pipeline component (``transformer``; SDXL's would be
-``unet``, see :data:`LORA_FORMATS`). No ``.alpha`` keys and no adapter metadata: diffusers then builds
-its ``LoraConfig`` with ``lora_alpha = r``, scale 1.0, so dmdr's scale ``alpha / r`` is folded into
+``unet``; each family declares its :attr:`~dmdr.models.family.FamilySpec.lora_format`). No ``.alpha`` keys
+and no adapter metadata: diffusers then builds its ``LoraConfig`` with ``lora_alpha = r``, scale 1.0, so
+dmdr's scale ``alpha / r`` is folded into
 ``lora_B``. Z-Image's loader treats ``.alpha`` keys as a kohya-style file and converts it, another
 reason to fold; UIs that read diffusers-keyed LoRAs (ComfyUI) also take a missing alpha as scale 1.
 Only the ``generator`` adapter is written; the critic adapter never is.
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from dmdr.errors import ConfigError
+from dmdr.models.families import FAMILIES, family_spec
+from dmdr.models.family import LoraFormat
 
 log = logging.getLogger("dmdr")
 
@@ -47,33 +49,13 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 """diffusers' ``LORA_WEIGHT_NAME_SAFE``: the name ``load_lora_weights(folder)`` looks for first."""
 
 
-def _same(name: str) -> str:
-    return name
-
-
-@dataclass(frozen=True)
-class LoraFormat:
-    """How one family's LoRA keys are spelled for its diffusers pipeline loader."""
-
-    prefix: str
-    """The pipeline component the adapter belongs to (``transformer``, or ``unet`` for SDXL)."""
-    rename: Callable[[str], str] = _same
-    """dmdr's module name in the network (the network's own ``named_modules``) -> the loader's module name."""
-
-
-LORA_FORMATS: dict[str, LoraFormat] = {
-    "sd3": LoraFormat("transformer"),
-    "zimage": LoraFormat("transformer"),
-}
-"""One row per family: the diffusers network dmdr wraps is the pipeline's own, so the names carry over."""
-
-
-def lora_format(family: str) -> LoraFormat:
-    try:
-        return LORA_FORMATS[family]
-    except KeyError:
-        raise ConfigError(f"--lora: no diffusers LoRA key format for model family {family!r} "
-                          f"(have: {', '.join(LORA_FORMATS)}); export the merged pipeline instead") from None
+def lora_format(family_name: str) -> LoraFormat:
+    fmt = family_spec(family_name).lora_format
+    if fmt is None:
+        have = ", ".join(f.name for f in FAMILIES.values() if f.lora_format is not None)
+        raise ConfigError(f"--lora: no diffusers LoRA key format for model family {family_name!r} "
+                          f"(have: {have}); export the merged pipeline instead")
+    return fmt
 
 
 LoraLayers = dict[str, tuple[Tensor, Tensor]]
@@ -215,7 +197,6 @@ def load_release(folder: str | Path, base: str | Path = "") -> object:
 
     from dmdr.errors import UserError
     from dmdr.export import SETTINGS_FILE, InferenceSettings
-    from dmdr.model_card import TRANSFORMER_CLASSES
 
     folder = Path(folder)
     settings = InferenceSettings.read(folder)  # one line if this is not an export
@@ -233,7 +214,7 @@ def load_release(folder: str | Path, base: str | Path = "") -> object:
             import diffusers
 
             kwargs["dtype"] = _DTYPES.get(source.get("dtype"), torch.float32)
-            model_class = getattr(diffusers, TRANSFORMER_CLASSES[settings.pipeline_class])
+            model_class = getattr(diffusers, settings.family.single_file_class)
             kwargs["transformer"] = model_class.from_single_file(
                 str(folder / files["single_file"]), config=str(base), subfolder="transformer", local_files_only=True,
                 dtype=kwargs["dtype"])

@@ -187,12 +187,6 @@ def _round_up(x: int, k: int) -> int:
     return -(-x // k) * k
 
 
-FAMILY_ACTIVATIONS: dict[str, Callable[..., BlockActivations]] = {
-    "sd3": sd3_activations,
-    "zimage": zimage_activations,
-}
-"""Per-family block models (an SDXL UNet adds its entry here)."""
-
 
 def network_activation_bytes(acts: BlockActivations, batch: int, ac: str, every: int = 2) -> int:
     """Peak saved bytes of one forward with grad at ``batch`` under activation-checkpointing policy ``ac``.

@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dmdr.config import TrainConfig
-from dmdr.planning.activations import FAMILY_ACTIVATIONS, Tokens, network_activation_bytes, no_grad_block_peak
-from dmdr.planning.specs import Component, ModelSpec, Tensors
+from dmdr.planning.activations import Tokens, network_activation_bytes, no_grad_block_peak
+from dmdr.planning.specs import Component, ModelSpec, Tensors, plan_hooks, resolve_hook
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 F32 = 4
@@ -65,7 +65,7 @@ class StateBytes:
 def tokens_of(spec: ModelSpec, cfg: TrainConfig) -> Tokens:
     """Image and text tokens per sample at ``model.resolution`` and ``model.max_sequence_length``."""
     side = cfg.model.resolution // spec.vae_scale_factor // spec.patch_size
-    text = cfg.model.max_sequence_length + (77 if spec.family == "sd3" else 0)  # SD3: CLIP's 77 + T5's
+    text = cfg.model.max_sequence_length + plan_hooks(spec.family).extra_text_tokens
     return Tokens(image=side * side, text=text)
 
 
@@ -140,7 +140,7 @@ def denoiser_activations(spec: ModelSpec, cfg: TrainConfig, batch: int, role: st
     """Saved bytes of one denoiser forward with grad under the run's AC: ``role`` ``critic`` (the teacher at
     the critic LoRA) or ``generator`` (its LoRA, or the full copy in ``model.generator_mode full``)."""
     full = role == "generator" and cfg.model.generator_mode == "full"
-    acts = FAMILY_ACTIVATIONS[spec.family](spec.denoiser.denoiser, tokens_of(spec, cfg),
+    acts = resolve_hook(plan_hooks(spec.family).activations)(spec.denoiser.denoiser, tokens_of(spec, cfg),
                                            _BYTES[cfg.parallel.param_dtype], "full" if full else "lora",
                                            adapter=None if full else role)
     return network_activation_bytes(acts, batch, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
@@ -150,7 +150,8 @@ def _teacher_pass(spec: ModelSpec, cfg: TrainConfig, batch: int) -> int:
     t = tokens_of(spec, cfg)
     d = spec.denoiser.config
     width = int(d.get("dim") or d["num_attention_heads"] * d["attention_head_dim"])
-    hidden = 8 * width // 3 if spec.family == "zimage" else 4 * width
+    num, den = plan_hooks(spec.family).mlp_ratio
+    hidden = width * num // den
     return no_grad_block_peak(width, t.image + t.text, hidden, _BYTES[cfg.parallel.param_dtype], batch)
 
 

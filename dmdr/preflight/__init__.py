@@ -3,7 +3,7 @@
 Between config resolution and :func:`dmdr.build.build_run`, :func:`preflight_run` runs every check
 of :data:`CHECKS` on the resolved :class:`~dmdr.config.TrainConfig` and collects what they find.
 No check loads a model, builds a network or reads tensor data: a model folder is checked with the
-family adapter's ``required_components`` and :meth:`~dmdr.models.loading.ModelFolder.check`, weight
+family adapter's ``required_components`` and :meth:`~dmdr.models.folder.ModelFolder.check`, weight
 files by their safetensors header or zip directory (:mod:`dmdr.preflight.files`), prompt sources by
 planning them and reading one record. When anything is wrong, :class:`PreflightError` lists
 **every** problem, one line each naming the setting, its value and the fix; the launcher prints it

@@ -80,7 +80,7 @@ def clip_problems(rl: Any) -> list[Problem]:
 
 
 def pickscore_problems(rl: Any) -> list[Problem]:
-    from dmdr.models.loading import _TOKENIZER_FILES
+    from dmdr.models.folder import TOKENIZER_FILES
 
     what = "a local PickScore folder (CLIPModel save_pretrained layout with its tokenizer)"
     if (bad := _path_problem("rl.pickscore_model", rl.pickscore_model, what, folder=True)) is not None:
@@ -89,7 +89,7 @@ def pickscore_problems(rl: Any) -> list[Problem]:
     problems = []
     if not (p / "config.json").is_file():
         problems.append(Problem("rl.pickscore_model", rl.pickscore_model, f"has no config.json (expected {what})"))
-    if not any((p / n).is_file() for n in _TOKENIZER_FILES):
+    if not any((p / n).is_file() for n in TOKENIZER_FILES):
         problems.append(Problem("rl.pickscore_model", rl.pickscore_model, f"has no tokenizer files (expected {what})"))
     if (p / "model.safetensors.index.json").is_file() or (p / "pytorch_model.bin.index.json").is_file():
         return problems + _weight_problems(p, "rl.pickscore_model", rl.pickscore_model)

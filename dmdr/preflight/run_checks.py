@@ -10,7 +10,6 @@ arguments so that the tools check their own paths with them (:mod:`dmdr.prefligh
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,6 @@ from dmdr.errors import ConfigError, DataError, ModelLoadError, UserError
 from dmdr.preflight import Problem, RunContext, problem_from, register_check
 from dmdr.preflight.files import free_bytes, header_numel, safetensors_header, weight_file_problem, writable_problem
 
-DENOISERS = ("transformer", "unet")
-"""The denoiser component of a family's folder: the transformer (SD3, Z-Image) or the UNet (SDXL)."""
 FIRST_RECORDS = 1000
 """Records of a source read, at most, looking for one good prompt."""
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -102,11 +99,10 @@ def model_problems(path: str, family: str = "auto", *, setting: str = "model.pat
                                                 f"{fam.name}; set it to {fam.name} or auto")]
     import torch
 
-    adapter = importlib.import_module(fam.module)
     options = LoadOptions(dtype=torch.float32, device=torch.device("cpu"), load_text_encoder=text_encoder,
                           t_min=0.0, max_sequence_length=1, defer_denoiser=sharded)
     try:
-        names = adapter.required_components(folder, options) if denoiser else adapter.text_components(folder, options)
+        names = fam.required_components(folder, options) if denoiser else fam.text_components(folder, options)
     except ModelLoadError as e:
         return [Problem(setting, str(path), str(e))]
     problems = []
@@ -121,14 +117,13 @@ def model_problems(path: str, family: str = "auto", *, setting: str = "model.pat
             problems += _weight_problems(folder.path / name, setting, str(path))
     if facts is not None:
         facts.update(family=fam.name, pipeline_class=folder.pipeline_class, folder=str(folder.path),
-                     lora_targets=tuple(getattr(adapter, "LORA_TARGETS", ())))
+                     lora_targets=fam.lora_targets)
     if not denoiser or problems:
         return problems
     from dmdr.distributed.meta_load import safetensors_files
 
     try:
-        denoiser_name = next((n for n in DENOISERS if folder.declared(n)), DENOISERS[0])
-        files = safetensors_files(folder.path / denoiser_name)
+        files = safetensors_files(folder.path / fam.denoiser_component)
     except ModelLoadError as e:
         if sharded:  # the sharded loader reads each rank's rows from safetensors only
             problems.append(problem_from(e, setting, str(path)))

@@ -14,25 +14,13 @@ from typing import Any
 import torch
 
 from dmdr.config import TrainConfig
-from dmdr.errors import ConfigError
+from dmdr.devices import DTYPES
 from dmdr.models.base import Backbone, Denoiser
 from dmdr.observability import MetricsLogger
 from dmdr.rewards.base import Reward
 from dmdr.trainer import DMDRTrainer, Roles
 
 log = logging.getLogger("dmdr")
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--train.device: {name!r} is not a device (use auto, cpu, cuda, cuda:N)") from None
-
 
 def build_roles(cfg: TrainConfig, backbone: Backbone) -> tuple[Denoiser, str | None]:
     """Critic LoRA into the teacher; the generator as a full fp32 copy or the teacher + generator LoRA.

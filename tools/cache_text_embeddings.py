@@ -33,11 +33,10 @@ import torch  # noqa: E402
 
 from dmdr.config import TrainConfig, apply_overrides
 from dmdr.data.cache import cache_embeddings
+from dmdr.devices import DTYPES
 from dmdr.errors import UserError
 from dmdr.preflight import PreflightError, job_shape, raise_problems, reports
 from dmdr.preflight.tools import cache_tool_problems
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
@@ -64,7 +63,7 @@ def _load_encoder(cfg: TrainConfig, device: torch.device) -> Any:
     if not cfg.model.path:
         raise UserError("set --model.path (the diffusers folder whose text encoders to use)")
     # Only the text encoders and tokenizers: the denoiser and VAE weights are never read.
-    return load_text_encoders(cfg.model.path, family=cfg.model.family, dtype=_DTYPES[cfg.model.dtype],
+    return load_text_encoders(cfg.model.path, family=cfg.model.family, dtype=DTYPES[cfg.model.dtype],
                               device=device, max_sequence_length=cfg.model.max_sequence_length)
 
 

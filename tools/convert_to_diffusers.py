@@ -22,12 +22,12 @@ left them, ``auto`` (default) the EMA when the checkpoint holds one; ``dmdr_infe
     pipe = StableDiffusionXLPipeline.from_pretrained("exports/sdxl-4step")  # SDXL: fixed integer timesteps
     image = pipe(prompt, num_inference_steps=4, timesteps=[999, 749, 499, 249], guidance_scale=0).images[0]
 
-Other forms (:mod:`dmdr.release`): ``--lora`` writes only the generator adapter of a LoRA-trained run as
+Other forms (:mod:`dmdr.export.release`): ``--lora`` writes only the generator adapter of a LoRA-trained run as
 ``pytorch_lora_weights.safetensors`` in diffusers' format, for ``pipe.load_lora_weights(out)`` on the
 stock base pipeline (plus the few-step ``scheduler/``); on a full fine-tune it needs ``--lora-rank R``,
 which extracts a rank-R LoRA by SVD of the weight change and reports its reconstruction error.
 ``--single-file`` writes the merged transformer as one safetensors file (diffusers keys). Every form has
-``dmdr_inference.json`` and a model card (:mod:`dmdr.model_card`: licence from the base model's card,
+``dmdr_inference.json`` and a model card (:mod:`dmdr.export.card`: licence from the base model's card,
 training config, ``<run>/eval/results.json`` numbers when present). SDXL runs export as merged pipelines only.
 
 Bad input (missing run, no or corrupt checkpoint, teacher folder gone) prints one ``error:`` line and exits 2.
@@ -48,10 +48,10 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 
 import torch  # noqa: E402
 
+from dmdr.devices import DTYPES  # noqa: E402
 from dmdr.errors import UserError  # noqa: E402
 
 log = logging.getLogger("dmdr")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -98,7 +98,7 @@ def check_form(args: argparse.Namespace, generator_mode: str, run: str) -> str:
 
 def generator_lora_layers(cfg, args: argparse.Namespace, backbone, roles, provenance: dict) -> dict:
     """The generator's LoRA layers ``(A, scaled B)``: the trained adapter, or one extracted from a full fine-tune."""
-    from dmdr import release
+    from dmdr.export import release
     from dmdr.models import GENERATOR
 
     m = cfg.model
@@ -118,7 +118,9 @@ def generator_lora_layers(cfg, args: argparse.Namespace, backbone, roles, proven
 
 def convert(args: argparse.Namespace) -> str:
     """Do the export; returns the output folder."""
-    from dmdr import export, model_card, release
+    from dmdr import export
+    from dmdr.export import card as model_card
+    from dmdr.export import release
     from dmdr.models.loading import read_model_index
     from dmdr.preflight import raise_problems
     from dmdr.preflight.tools import export_problems

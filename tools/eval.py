@@ -30,8 +30,8 @@ from pathlib import Path
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-import torch  # noqa: E402
 
+from dmdr.devices import DTYPES, pick_device  # noqa: E402
 from dmdr.errors import ConfigError, DataError, UserError  # noqa: E402
 
 METRIC_FLAGS = {
@@ -43,7 +43,6 @@ METRIC_FLAGS = {
     "hps_arch": "open_clip architecture of the HPS checkpoint (default ViT-H-14)",
     "lpips_weights": "one lpips.LPIPS state dict (trunk + lin layers) for diversity",
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -118,15 +117,6 @@ def import_plugins(modules: list[str]) -> None:
             raise ConfigError(f"--plugin {name}: cannot import it ({e})") from None
 
 
-def pick_device(name: str, env_device: torch.device) -> torch.device:
-    if name == "auto":
-        return env_device
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device (use auto, cpu, cuda, cuda:N)") from None
-
-
 def run(args: argparse.Namespace, env) -> int:
     from dmdr.evaluation import select_metrics
     from dmdr.evaluation.report import markdown_table, summaries, write_report
@@ -145,7 +135,7 @@ def run(args: argparse.Namespace, env) -> int:
     weights = "ema" if args.ema else args.weights
     seeds = list(range(args.seed, args.seed + args.seeds))
     options = metric_options(args)
-    device = pick_device(args.device, env.device)
+    device = pick_device(args.device, auto=env.device)
     log = logging.getLogger("dmdr")
     chosen, skipped = [], {}
     for metric in select_metrics(args.metrics):

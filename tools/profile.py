@@ -40,6 +40,7 @@ if not GPU:  # must precede the first import of a @triton.jit module (they are i
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from dmdr import kernels  # noqa: E402
+from dmdr.devices import DTYPES  # noqa: E402
 
 # Latents (C, H, W) and batches: SD3.5-Large and Z-Image share the 16-channel /8 VAE, so 1024 px is
 # 16x128x128 for both; Z-Image's 1536 px (16x192x192) is its larger working size.
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="GPU timing dtype")
     parser.add_argument("--quick", action="store_true", help="GPU: SD3.5-Large shapes only")
     args = parser.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     sections: list[tuple[str, list[dict]]] = []

@@ -11,7 +11,7 @@ SD3 / Z-Image, x0-then-renoise at the fixed integer timesteps for SDXL; no CFG, 
 ``--weights`` as in ``tools/convert_to_diffusers.py`` (default ``auto``: the generator's
 EMA when the checkpoint holds one). ``--pipeline``: the stock diffusers pipeline of a folder written by
 ``tools/convert_to_diffusers.py`` (a ``--lora`` or ``--single-file`` export is loaded onto its base pipeline,
-:func:`dmdr.release.load_release`), called with its ``dmdr_inference.json`` settings (the exact
+:func:`dmdr.export.load_release`), called with its ``dmdr_inference.json`` settings (the exact
 reproduction of the training sampler; ``--approx`` uses the plain N sigmas whose last step goes to 0)
 on the same noise, so both modes give the same images for the same seed.
 
@@ -95,8 +95,7 @@ def sample_run(args: argparse.Namespace, prompts: list[str], device: torch.devic
 
 def sample_pipeline(args: argparse.Namespace, prompts: list[str], device: torch.device) -> Tensor:
     """The stock pipeline of an exported folder with its saved settings, on the trainer's noise."""
-    from dmdr.export import InferenceSettings
-    from dmdr.release import load_release
+    from dmdr.export import InferenceSettings, load_release
 
     if not Path(args.pipeline).is_dir():
         raise ConfigError(f"--pipeline {args.pipeline} is not a folder (give one written by "

@@ -23,10 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dmdr.config import TrainConfig
+from dmdr.devices import DTYPE_BYTES
 from dmdr.planning.activations import Tokens, network_activation_bytes, no_grad_block_peak
 from dmdr.planning.specs import Component, ModelSpec, Tensors, plan_hooks, resolve_hook
 
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 F32 = 4
 
 
@@ -126,14 +126,14 @@ def _comm_buffers(spec: ModelSpec, cfg: TrainConfig, layout: Layout) -> int:
     if layout.dp_shard == 1:
         return 0
     d = spec.denoiser
-    p = _BYTES[cfg.parallel.param_dtype]
+    p = DTYPE_BYTES[cfg.parallel.param_dtype]
     biggest = max(b.numel for b in d.blocks)
     gather = 2 * biggest * p + d.root.numel * p
     if cfg.model.generator_mode == "full":
         trainable = biggest
     else:
         trainable = max(g.numel + c.numel for g, c in zip(d.block_generator_lora, d.block_critic_lora))
-    return gather + trainable * (p + _BYTES[cfg.parallel.reduce_dtype])
+    return gather + trainable * (p + DTYPE_BYTES[cfg.parallel.reduce_dtype])
 
 
 def denoiser_activations(spec: ModelSpec, cfg: TrainConfig, batch: int, role: str) -> int:
@@ -141,7 +141,7 @@ def denoiser_activations(spec: ModelSpec, cfg: TrainConfig, batch: int, role: st
     the critic LoRA) or ``generator`` (its LoRA, or the full copy in ``model.generator_mode full``)."""
     full = role == "generator" and cfg.model.generator_mode == "full"
     acts = resolve_hook(plan_hooks(spec.family).activations)(spec.denoiser.denoiser, tokens_of(spec, cfg),
-                                           _BYTES[cfg.parallel.param_dtype], "full" if full else "lora",
+                                           DTYPE_BYTES[cfg.parallel.param_dtype], "full" if full else "lora",
                                            adapter=None if full else role)
     return network_activation_bytes(acts, batch, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
 
@@ -152,7 +152,7 @@ def _teacher_pass(spec: ModelSpec, cfg: TrainConfig, batch: int) -> int:
     width = int(d.get("dim") or d["num_attention_heads"] * d["attention_head_dim"])
     num, den = plan_hooks(spec.family).mlp_ratio
     hidden = width * num // den
-    return no_grad_block_peak(width, t.image + t.text, hidden, _BYTES[cfg.parallel.param_dtype], batch)
+    return no_grad_block_peak(width, t.image + t.text, hidden, DTYPE_BYTES[cfg.parallel.param_dtype], batch)
 
 
 def stage_memory(spec: ModelSpec, cfg: TrainConfig, layout: Layout, rl: bool,

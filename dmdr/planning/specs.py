@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from dmdr.config import TrainConfig
+from dmdr.devices import DTYPES
 from dmdr.errors import ConfigError, ModelLoadError
 from dmdr.models.families import FAMILIES, family_spec
 from dmdr.models.family import PlannerHooks
@@ -46,9 +47,6 @@ RECIPE_MODELS = {"sd35_dmdr": "sd3.5-large", "sd3m_dmdr": "sd3-medium", "zimage_
 REWARD_CONFIGS = {"hps": CONFIGS / "rewards" / "hps", "clip": CONFIGS / "rewards" / "clip",
                   "pickscore": CONFIGS / "rewards" / "pickscore"}
 """HPSv2.1 (open_clip ViT-H-14), DFN5B-CLIP ViT-H-14-378 (open_clip), PickScore (transformers CLIP ViT-H-14)."""
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def plan_hooks(family_name: str) -> PlannerHooks:
     """The planner's hooks of a family; a family without any is a one-line :class:`ConfigError`."""
@@ -210,7 +208,7 @@ def build_denoiser_spec(cfg: TrainConfig, folder: ModelFolder, family: str) -> D
     from dmdr.models.base import Backbone
 
     fam = family_spec(family)
-    net = folder.build_config_on_meta(fam.denoiser_component, _DTYPES[cfg.model.dtype])
+    net = folder.build_config_on_meta(fam.denoiser_component, DTYPES[cfg.model.dtype])
     net.requires_grad_(False)
     teacher = fam.denoiser_class(net, t_min=cfg.dmd.t_min)
     backbone = Backbone(family=family, teacher=teacher, text_encoder=None, codec=None, latent_channels=0,
@@ -254,7 +252,7 @@ def build_model_spec(cfg: TrainConfig, recipe: str = "", model: str = "") -> Mod
     folder = read_model_index(path)
     family = detect_family(folder, cfg.model.family).name
     hooks = plan_hooks(family)
-    dtype = _DTYPES[cfg.model.dtype]
+    dtype = DTYPES[cfg.model.dtype]
     denoiser = build_denoiser_spec(cfg, folder, family)
     texts = []
     for comp in hooks.text_encoders:

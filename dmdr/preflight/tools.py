@@ -103,7 +103,7 @@ def pipeline_problems(path: str) -> list[Problem]:
     from dmdr.export import SETTINGS_FILE, InferenceSettings
     from dmdr.models.loading import read_model_index
 
-    try:  # a --lora / --single-file export (dmdr.release) has no model_index.json: it loads onto its base
+    try:  # a --lora / --single-file export (dmdr.export.release) has no model_index.json: it loads onto its base
         form = json.loads((Path(path) / SETTINGS_FILE).read_text()).get("source", {}).get("form", "pipeline")
     except (OSError, ValueError, AttributeError):
         form = "pipeline"
@@ -112,7 +112,7 @@ def pipeline_problems(path: str) -> list[Problem]:
             InferenceSettings.read(path)
         except UserError as e:
             return [Problem("pipeline", path, str(e))]
-        return []  # dmdr.release.load_release checks the base folder, in one line
+        return []  # dmdr.export.load_release checks the base folder, in one line
     try:
         folder = read_model_index(path)
     except UserError as e:

@@ -288,7 +288,7 @@ def test_resume_turning_ema_on_starts_it_from_the_resumed_weights(tiny_assets, r
 
 
 def test_lora_release_holds_the_ema_adapter(runs, tmp_path):
-    from dmdr.release import LORA_FILE
+    from dmdr.export.release import LORA_FILE
 
     out = tmp_path / "lora-ema"
     assert _tool("convert_to_diffusers").main(["--run", str(runs["straight"]), "--out", str(out), "--lora"]) == 0

@@ -1,32 +1,7 @@
-"""Release formats besides the merged pipeline folder: a diffusers LoRA file and a single-file transformer.
+"""The release forms besides the merged pipeline: the generator's LoRA as a diffusers LoRA file (extracted by SVD
+from a full fine-tune when there is no adapter), and the distilled transformer as one safetensors file.
 
-Library side of ``tools/convert_to_diffusers.py --lora`` and ``--single-file`` (the merged folder is
-:func:`dmdr.export.write_pipeline`).
-
-**LoRA** (:func:`generator_lora`, :func:`lora_state_dict`, :func:`write_lora`). The file is
-``pytorch_lora_weights.safetensors`` in the peft key format that diffusers' pipeline loaders take
-without conversion (``SD3LoraLoaderMixin`` / ``ZImageLoraLoaderMixin.load_lora_weights`` of 0.42):
-``<prefix>.<module>.lora_A.weight`` of shape ``(r, in)`` and ``<prefix>.<module>.lora_B.weight`` of
-shape ``(out, r)``, the prefix naming the pipeline component (``transformer``; SDXL's would be
-``unet``; each family declares its :attr:`~dmdr.models.family.FamilySpec.lora_format`). No ``.alpha`` keys
-and no adapter metadata: diffusers then builds its ``LoraConfig`` with ``lora_alpha = r``, scale 1.0, so
-dmdr's scale ``alpha / r`` is folded into
-``lora_B``. Z-Image's loader treats ``.alpha`` keys as a kohya-style file and converts it, another
-reason to fold; UIs that read diffusers-keyed LoRAs (ComfyUI) also take a missing alpha as scale 1.
-Only the ``generator`` adapter is written; the critic adapter never is.
-
-A full fine-tune has no adapter. :func:`extract_lora` makes one: for every ``nn.Linear`` whose weight
-changed, the rank-``R`` truncated SVD of ``W_tuned - W_base`` (the best rank-``R`` approximation in the
-Frobenius norm, Eckart-Young), split ``B = U sqrt(S)``, ``A = sqrt(S) V^T``. Its relative Frobenius error
-over all those linears, and the parameters that changed but are not linear weights (biases, norms,
-embeddings, convolutions: a LoRA cannot carry them), are reported (:class:`Extraction`).
-
-**Single file** (:func:`write_single_file`): the exported transformer's state dict in one safetensors
-file, with diffusers' key names. ``SD3Transformer2DModel.from_single_file(file, config=<base folder>,
-subfolder="transformer")`` (and the Z-Image one) loads it without conversion (the keys equal the model's;
-``config`` is needed because diffusers infers the architecture only from the original SAI / Tongyi
-layouts), and ComfyUI's diffusion-model loader recognises diffusers-keyed SD3 and Z-Image files
-(``convert_diffusers_mmdit``). The original SAI key layout is not written.
+Key format, alpha folding and the SVD: ``dmdr/export/README.md``.
 """
 
 from __future__ import annotations
@@ -37,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from dmdr.errors import ConfigError
 from dmdr.models.families import FAMILIES, family_spec
 from dmdr.models.family import LoraFormat
+from dmdr.models.lora import lora_layers
 
 log = logging.getLogger("dmdr")
 
@@ -65,8 +42,6 @@ LoraLayers = dict[str, tuple[Tensor, Tensor]]
 @torch.no_grad()
 def generator_lora(net: nn.Module, adapter: str) -> LoraLayers:
     """Adapter ``adapter`` of ``net``'s LoRA layers as fp32 ``(A, alpha/r * B)`` (the delta is ``B A``)."""
-    from dmdr.models.lora import lora_layers
-
     out: LoraLayers = {}
     for name, layer in lora_layers(net):
         if adapter in layer.lora_A:
@@ -90,8 +65,6 @@ def lora_state_dict(layers: LoraLayers, family: str, dtype: torch.dtype) -> dict
 
 def write_lora(folder: Path, state: dict[str, Tensor], metadata: dict[str, str]) -> Path:
     """Save ``state`` as :data:`LORA_FILE` in ``folder`` (``metadata``: informative strings in the header)."""
-    from safetensors.torch import save_file
-
     path = Path(folder) / LORA_FILE
     save_file(state, str(path), metadata={"format": "pt", **metadata})
     return path
@@ -99,8 +72,6 @@ def write_lora(folder: Path, state: dict[str, Tensor], metadata: dict[str, str])
 
 def write_single_file(path: Path, transformer: nn.Module, metadata: dict[str, str]) -> Path:
     """The transformer's state dict, diffusers-keyed, as one safetensors file."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().contiguous() for k, v in transformer.state_dict().items()}
     save_file(state, str(path), metadata={"format": "pt", **metadata})
     return path
@@ -127,8 +98,6 @@ class Extraction:
 
 def base_parameters(net: nn.Module) -> dict[str, Tensor]:
     """``net``'s own parameters by their plain diffusers names: LoRA wrappers seen through, adapters dropped."""
-    from dmdr.models.lora import lora_layers
-
     wrapped = {f"{name}.base.": f"{name}." for name, _ in lora_layers(net)}
     out = {}
     for key, value in net.state_dict().items():
@@ -181,51 +150,3 @@ def extract_lora(tuned: nn.Module, base: dict[str, Tensor], rank: int) -> Extrac
                           "nothing to extract (was the run trained?)")
     return Extraction(layers, rank, math.sqrt(err2 / total2) if total2 else 0.0, left_out,
                       math.sqrt(other2 / other_base2) if other_base2 else 0.0)
-
-
-# ----------------------------------------------------------------------------------------------- loading
-def load_release(folder: str | Path, base: str | Path = "") -> object:
-    """The stock diffusers pipeline of an export folder of any form, as its model card loads it.
-
-    ``pipeline``: ``from_pretrained(folder)``. ``lora``: the base pipeline (``base``, default the run's teacher
-    recorded in ``dmdr_inference.json``), ``load_lora_weights(folder)`` and the folder's few-step scheduler.
-    ``single-file``: the transformer by ``from_single_file(config=base)`` into the base pipeline, same scheduler.
-    """
-    import json
-
-    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-
-    from dmdr.errors import UserError
-    from dmdr.export import SETTINGS_FILE, InferenceSettings
-
-    folder = Path(folder)
-    settings = InferenceSettings.read(folder)  # one line if this is not an export
-    source = json.loads((folder / SETTINGS_FILE).read_text()).get("source", {})
-    form, files = source.get("form", "pipeline"), source.get("files", {})
-    base = Path(base or source.get("teacher", ""))
-    if form != "pipeline" and not (base / "model_index.json").is_file():
-        raise ConfigError(f"{folder} is a {form} export of the base pipeline {str(base)!r}, which is not a diffusers "
-                          "folder here; pass the base folder (--model-path)")
-    try:
-        if form == "pipeline":
-            return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
-        kwargs = {}
-        if form == "single-file":  # the whole pipeline in the file's dtype, as the card calls it
-            import diffusers
-
-            kwargs["dtype"] = _DTYPES.get(source.get("dtype"), torch.float32)
-            model_class = getattr(diffusers, settings.family.single_file_class)
-            kwargs["transformer"] = model_class.from_single_file(
-                str(folder / files["single_file"]), config=str(base), subfolder="transformer", local_files_only=True,
-                dtype=kwargs["dtype"])
-        pipe = DiffusionPipeline.from_pretrained(str(base), local_files_only=True, **kwargs)
-        if form == "lora":
-            pipe.load_lora_weights(str(folder))
-        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder), subfolder="scheduler")
-        return pipe
-    except Exception as e:  # noqa: BLE001 - any failure here is a bad folder, reported in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{folder}: cannot load the {form} export ({first[:300]})") from e
-
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

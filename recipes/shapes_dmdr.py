@@ -1,79 +1,8 @@
-"""DMDR on the shapes world: the committed 2.4M-parameter SD3 teacher distilled into a few-step student.
+"""``[torchrun ...] recipes/shapes_dmdr.py [--section.field value ...]``: the recipe :mod:`dmdr.recipes.shapes_dmdr`."""
 
-The teacher (``assets/shapes-teacher``, made by ``tools/pretrain_teacher.py``) is a complete
-``StableDiffusion3Pipeline`` folder, loaded through the same code path as SD3-Medium; the reward is the
-world's colour reward (``--rl.rewards shapes``). ``tools/demo.py`` (``make demo``) runs this recipe under
-torchrun for the cold start, then DMDR, DMD alone and ReFL alone from the same checkpoint, and
-evaluates them with ShapeEval.
-
-    torchrun --standalone --nproc_per_node=2 recipes/shapes_dmdr.py --train.output_dir runs/shapes
-
-On first use it writes the training-split prompts to ``<output_dir>/assets/prompts.txt``.
-"""
-
-import os
 import sys
-from pathlib import Path
 
-from dmdr.config import TrainConfig
-from dmdr.launch import main
-
-REPO = Path(__file__).resolve().parent.parent
-TEACHER = REPO / "assets" / "shapes-teacher"
-COLD_START = 60
-"""Generator steps of the cold start (DynaDG and DynaRS decay to zero exactly here, then RL starts)."""
-RL_STEPS = 60
-
-
-def shapes_dmdr() -> TrainConfig:
-    from dmdr.worlds.shapes.evaluation import heldout_prompts
-    from dmdr.worlds.shapes.pipeline import MAX_SEQUENCE_LENGTH
-    from dmdr.worlds.shapes.scene import IMAGE_SIZE
-
-    cfg = TrainConfig()
-    cfg.model.path = str(TEACHER)
-    cfg.model.family = "sd3"
-    cfg.model.dtype = "fp32"
-    cfg.model.resolution = IMAGE_SIZE
-    cfg.model.max_sequence_length = MAX_SEQUENCE_LENGTH
-    cfg.model.generator_mode = "full"
-    cfg.model.critic_lora_rank, cfg.model.critic_lora_alpha = 16, 16.0
-    cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.ratio = 2, 1.0, 5
-    cfg.dmd.guidance, cfg.dmd.guidance_jitter = 3.0, 0.5
-    cfg.dynamic.decay_steps = COLD_START
-    cfg.rl.start_step = COLD_START
-    cfg.rl.rewards, cfg.rl.weights, cfg.rl.margin = ("shapes",), (1.0,), 1.0
-    cfg.optim.generator_lr, cfg.optim.critic_lr = 5e-5, 2e-4
-    cfg.optim.rl_generator_lr, cfg.optim.rl_critic_lr = 5e-5, 2e-4
-    cfg.data.batch_size, cfg.data.rl_batch_size = 16, 8  # per rank; the RL stage halves it, as the paper
-    cfg.data.num_workers, cfg.data.shuffle_buffer = 0, 1024
-    cfg.parallel.param_dtype = "fp32"
-    cfg.parallel.activation_checkpointing = "none"
-    cfg.checkpoint.interval = COLD_START
-    cfg.checkpoint.keep_last = 2
-    cfg.log.interval, cfg.log.sample_interval = 10, COLD_START
-    cfg.log.sample_prompts = tuple(heldout_prompts(8))
-    cfg.train.max_steps = COLD_START + RL_STEPS
-    cfg.train.device = "cpu"
-    cfg.train.output_dir = "runs/shapes"
-    return cfg
-
-
-def prepare_assets(cfg: TrainConfig) -> None:
-    """Check the teacher folder (one line if it is not a shapes-world teacher); write the prompt file once."""
-    from dmdr.worlds.shapes.pipeline import check_teacher_folder
-    from dmdr.worlds.shapes.scene import split_prompts
-
-    check_teacher_folder(cfg.model.path)
-    if not cfg.data.sources:
-        prompts = Path(cfg.train.output_dir) / "assets" / "prompts.txt"
-        if not prompts.exists():
-            prompts.parent.mkdir(parents=True, exist_ok=True)
-            tmp = prompts.with_name(f".prompts.{os.getpid()}")  # every rank runs this: rename into place
-            tmp.write_text("\n".join(split_prompts("train")) + "\n")
-            os.replace(tmp, prompts)
-        cfg.data.sources = (str(prompts),)
-
+from dmdr.recipes import run
 
 if __name__ == "__main__":
-    sys.exit(main(shapes_dmdr, prepare=prepare_assets))
+    sys.exit(run("shapes_dmdr"))

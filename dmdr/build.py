@@ -13,10 +13,26 @@ from typing import Any
 
 import torch
 
-from dmdr.config import TrainConfig
+from dmdr.config import TrainConfig, to_dict
+from dmdr.data import EmbeddingCache, SkipMonitor, build_prompt_loader
 from dmdr.devices import DTYPES
+from dmdr.distributed import (
+    CheckpointManager,
+    PreemptionHandler,
+    build_mesh,
+    default_init_missing,
+    init_distributed,
+    materialize_from_safetensors,
+    parallelize_denoiser,
+    prepare_frozen,
+    safetensors_files,
+)
+from dmdr.models import CRITIC, add_critic_lora, load_backbone, make_generator
+from dmdr.models.attention import resolve_attention
 from dmdr.models.base import Backbone, Denoiser
+from dmdr.models.lora import lora_parameters
 from dmdr.observability import MetricsLogger
+from dmdr.rewards import build_reward
 from dmdr.rewards.base import Reward
 from dmdr.trainer import DMDRTrainer, Roles
 
@@ -33,8 +49,6 @@ def build_roles(cfg: TrainConfig, backbone: Backbone) -> tuple[Denoiser, str | N
     Returns ``(generator, generator_adapter)``. Parameter lists are taken later, after sharding
     (``fully_shard`` replaces parameters with DTensors).
     """
-    from dmdr.models import add_critic_lora, make_generator
-
     m = cfg.model
     targets = m.lora_targets or None
     seed = cfg.train.seed
@@ -56,8 +70,6 @@ def materialize_roles(cfg: TrainConfig, backbone: Backbone, generator: Denoiser,
     values (``make_generator(dtype=torch.float32)`` semantics: a copy of the loaded teacher, upcast).
     LoRA adapters get the initialisation of :meth:`~dmdr.models.lora.LoRALinear.add_adapter`.
     """
-    from dmdr.distributed import default_init_missing, materialize_from_safetensors, safetensors_files
-
     files = safetensors_files(backbone.extras["denoiser_weights"])
     init = default_init_missing(cfg.train.seed)
     # A CPU-offloaded teacher's shards live on the host (FSDP2 copies them to the device per use).
@@ -76,8 +88,6 @@ def apply_attention(cfg: TrainConfig, backbone: Backbone, generator: Denoiser, a
     Runs before activation checkpointing, compile and FSDP2 wrap the networks, so every wrapper sees
     the chosen processors. Returns the backend (also kept in ``backbone.extras["attention"]``).
     """
-    from dmdr.models.attention import resolve_attention
-
     teacher = backbone.teacher
     backend = resolve_attention(cfg.model.attention, device, masked=teacher.masked_attention,
                                 family=backbone.family)
@@ -104,10 +114,6 @@ def build_models(cfg: TrainConfig, device: torch.device, mesh: Any = None,
     Returns:
         ``(backbone, generator, generator_adapter)``; ``backbone.teacher`` carries the critic LoRA.
     """
-    from dmdr.distributed import parallelize_denoiser
-    from dmdr.models import load_backbone
-    from dmdr.models.attention import resolve_attention
-
     resolve_attention(cfg.model.attention, device)  # a backend this machine lacks fails before any loading
     sharded = mesh is not None
     backbone = load_backbone(cfg.model.path, family=cfg.model.family, dtype=DTYPES[cfg.model.dtype],
@@ -124,9 +130,6 @@ def build_models(cfg: TrainConfig, device: torch.device, mesh: Any = None,
 
 
 def collect_roles(generator: Denoiser, teacher: Denoiser, adapter: str | None) -> Roles:
-    from dmdr.models import CRITIC
-    from dmdr.models.lora import lora_parameters
-
     if adapter is not None:
         generator_params = lora_parameters(generator.net, adapter)
     else:
@@ -139,7 +142,6 @@ def build_rewards(cfg: TrainConfig, device: torch.device) -> list[tuple[Reward, 
     """The ReFL rewards named in ``rl.rewards`` with their weights (empty when RL is off)."""
     if cfg.rl.method == "none":
         return []
-    from dmdr.rewards import build_reward
 
     return [(build_reward(name, cfg.rl, device), float(w)) for name, w in zip(cfg.rl.rewards, cfg.rl.weights)]
 
@@ -147,8 +149,6 @@ def build_rewards(cfg: TrainConfig, device: torch.device) -> list[tuple[Reward, 
 def run_summary(cfg: TrainConfig, backbone: Backbone, device: torch.device, world_size: int) -> str:
     """The run's TensorBoard text summary (markdown): what was resolved at build time, then the config."""
     import json
-
-    from dmdr.config import to_dict
 
     lines = [f"- family: {backbone.family}, device: {device.type}, world size: {world_size}",
              f"- attention backend: {backbone.extras.get('attention', 'native')} "
@@ -198,8 +198,6 @@ class Session:
 def prepare_text_encoders(cfg: TrainConfig, backbone: Backbone, mesh: Any, device: torch.device) -> None:
     """Frozen text encoders replicated on every rank, or FSDP2-sharded (``parallel.frozen_encoders=shard``,
     for T5-XXL / Qwen3-sized encoders; every rank then encodes its own batch in lockstep)."""
-    from dmdr.distributed import prepare_frozen
-
     if backbone.text_encoder is None:
         return
     for module in backbone.text_encoder.modules():
@@ -208,9 +206,6 @@ def prepare_text_encoders(cfg: TrainConfig, backbone: Backbone, mesh: Any, devic
 
 def build_run(cfg: TrainConfig) -> Session:
     """Everything a run needs, checked before the first step; resumes when a checkpoint exists."""
-    from dmdr.data import EmbeddingCache, SkipMonitor, build_prompt_loader
-    from dmdr.distributed import CheckpointManager, PreemptionHandler, build_mesh, init_distributed
-
     env = init_distributed(device=cfg.train.device)
     mesh = build_mesh(cfg.parallel, env.world_size, env.device.type) if env.world_size > 1 else None
     # Data first: a bad source should fail in a second, not after loading 8B parameters.

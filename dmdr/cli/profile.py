@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dmdr import kernels
 from dmdr.devices import DTYPES
+from dmdr.kernels import lora_triton
 
 GPU = torch.cuda.is_available()
 if not GPU:  # before the first import of a @triton.jit module (dmdr.kernels imports them lazily, on first use)
@@ -297,8 +298,6 @@ class _Timings:
                         moved + n * (4 + item), minimum + n * item, None, grads=[xg])
 
     def lora(self, label: str, hidden: int, r: int, m: int) -> None:
-        from dmdr.kernels import lora_triton
-
         dtype, device = self.dtype, self.device
         x = torch.randn(m, hidden, dtype=dtype, device=device)
         w = torch.randn(hidden, hidden, dtype=dtype, device=device) / math.sqrt(hidden)

@@ -26,17 +26,28 @@ from dmdr.distributed.checkpoint import (
     saved_keys,
     verify_checkpoint,
 )
+from dmdr.distributed.offline import check_plain_items
 from dmdr.distributed.safe_load import SafeFileSystemReader, safe_planner
 from dmdr.errors import CheckpointError, ConfigError, ModelLoadError
 from dmdr.models import GENERATOR, Backbone, load_backbone
 from dmdr.models.lora import lora_layers, merge_adapter
-from dmdr.provenance import check_export_source
+from dmdr.provenance import RECORD_KEY, record_mismatch, run_record
 from dmdr.trainer import Roles
 
 WEIGHTS = ("auto", "ema", "trained")
 """Choices of ``weights`` / ``--weights`` (see ``README.md``)."""
 EMA_PREFIX = "trainer.ema."
 """DCP key prefix of the trainer's EMA tensors (:meth:`dmdr.trainer.DMDRTrainer.state_dict`, entry ``trainer``)."""
+
+
+def check_export_source(cfg: TrainConfig, checkpoint: str | Path) -> None:
+    """Export and sampling, before any weights load: refuse ``checkpoint`` when its record differs from the
+    run config ``cfg``, or when its non-tensor items are not plain data
+    (:func:`~dmdr.distributed.offline.check_plain_items`)."""
+    reason = record_mismatch(read_marker(checkpoint).get(RECORD_KEY), run_record(cfg), checkpoint)
+    if reason:
+        raise CheckpointError(f"{reason}; pass the matching --model-path (or export with the run's own config)")
+    check_plain_items(checkpoint)
 
 
 def read_run_config(run: str | Path, model_path: str = "") -> TrainConfig:

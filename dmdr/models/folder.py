@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from dmdr.errors import ModelLoadError
+from dmdr.models.weights import meta_params, safetensors_files
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".gguf")
 TOKENIZER_FILES = (
@@ -116,8 +117,6 @@ class ModelFolder:
         no weight is read: :func:`dmdr.distributed.meta_load.materialize_from_safetensors` fills the
         parameters later from :meth:`weights_folder`, which must hold safetensors files.
         """
-        from dmdr.distributed.meta_load import safetensors_files
-
         self.check(name)
         safetensors_files(self.path / name)  # the sharded loader reads safetensors only: fail before building
         return self.build_config_on_meta(name, dtype)
@@ -129,8 +128,6 @@ class ModelFolder:
         config-only folders with it); the trainer goes through :meth:`build_on_meta`, which checks the
         weights first and then calls this.
         """
-        from dmdr.distributed.meta_load import meta_params
-
         library, _ = self.component_class(name)
         cls, cls_name = self._class(name)
         if library != "diffusers":

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from dmdr.config import TrainConfig
 from dmdr.devices import DTYPE_BYTES
+from dmdr.distributed.mesh import resolve_dp
 from dmdr.planning.activations import Tokens, network_activation_bytes, no_grad_block_peak
 from dmdr.planning.specs import Component, ModelSpec, Tensors, plan_hooks, resolve_hook
 
@@ -40,8 +41,6 @@ class Layout:
 
     @classmethod
     def of(cls, cfg: TrainConfig, world: int) -> Layout:
-        from dmdr.distributed.mesh import resolve_dp
-
         rep, shard = resolve_dp(cfg.parallel, world)
         return cls(world, rep, shard)
 

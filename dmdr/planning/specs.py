@@ -30,9 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmdr.build import build_roles
 from dmdr.config import TrainConfig
 from dmdr.devices import DTYPES
+from dmdr.distributed.parallelize import outer_block_lists
 from dmdr.errors import ConfigError, ModelLoadError
+from dmdr.models.base import Backbone
 from dmdr.models.families import FAMILIES, family_spec
 from dmdr.models.family import PlannerHooks
 from dmdr.models.folder import ModelFolder, read_model_index
@@ -178,8 +181,6 @@ def _meta_transformers(folder: Path, cls_name: str) -> nn.Module:
 
 
 def _component(name: str, cls_name: str, module: nn.Module, dtype: torch.dtype | None) -> Component:
-    from dmdr.distributed.parallelize import outer_block_lists
-
     if dtype is not None:
         module.to(dtype)
     blocks = [Tensors.of(list(b.parameters())) for lst in outer_block_lists(module) for b in lst]
@@ -204,9 +205,6 @@ def build_reward_spec(name: str) -> Component:
 
 def build_denoiser_spec(cfg: TrainConfig, folder: ModelFolder, family: str) -> DenoiserSpec:
     """The teacher on meta with the generator and critic LoRA, injected by the trainer's own code."""
-    from dmdr.build import build_roles
-    from dmdr.models.base import Backbone
-
     fam = family_spec(family)
     net = folder.build_config_on_meta(fam.denoiser_component, DTYPES[cfg.model.dtype])
     net.requires_grad_(False)

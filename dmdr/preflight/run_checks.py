@@ -14,8 +14,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dmdr.data import EmbeddingCache
+from dmdr.data.readers import Cleaner, read_split
+from dmdr.data.sources import plan_source
+from dmdr.distributed.checkpoint import CheckpointManager, verify_checkpoint
+from dmdr.distributed.mesh import resolve_dp
 from dmdr.errors import ConfigError, DataError, ModelLoadError, UserError
-from dmdr.preflight import Problem, RunContext, problem_from, register_check
+from dmdr.models.loading import LoadOptions, detect_family, read_model_index
+from dmdr.models.lora import _matches
+from dmdr.models.weights import safetensors_files
+from dmdr.preflight.core import Problem, RunContext, problem_from, register_check
 from dmdr.preflight.files import free_bytes, header_numel, safetensors_header, weight_file_problem, writable_problem
 
 FIRST_RECORDS = 1000
@@ -43,8 +51,6 @@ def _weight_problems(folder: Path, setting: str, value: str) -> list[Problem]:
 
 def _lora_size(headers: list[dict[str, Any]], targets: tuple[str, ...], rank: int) -> tuple[int, int]:
     """``(parameters, tensors)`` of a rank-``rank`` LoRA on every 2-D ``<module>.weight`` matching ``targets``."""
-    from dmdr.models.lora import _matches
-
     numel = tensors = 0
     for header in headers:
         for name, info in header.items():
@@ -84,8 +90,6 @@ def model_problems(path: str, family: str = "auto", *, setting: str = "model.pat
         facts: filled with ``family``, ``pipeline_class``, ``folder`` and, from the weight headers,
             ``denoiser_headers`` / ``denoiser_numel``.
     """
-    from dmdr.models.loading import LoadOptions, detect_family, read_model_index
-
     if not str(path):
         return [Problem(setting, "", "not set; point it at a local diffusers pipeline folder (model_index.json "
                                      "at its top)")]
@@ -120,8 +124,6 @@ def model_problems(path: str, family: str = "auto", *, setting: str = "model.pat
                      lora_targets=fam.lora_targets)
     if not denoiser or problems:
         return problems
-    from dmdr.distributed.meta_load import safetensors_files
-
     try:
         files = safetensors_files(folder.path / fam.denoiser_component)
     except ModelLoadError as e:
@@ -150,9 +152,6 @@ def check_model(ctx: RunContext) -> list[Problem]:
 # --------------------------------------------------------------------------------------------- data
 def source_problems(data: Any, readers: int, setting: str = "data.sources") -> list[Problem]:
     """Every prompt source resolves, its shards open, and at least one record of it is a good prompt."""
-    from dmdr.data.readers import Cleaner, read_split
-    from dmdr.data.sources import plan_source
-
     if not data.sources:
         return [Problem(setting, (), "not set; give paths, globs or fsspec URLs of .txt/.jsonl/.parquet prompt "
                                      "files")]
@@ -224,8 +223,6 @@ def check_job(ctx: RunContext) -> list[Problem]:
     """The device exists, and ``dp_replicate x dp_shard`` fills the world size."""
     import torch
 
-    from dmdr.distributed.mesh import resolve_dp
-
     problems = []
     device = ctx.cfg.train.device
     if device not in ("auto", "cpu", "cuda"):
@@ -289,8 +286,6 @@ def check_output(ctx: RunContext) -> list[Problem]:
 
 def checkpoint_problems(path: str | Path, setting: str) -> list[Problem]:
     """A checkpoint folder is complete: marker present, every file at its recorded size (no CRC read)."""
-    from dmdr.distributed.checkpoint import verify_checkpoint
-
     if not Path(path).is_dir():
         return [Problem(setting, str(path), "is not a checkpoint folder (give <output_dir>/checkpoints/step-<N>)")]
     reason = verify_checkpoint(path)
@@ -300,8 +295,6 @@ def checkpoint_problems(path: str | Path, setting: str) -> list[Problem]:
 @register_check
 def check_resume(ctx: RunContext) -> list[Problem]:
     """An explicit ``checkpoint.resume`` folder is complete; ``auto`` records which one it would take."""
-    from dmdr.distributed.checkpoint import CheckpointManager, verify_checkpoint
-
     resume = ctx.cfg.checkpoint.resume
     if resume == "never":
         return []
@@ -324,7 +317,6 @@ def check_sample_prompts(ctx: RunContext) -> list[Problem]:
     cfg = ctx.cfg
     if text_encoders_needed(cfg) or not cfg.log.sample_interval or not cfg.log.sample_prompts:
         return []
-    from dmdr.data import EmbeddingCache
 
     try:
         cache = EmbeddingCache(cfg.data.embedding_cache)
@@ -337,5 +329,3 @@ def check_sample_prompts(ctx: RunContext) -> list[Problem]:
                                                       "cache and no text encoder is loaded; add them to the cache "
                                                       "or set --log.sample_interval 0")]
 
-
-from dmdr.preflight import rewards as _rewards  # noqa: E402,F401  (registers the reward checks)

@@ -15,6 +15,9 @@ import os
 from pathlib import Path
 
 from dmdr.config import TrainConfig
+from dmdr.worlds.shapes.evaluation import heldout_prompts
+from dmdr.worlds.shapes.pipeline import MAX_SEQUENCE_LENGTH, check_teacher_folder
+from dmdr.worlds.shapes.scene import IMAGE_SIZE, split_prompts
 
 REPO = Path(__file__).resolve().parents[2]  # the assets are in the checkout, not installed
 TEACHER = REPO / "assets" / "shapes-teacher"
@@ -24,10 +27,6 @@ RL_STEPS = 60
 
 
 def shapes_dmdr() -> TrainConfig:
-    from dmdr.worlds.shapes.evaluation import heldout_prompts
-    from dmdr.worlds.shapes.pipeline import MAX_SEQUENCE_LENGTH
-    from dmdr.worlds.shapes.scene import IMAGE_SIZE
-
     cfg = TrainConfig()
     cfg.model.path = str(TEACHER)
     cfg.model.family = "sd3"
@@ -59,9 +58,6 @@ def shapes_dmdr() -> TrainConfig:
 
 def prepare_assets(cfg: TrainConfig) -> None:
     """Check the teacher folder (one line if it is not a shapes-world teacher); write the prompt file once."""
-    from dmdr.worlds.shapes.pipeline import check_teacher_folder
-    from dmdr.worlds.shapes.scene import split_prompts
-
     check_teacher_folder(cfg.model.path)
     if not cfg.data.sources:
         prompts = Path(cfg.train.output_dir) / "assets" / "prompts.txt"

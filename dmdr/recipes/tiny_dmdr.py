@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 
 from dmdr.config import TrainConfig
+from dmdr.models.sdxl import FEW_STEP_TIMESTEPS
+from dmdr.models.tiny import build_tiny
 
 DEMO_PROMPTS = [
     "a photo of a cat", "a red car in the rain", "an astronaut riding a horse", "a bowl of fruit",
@@ -69,8 +71,6 @@ def prepare_assets(cfg: TrainConfig) -> None:
     if not cfg.model.path:
         model_dir = assets / f"tiny-{family}"
         if not (model_dir / "model_index.json").exists():
-            from dmdr.models.tiny import build_tiny
-
             tmp = assets / f".tiny-{family}.{tag}"
             build_tiny(family, tmp, seed=cfg.train.seed)
             try:
@@ -79,8 +79,6 @@ def prepare_assets(cfg: TrainConfig) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
         cfg.model.path = str(model_dir)
     if family == "sdxl" and not cfg.dmd.timesteps:
-        from dmdr.models.sdxl import FEW_STEP_TIMESTEPS
-
         cfg.dmd.timesteps = FEW_STEP_TIMESTEPS.get(cfg.dmd.num_steps, ())
         cfg.dmd.sampler = "sde"  # what the exported LCMScheduler pipeline runs (sdxl_dmdr.py)
     if family == "zimage":  # the chat template alone takes ~30 of the byte-level tiny tokenizer's tokens

@@ -14,11 +14,13 @@ flash-attn) it prints ONE table, every ratio measured in this run:
 * attention backends, native SDPA against flash-attn (``flash`` for SD3, ``flash_varlen`` for
   Z-Image's padded captions), on a tiny-but-wide transformer of each family (2 blocks, width 1536,
   4096 image tokens, bf16): forward + backward time, speed-up, largest difference;
-* a 20-step DMDR run of ``recipes/tiny_dmdr.py`` on CUDA (bf16 mixed precision: fp32 weights, bf16
-  autocast; full activation checkpointing, ``model.attention auto``) in a fresh process: steps/s,
-  MFU and peak memory of its last logged interval, and the attention backend it chose.
+* a 20-step DMDR run of ``recipes/tiny_dmdr.py`` on CUDA as users run it in bf16 (bf16 weights and
+  autocast, ``parallel.compile`` on every block, full activation checkpointing, ``model.attention auto``)
+  in a fresh process: steps/s, MFU and peak memory of its last logged interval, the attention backend it
+  chose, and how many steps were skipped as non-finite (any fails the check).
 
-It exits 1 when a kernel check fails (a wrong kernel, or a training run that does not finish), 0
+It exits 1 when a kernel check fails (a wrong kernel, or a training run that does not finish or skips a
+non-finite step), 0
 otherwise; a missing flash-attn is shown in the table, not failed. Without CUDA it says it needs a
 GPU, runs the kernel checks in the Triton interpreter (fp32, fp16) and exits 0 when they pass (CI runs
 this mode). The table also goes to ``<out>/gpu_check.md`` and ``.csv``, headed by the GPU, the date
@@ -193,14 +195,15 @@ def attention_rows(bench: Callable, device: str = "cuda", width: int = 1536, sid
 
 # --------------------------------------------------------------------------------------- tiny run
 def tiny_run_args(out: Path, device: str = "cuda", steps: int = 20) -> list[str]:
-    """The tiny recipe's command line for the check: bf16 mixed precision, full AC, attention auto.
+    """The tiny recipe's command line for the check: bf16 as users run it, compiled blocks, full AC, attention auto.
 
-    Mixed precision as the one-process trainer does it: fp32 weights (the recipe's ``model.dtype``),
-    bf16 autocast (``parallel.param_dtype``).
+    bf16 weights (``model.dtype``; trainable LoRA and full-copy generators keep fp32 masters), bf16 autocast
+    (``parallel.param_dtype``), each block compiled inside its activation checkpoint (``parallel.compile``).
     """
     return [sys.executable, str(REPO / "recipes" / "tiny_dmdr.py"), "--train.output_dir", str(out),
-            "--train.device", device, "--train.max_steps", str(steps), "--model.dtype", "fp32",
+            "--train.device", device, "--train.max_steps", str(steps), "--model.dtype", "bf16",
             "--parallel.param_dtype", "bf16", "--parallel.activation_checkpointing", "full",
+            "--parallel.compile", "true",
             "--model.attention", "auto", "--log.interval", str(max(1, steps // 4)), "--log.progress_bar", "false",
             "--log.sample_interval", "0", "--checkpoint.interval", "0", "--checkpoint.resume", "never"]
 
@@ -212,7 +215,7 @@ def tiny_run_rows(out: Path, device: str = "cuda", steps: int = 20) -> tuple[lis
     proc = subprocess.run(tiny_run_args(out, device, steps), cwd=REPO, capture_output=True, text=True,
                           timeout=900)
     wall = time.perf_counter() - start
-    item = f"recipes/tiny_dmdr.py, {steps} steps, {device}, bf16, AC full"
+    item = f"recipes/tiny_dmdr.py, {steps} steps, {device}, bf16, compile, AC full"
     if proc.returncode != 0:
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
         return [row("tiny DMDR run", item, f"exit {proc.returncode}", tail[-300:], False)], False
@@ -220,11 +223,13 @@ def tiny_run_rows(out: Path, device: str = "cuda", steps: int = 20) -> tuple[lis
     marker = "attention backend: "  # dmdr.build.apply_attention's log line
     chosen = [line.split(marker)[1] for line in proc.stderr.splitlines() if marker in line]
     mfu = last.get("perf/mfu")
+    skipped = int(last.get("train/skipped_steps", 0))
     result = (f"{1 / last['perf/step_time']:.2f} steps/s, peak {last['perf/peak_memory_gb']:.2f} GB, "
-              f"MFU {'n/a (unknown GPU)' if mfu is None else f'{100 * mfu:.2f}%'}")
+              f"MFU {'n/a (unknown GPU)' if mfu is None else f'{100 * mfu:.2f}%'}, {skipped} non-finite steps skipped")
     ratio = f"steps {last['step'] - steps // 4 + 1}-{last['step']}; {wall:.0f} s wall with start-up"
-    return [row("tiny DMDR run", item, result, ratio, True),
-            row("tiny DMDR run", "attention backend chosen by auto", chosen[0] if chosen else "(not logged)")], True
+    backend = chosen[0] if chosen else "(not logged)"
+    return [row("tiny DMDR run", item, result, ratio, skipped == 0),
+            row("tiny DMDR run", "attention backend chosen by auto", backend)], skipped == 0
 
 
 # ------------------------------------------------------------------------------------------- main

@@ -46,6 +46,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--curve-every", type=int, default=10, help="Table 5: score a checkpoint every this many steps")
     p.add_argument("--prompts", type=int, default=0, help="held-out prompts every checkpoint is scored on (0: all)")
     p.add_argument("--noise-seeds", type=int, default=2, help="noise draws per prompt, the same for every model")
+    p.add_argument("--weights", choices=("auto", "ema", "trained"), default="auto",
+                   help="generator weights a checkpoint is scored with (auto: the EMA when the run keeps one)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at a time (one thread each)")
     p.add_argument("--quick", action="store_true", help="1 seed, a few steps, 8 prompts x 1 noise draw (CI smoke run)")
     p.add_argument("--overwrite", action="store_true", help="delete --out first")
@@ -74,7 +76,7 @@ def settings(args: argparse.Namespace):
     return Settings(out=str(Path(args.out).resolve()), teacher=str(Path(args.teacher).resolve()), tables=tables,
                     seeds=args.seeds, cold_steps=cold, rl_steps=rl, curve_every=args.curve_every,
                     prompts=args.prompts, noise_seeds=args.noise_seeds, quick=args.quick,
-                    overrides=tuple(args.overrides), jobs=args.jobs)
+                    weights=args.weights, overrides=tuple(args.overrides), jobs=args.jobs)
 
 
 def _minutes(seconds: float) -> str:

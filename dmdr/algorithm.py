@@ -24,7 +24,7 @@ from torch import Tensor
 
 from dmdr.losses.dmd import critic_loss, decoupled_dmd_gradient, dmd_loss, score_difference
 from dmdr.parameterization import Parameterization, classifier_free_guidance
-from dmdr.sampling import _default_cat, few_step_sample, randn_like
+from dmdr.sampling import SDETrajectory, _default_cat, few_step_sample, randn_like, sde_sample_with_log_probs
 
 GeneratorFn = Callable[[Tensor, Tensor, Any], Tensor]
 CriticFn = Callable[[Tensor, Tensor, Any, "float | Tensor"], Tensor]
@@ -48,11 +48,49 @@ def generator_input(x0_sim: Tensor, timesteps: Tensor, param: Parameterization,
     """
     n = timesteps.numel() - 1
     device = generator.device if generator is not None else torch.device("cpu")
-    idx = torch.randint(0, n, (x0_sim.shape[0],), generator=generator, device=device).cpu()
-    t = timesteps[idx].to(x0_sim.device)
+    # Drawn where the generator lives and indexed where the data lives: no host round trip (a sync on GPUs).
+    idx = torch.randint(0, n, (x0_sim.shape[0],), generator=generator, device=device).to(x0_sim.device)
+    t = timesteps.to(x0_sim.device)[idx]
     noise = randn_like(x0_sim, generator)
-    first = (idx == 0).to(x0_sim.device).reshape(-1, *([1] * (x0_sim.ndim - 1)))
+    first = (idx == 0).reshape(-1, *([1] * (x0_sim.ndim - 1)))
     return torch.where(first, noise, param.renoise(x0_sim, noise, t)), t
+
+
+@dataclass
+class LevelInput:
+    """This iteration's generator input: per sample one level ``t`` and ``x_t`` there, and the clean estimate
+    the generator makes from it (no grad), which a critic trained "at the sampled level" learns from."""
+
+    x_t: Tensor
+    t: Tensor
+    clean: Tensor
+
+
+@torch.no_grad()
+def simulate_chain(generator_fn: GeneratorFn, noise: Tensor, cond: Any, timesteps: Tensor, param: Parameterization,
+                   generator: torch.Generator | None = None) -> SDETrajectory:
+    """*sde* backward simulation: the generator's stochastic chain, keeping every state and clean estimate.
+
+    Its ``sample`` is bit for bit ``backward_simulate(..., mode="sde")`` from the same generator state.
+    """
+    return sde_sample_with_log_probs(generator_fn, noise, cond, timesteps, param, generator=generator)
+
+
+def chain_input(chain: SDETrajectory, timesteps: Tensor, generator: torch.Generator | None = None) -> LevelInput:
+    """DMD2's generator input: per sample one level ``i`` drawn uniformly from the first N, the state the chain
+    visited there (``x0^(i-1)`` renoised to ``t_i``; the noise itself at ``i = 0``) and the clean estimate
+    ``x0^(i)`` the generator made from it.
+
+    The generator is thereby trained on exactly the inputs its sde sampler feeds it, and a critic on
+    ``clean`` learns the distribution the DMD gradient is applied to (first-step outputs included).
+    """
+    batch = chain.sample.shape[0]
+    device = generator.device if generator is not None else torch.device("cpu")
+    idx = torch.randint(0, len(chain.states), (batch,), generator=generator, device=device).cpu()
+    rows = torch.arange(batch)
+    x_t = torch.stack(chain.states)[idx.to(chain.sample.device), rows.to(chain.sample.device)]
+    clean = torch.stack(chain.clean)[idx.to(chain.sample.device), rows.to(chain.sample.device)]
+    return LevelInput(x_t=x_t, t=timesteps[idx].to(x_t.device), clean=clean)
 
 
 def draw_guidance(w0: float, jitter: float, generator: torch.Generator | None = None) -> float:

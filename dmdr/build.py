@@ -27,6 +27,7 @@ from dmdr.distributed import (
     prepare_frozen,
     safetensors_files,
 )
+from dmdr.guard import Guard, GuardStopped
 from dmdr.models import CRITIC, add_critic_lora, load_backbone, make_generator
 from dmdr.models.attention import resolve_attention
 from dmdr.models.base import Backbone, Denoiser
@@ -34,6 +35,7 @@ from dmdr.models.lora import lora_parameters
 from dmdr.observability import MetricsLogger
 from dmdr.rewards import build_reward
 from dmdr.rewards.base import Reward
+from dmdr.run_folder import lock_run_folder
 from dmdr.trainer import DMDRTrainer, Roles
 
 log = logging.getLogger("dmdr")
@@ -170,6 +172,10 @@ class Session:
     dist: Any
     preemption: Any
     resumed_from: int | None
+    lock: Any = None
+    """The run folder's :class:`~dmdr.run_folder.RunFolderLock` (rank 0), released by :meth:`close`."""
+    guard: Any = None
+    """The :class:`~dmdr.guard.Guard` (``guard.action`` not ``off``), or None."""
 
     @property
     def is_main(self) -> bool:
@@ -177,8 +183,11 @@ class Session:
 
     def train(self) -> int:
         with self.preemption:
-            step = self.trainer.train(self.logger, checkpoint=self._save, should_stop=self.preemption.should_stop)
-        if self.preemption.requested or self.trainer.stopped_early:
+            step = self.trainer.train(self.logger, checkpoint=self._save, should_stop=self.preemption.should_stop,
+                                      guard=self.guard)
+        if self.guard is not None and self.guard.stop_reason and not self.preemption.requested:
+            raise GuardStopped(self.guard.stop_reason)
+        if (self.preemption.requested or self.trainer.stopped_early) and self.is_main:
             log.warning("stopped at generator step %d after a preemption signal; checkpoint written", step)
         elif self.is_main:
             out = self.cfg.train.output_dir
@@ -190,9 +199,13 @@ class Session:
         self.checkpoints.save(step, self.trainer.app_state(), final=final)
 
     def close(self) -> None:
-        self.checkpoints.close()
-        self.logger.close()
-        self.dist.destroy()
+        try:
+            self.checkpoints.close()
+            self.logger.close()
+            self.dist.destroy()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def prepare_text_encoders(cfg: TrainConfig, backbone: Backbone, mesh: Any, device: torch.device) -> None:
@@ -207,6 +220,18 @@ def prepare_text_encoders(cfg: TrainConfig, backbone: Backbone, mesh: Any, devic
 def build_run(cfg: TrainConfig) -> Session:
     """Everything a run needs, checked before the first step; resumes when a checkpoint exists."""
     env = init_distributed(device=cfg.train.device)
+    # Before anything reads or writes the folder: two launches into one folder would mix their checkpoints
+    # and metrics. The lock dies with the process (kill -9 included), so it never needs manual cleanup.
+    lock = lock_run_folder(cfg.train.output_dir, env)
+    try:
+        return _build_locked(cfg, env, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build_locked(cfg: TrainConfig, env: Any, lock: Any) -> Session:
     mesh = build_mesh(cfg.parallel, env.world_size, env.device.type) if env.world_size > 1 else None
     # Data first: a bad source should fail in a second, not after loading 8B parameters.
     cache = EmbeddingCache(cfg.data.embedding_cache) if cfg.data.embedding_cache else None
@@ -214,7 +239,7 @@ def build_run(cfg: TrainConfig) -> Session:
                                  embedding_cache=cache)
     rewards = build_rewards(cfg, env.device)
     # A checkpoint of another family, generator mode or teacher is refused before any model loads.
-    checkpoints = CheckpointManager.from_config(cfg, env)
+    checkpoints = CheckpointManager.from_config(cfg, env, owns_folder=True)
     checkpoints.check_record(cfg.checkpoint.resume)
     need_encoder = cache is None or cfg.data.cache_miss == "encode"
     backbone, generator, adapter = build_models(cfg, env.device, mesh, load_text_encoder=need_encoder)
@@ -230,10 +255,14 @@ def build_run(cfg: TrainConfig) -> Session:
     trainer = DMDRTrainer(cfg, backbone, roles, rewards, loader, env.device, dist=env,
                           skip_monitor=SkipMonitor.from_config(cfg.data),
                           compute_dtype=None if mesh is not None else DTYPES[cfg.parallel.param_dtype])
+    guard = None
+    if cfg.guard.action != "off":
+        guard = Guard(cfg, trainer, checkpoints)
+        trainer.stateful_extras["guard"] = guard
     resumed = checkpoints.resume(trainer.app_state(), cfg.checkpoint.resume)
     if resumed is not None:
         log.info("resumed from generator step %d", resumed)
     logger = MetricsLogger(cfg.train.output_dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard,
                            resume_step=resumed)
     logger.log_text(resumed or 0, "run/summary", run_summary(cfg, backbone, env.device, env.world_size))
-    return Session(cfg, trainer, logger, checkpoints, env, PreemptionHandler(env), resumed)
+    return Session(cfg, trainer, logger, checkpoints, env, PreemptionHandler(env), resumed, lock, guard)

@@ -60,6 +60,12 @@ class DMDConfig:
     """Fixed generator timesteps in the network's own units, one per step (SDXL: ``999,749,499,249``;
     its one-step generator ``399``); empty = ``num_steps`` shifted levels from ``linspace(1, t_min)``."""
     backward_simulation: Literal["ode", "sde"] = "ode"
+    """``ode``: the generator's Euler sample, renoised at a drawn level with fresh noise (the authors' 'ode');
+    ``sde``: DMD2's chain, the generator trained on the state its sde sampler visits at the drawn level."""
+    critic_samples: Literal["final", "level"] = "final"
+    """What the critic (fake score) learns from: ``final`` the simulated sample ``x0_sim`` (the authors' default);
+    ``level`` the generator's clean estimate at this iteration's drawn level, the outputs the DMD gradient acts
+    on, first-step ones included (DMD2, FastVideo; with ``ode`` it costs one more no-grad generator call)."""
     sampler: Literal["ode", "sde"] = "ode"
     """Inference sampler (sample images, ``tools/sample.py``, the exported pipeline): ``ode`` deterministic
     steps (flows: Euler, the exported ``FlowMatchEulerDiscreteScheduler``); ``sde`` x0 then renoise with fresh
@@ -98,6 +104,11 @@ class DynamicConfig:
     beta: float = 1.5
     decay_steps: int = 2000
     """D, in generator steps, shared by DynaDG and DynaRS."""
+    end_alpha: float = 1.0
+    end_beta: float = 1.0
+    """DynaRS decays to Beta(end_alpha, end_beta) (the paper: 1, 1, uniform levels). Above 1 / at most 1 keeps the
+    renoise levels biased to high noise after the cold start (the shapes recipe: low levels, where the critic is
+    weakest, otherwise carry half the DMD gradient and the student drifts; README, issue 23)."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """``cosine``: both decay over D (the paper's method); ``constant``: the paper's "-Dynamic" ablation, the
     step-0 real scale s_r0 and Beta(alpha, beta) renoise levels for the whole run (``decay_steps`` unused)."""
@@ -177,6 +188,9 @@ class DataConfig:
     """Prompts per data-parallel rank per iteration (the cold start's, and the RL stage's unless set below)."""
     rl_batch_size: int = 0
     """Prompts per rank per iteration from ``rl.start_step`` on (ALGORITHM.md halves it there); 0 = ``batch_size``."""
+    rl_batch_for_distill: bool = False
+    """Also switch to ``rl_batch_size`` at ``rl.start_step`` when no RL branch runs (``rl.method none``): an
+    only-distill arm then trains at the RL arms' batch (off: it keeps ``batch_size``, as before)."""
     num_workers: int = 2
     """Loader worker processes per rank (0 = read in the training process)."""
     shuffle_buffer: int = 10_000
@@ -239,6 +253,50 @@ class LogConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The guard-rails (:mod:`dmdr.guard`): a health probe every ``interval`` generator steps, rules on its
+    signals, and what a trip does. Every threshold is relative to the baseline probe (the first one at or
+    after ``start_step``) unless it says otherwise; ``docs`` of each rule: :mod:`dmdr.guard.rules`."""
+
+    action: Literal["off", "warn", "stop", "rollback"] = "off"
+    """``warn``: log the trip with its evidence; ``stop``: checkpoint, one line, exit 4; ``rollback``: restore the
+    last checkpoint that passed the probe, lower ``rollback_target`` by ``rollback_factor``, continue."""
+    interval: int = 250
+    """Generator steps between probes (each passing probe also writes a checkpoint: a rollback target)."""
+    start_step: int = -1
+    """The baseline probe's step; -1: ``rl.start_step`` (reward hacking begins with the RL branch)."""
+    prompts: tuple[str, ...] = ()
+    """Held-out probe prompts; empty: ``log.sample_prompts``."""
+    seeds: int = 2
+    """Noise draws per prompt (fixed, the same at every probe); diversity is measured across them."""
+    max_saturation_rise: float = 0.15
+    """Mean HSV saturation of the probe images may rise at most this much (absolute, in [0, 1])."""
+    max_colourfulness_rise: float = 0.5
+    """Hasler-Suesstrunk colourfulness may rise at most this fraction above the baseline."""
+    max_clipped_rise: float = 0.1
+    """Fraction of channel values at 0 or 1 may rise at most this much (absolute)."""
+    min_diversity_ratio: float = 0.5
+    """Distance between seeds of one prompt may fall to this fraction of the baseline, no lower."""
+    min_critic_teacher_ratio: float = 0.5
+    """Critic / teacher denoising loss on the probe samples may fall to this fraction of the baseline (lower: the
+    samples left what the teacher models)."""
+    max_dmd_grad_rise: float = 3.0
+    """The DMD gradient scale may grow to this multiple of the baseline."""
+    max_reward_gap: float = 0.25
+    """Training-batch reward minus probe reward may be at most this (absolute, weighted reward sum)."""
+    trend_window: int = 3
+    """A trend trip: saturation or colourfulness rose at each of this many probes in a row and by more than half
+    its threshold in all (0: no trend rule)."""
+    rollback_target: Literal["lr", "rl_weight"] = "lr"
+    """What a rollback lowers: the generator's learning rates, or the RL rewards' weights (under Adam the RL weight
+    only matters relative to the DMD loss: with ``dmd.weight 0`` use ``lr``)."""
+    rollback_factor: float = 0.5
+    """Multiplier applied per rollback (after n rollbacks: factor ** n)."""
+    max_rollbacks: int = 2
+    """Rollbacks before a trip stops the run instead."""
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/dmdr"
     max_steps: int = 4000
@@ -263,6 +321,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     train: RunConfig = field(default_factory=RunConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -410,6 +469,8 @@ def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) ->
     _require(cfg.dmd.ca_alpha > 0 and cfg.dmd.ca_beta > 0, "dmd.ca_alpha", "ca_alpha and ca_beta must be > 0")
     _require(cfg.dynamic.decay_steps >= 0, "dynamic.decay_steps", "must be >= 0")
     _require(cfg.dynamic.alpha > 0 and cfg.dynamic.beta > 0, "dynamic.alpha", "alpha and beta must be > 0")
+    _require(cfg.dynamic.end_alpha > 0 and cfg.dynamic.end_beta > 0, "dynamic.end_alpha",
+             "end_alpha and end_beta must be > 0")
     _require(cfg.model.critic_lora_rank >= 1, "model.critic_lora_rank", "must be >= 1")
     _require(cfg.model.generator_lora_rank >= 1, "model.generator_lora_rank", "must be >= 1")
     _require(cfg.model.resolution % 16 == 0, "model.resolution", "must be a multiple of 16")
@@ -461,6 +522,11 @@ def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) ->
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     _require(cfg.log.interval >= 1, "log.interval", "must be >= 1")
     _require(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    _require(cfg.guard.interval >= 1, "guard.interval", "must be >= 1")
+    _require(cfg.guard.seeds >= 2, "guard.seeds", "must be >= 2 (diversity is measured across seeds)")
+    _require(0 < cfg.guard.rollback_factor < 1, "guard.rollback_factor", "must be in (0, 1)")
+    _require(cfg.guard.max_rollbacks >= 0, "guard.max_rollbacks", "must be >= 0")
+    _require(cfg.guard.trend_window >= 0, "guard.trend_window", "must be >= 0")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

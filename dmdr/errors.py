@@ -8,6 +8,9 @@ Anything raised as a :class:`UserError` is printed by the recipe launcher as a s
 class UserError(Exception):
     """A mistake in the user's input (config, paths, data, checkpoints), not a bug in dmdr."""
 
+    reported_elsewhere: bool = False
+    """Set on the ranks of a job whose rank 0 prints the same line (the launcher prints it once)."""
+
 
 class ConfigError(UserError, ValueError):
     """A bad config key or value."""

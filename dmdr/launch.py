@@ -7,7 +7,7 @@ config to ``<output_dir>/config.json``, resumes from the latest complete checkpo
 (``checkpoint.resume=auto``) and trains. ``--dry-run`` stops after preflight and prints the resolved
 config and the plan of the run (exit 0, nothing loaded). A :class:`~dmdr.errors.UserError` anywhere
 prints ``error: <one line>`` and exits 2; a run stopped by ``train.max_bad_steps`` non-finite steps in a
-row prints one line and exits 3.
+row prints one line and exits 3; one the guard stopped (:mod:`dmdr.guard`) prints one line and exits 4.
 """
 
 from __future__ import annotations
@@ -19,17 +19,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dmdr.build import build_run
-from dmdr.config import TrainConfig, all_keys, apply_overrides, save_config
+from dmdr.config import TrainConfig, all_keys, apply_overrides, to_dict
 from dmdr.distributed.env import collect_released_objects
 from dmdr.errors import ConfigError, UserError
+from dmdr.guard import GuardStopped
 from dmdr.preflight import PreflightError, Problem, job_shape, preflight_run, problem_from, reports
 from dmdr.preflight.files import writable_problem
 from dmdr.preflight.plan import describe
+from dmdr.run_folder import record_launch
 from dmdr.trainer import TrainingDiverged
 
 log = logging.getLogger("dmdr")
 
 DRY_RUN = "--dry-run"
+GUARD_STOP_EXIT = 4
+"""Exit code of a run the guard stopped (``guard.action stop``, or a trip after the last rollback)."""
 
 
 def check_output_dir(path: str) -> Path:
@@ -88,8 +92,13 @@ def main(recipe: Callable[[], TrainConfig], argv: list[str] | None = None,
             where = "" if rank == 0 else f"[rank {rank}] "
             print(f"{where}error: {err}", file=sys.stderr)
         return 2
+    except GuardStopped as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return GUARD_STOP_EXIT
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not err.reported_elsewhere:
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
@@ -104,7 +113,7 @@ def run(cfg: TrainConfig) -> int:
     session = build_run(cfg)
     try:
         if session.is_main:
-            save_config(cfg, cfg.train.output_dir)
+            record_launch(to_dict(cfg), cfg.train.output_dir, session.resumed_from)
         session.train()
     finally:
         session.close()

@@ -21,7 +21,8 @@ class MetricsLogger:
     """Appends one JSON object per logged step to ``<output_dir>/metrics.jsonl`` and mirrors to TensorBoard.
 
     On resume the file is first truncated to the records with ``step <= resume_step``, so a run that
-    died after logging but before checkpointing never leaves duplicate or stale records behind.
+    died after logging but before checkpointing never leaves duplicate or stale records behind. A fresh
+    start over an existing file moves it aside (:func:`dmdr.run_folder.archive_metrics`), never deletes it.
     """
 
     def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
@@ -34,8 +35,10 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             self._truncate_after(resume_step)
-        elif self.path.exists():
-            self.path.unlink()
+        else:
+            from dmdr.run_folder import archive_metrics
+
+            archive_metrics(self.path.parent)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -53,6 +56,21 @@ class MetricsLogger:
             except json.JSONDecodeError:
                 continue  # a half-written last line from a killed run
         self.path.write_text("".join(k + "\n" for k in kept))
+
+    def set_aside_after(self, step: int, name: str) -> Path | None:
+        """Move the records with ``step`` > ``step`` into ``name`` (a rolled-back branch: kept, not mixed in)."""
+        if not self.enabled or not self.path.exists():
+            return None
+        kept, aside = [], []
+        for line in self.path.read_text().splitlines():
+            try:
+                (kept if json.loads(line).get("step", 0) <= step else aside).append(line)
+            except json.JSONDecodeError:
+                continue
+        dest = self.path.with_name(name)
+        dest.write_text("".join(a + "\n" for a in aside))
+        self.path.write_text("".join(k + "\n" for k in kept))
+        return dest
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

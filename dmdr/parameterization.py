@@ -128,6 +128,13 @@ class EpsilonPrediction:
         self.alphas_cumprod = ab
         self.t_min = float(t_min)
         self.discrete = bool(discrete)
+        self._tables: dict[torch.device, Tensor] = {ab.device: ab}
+
+    def _table(self, device: torch.device) -> Tensor:
+        """``alphas_cumprod`` on ``device`` (copied once per device, not once per call)."""
+        if device not in self._tables:
+            self._tables[device] = self.alphas_cumprod.to(device)
+        return self._tables[device]
 
     @property
     def num_train_timesteps(self) -> int:
@@ -135,13 +142,16 @@ class EpsilonPrediction:
 
     def alpha_bar(self, t: TimeLike, like: Tensor) -> Tensor:
         """``alphas_cumprod`` at continuous level ``t``, shaped to broadcast against ``like``."""
-        t = torch.as_tensor(t, dtype=torch.float64, device="cpu").clamp(0, 1)
+        # A tensor level is looked up where it lives (no host round trip, a sync on GPUs); a float on the host.
+        device = t.device if isinstance(t, Tensor) else torch.device("cpu")
+        t = torch.as_tensor(t, dtype=torch.float64, device=device).clamp(0, 1)
         pos = t * (self.num_train_timesteps - 1)
         if self.discrete:
             pos = pos.round()
         lo = pos.floor().long().clamp(max=self.num_train_timesteps - 2)
         frac = pos - lo
-        ab = self.alphas_cumprod[lo] * (1 - frac) + self.alphas_cumprod[lo + 1] * frac
+        table = self._table(device)
+        ab = table[lo] * (1 - frac) + table[lo + 1] * frac
         ab = ab.to(device=like.device, dtype=torch.float32 if like.dtype != torch.float64 else torch.float64)
         return expand_like(ab, like) if ab.ndim else ab
 

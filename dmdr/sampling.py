@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -70,11 +70,14 @@ class SDETrajectory:
         log_probs: ``(B, N - 1)`` per-dimension Gaussian log-density of each stochastic step
             ``x_i -> x_{i+1}`` under the sampling policy (the last step is deterministic: none).
         sample: the clean sample ``x0`` (the last step's clean estimate).
+        clean: ``N`` tensors ``x0^(0) .. x0^(N-1)``: the clean estimate made at each level (``clean[i]`` from
+            ``states[i]``; the last is ``sample``). DMD2's backward simulation trains on these pairs.
     """
 
     states: list[Tensor]
     log_probs: Tensor
     sample: Tensor
+    clean: list[Tensor] = field(default_factory=list)
 
 
 def sde_step_log_prob(param: Parameterization, x_next: Tensor, x0_hat: Tensor, t_next: TimeLike) -> Tensor:
@@ -116,10 +119,11 @@ def sde_sample_with_log_probs(fn: PredictFn, noise: Tensor, cond: Any, timesteps
     x = noise
     batch = noise.shape[0]
     n = timesteps.numel() - 1
-    states, log_probs = [noise], []
+    states, log_probs, clean = [noise], [], []
     for i in range(n):
         t = timesteps[i].to(x.device).expand(batch)
         x0_hat = param.to_x0(x, t, fn(x, t, cond))
+        clean.append(x0_hat)
         if i == n - 1:
             break
         t_next = timesteps[i + 1].to(x.device).expand(batch)
@@ -127,7 +131,7 @@ def sde_sample_with_log_probs(fn: PredictFn, noise: Tensor, cond: Any, timesteps
         log_probs.append(sde_step_log_prob(param, x, x0_hat, t_next))
         states.append(x)
     lp = torch.stack(log_probs, dim=1) if log_probs else noise.new_zeros((batch, 0), dtype=torch.float32)
-    return SDETrajectory(states=states, log_probs=lp, sample=x0_hat)
+    return SDETrajectory(states=states, log_probs=lp, sample=x0_hat, clean=clean)
 
 
 def teacher_timesteps(num_steps: int, shift: float = 1.0, t_end: float = 0.0) -> Tensor:

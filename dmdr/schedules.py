@@ -81,14 +81,15 @@ def dynadg_real_scale(step: int, s0: float, decay_steps: int, schedule: str = "c
 
 
 def dynars_beta(step: int, alpha: float, beta: float, decay_steps: int,
-                schedule: str = "cosine") -> tuple[float, float]:
+                schedule: str = "cosine", end: tuple[float, float] = (1.0, 1.0)) -> tuple[float, float]:
     """DynaRS: the Beta parameters ``(alpha_k, beta_k)`` at generator step ``step``.
 
-    ``alpha_k = 1 + (alpha - 1) c(k)``, ``beta_k = 1 + (beta - 1) c(k)``: the biased Beta(alpha, beta)
-    at step 0, the uniform Beta(1, 1) from step ``D`` on (``constant``: Beta(alpha, beta) throughout).
+    ``alpha_k = a_end + (alpha - a_end) c(k)``, ``beta_k = b_end + (beta - b_end) c(k)``: the biased
+    Beta(alpha, beta) at step 0, Beta(a_end, b_end) from step ``D`` on (``constant``: Beta(alpha, beta)
+    throughout). The paper's ``end`` is (1, 1), the uniform distribution.
     """
     c = cosine_decay(step, decay_steps, schedule)
-    return 1.0 + (alpha - 1.0) * c, 1.0 + (beta - 1.0) * c
+    return end[0] + (alpha - end[0]) * c, end[1] + (beta - end[1]) * c
 
 
 def beta_mean(a: float, b: float) -> float:
@@ -103,17 +104,18 @@ class DynaRSSampler:
     """
 
     def __init__(self, alpha: float = 4.0, beta: float = 1.5, decay_steps: int = 2000,
-                 t_min: float = 0.001, enabled: bool = True, schedule: str = "cosine"):
-        if alpha <= 0 or beta <= 0:
-            raise ValueError(f"DynaRS alpha and beta must be > 0, got {alpha}, {beta}")
+                 t_min: float = 0.001, enabled: bool = True, schedule: str = "cosine",
+                 end: tuple[float, float] = (1.0, 1.0)):
+        if min(alpha, beta, *end) <= 0:
+            raise ValueError(f"DynaRS Beta parameters must be > 0, got {alpha}, {beta} and end {end}")
         cosine_decay(0, decay_steps, schedule)  # an unknown schedule fails here, not at the first step
         self.alpha, self.beta, self.decay_steps, self.schedule = alpha, beta, decay_steps, schedule
-        self.t_min, self.enabled = t_min, enabled
+        self.t_min, self.enabled, self.end = t_min, enabled, tuple(end)
 
     def params(self, step: int) -> tuple[float, float]:
         if not self.enabled:
             return 1.0, 1.0
-        return dynars_beta(step, self.alpha, self.beta, self.decay_steps, self.schedule)
+        return dynars_beta(step, self.alpha, self.beta, self.decay_steps, self.schedule, self.end)
 
     def mean(self, step: int) -> float:
         return beta_mean(*self.params(step))
@@ -127,10 +129,15 @@ class DynaRSSampler:
 
 def beta_levels(a: float, b: float, n: int, generator: torch.Generator | None = None, t_min: float = 0.001,
                 device: torch.device | str = "cpu") -> Tensor:
-    """``n`` levels ``t ~ Beta(a, b)`` clipped to ``[t_min, 1)``, float32 on ``device``."""
+    """``n`` levels ``t ~ Beta(a, b)`` clipped to ``[t_min, 1)``, float32 on ``device``.
+
+    The draw happens on the generator's device (a random op must run where its generator lives: a CUDA
+    generator refuses a CPU op), then moves to ``device``.
+    """
     # Beta via two Gammas drawn from our generator (torch.distributions has no generator arg).
-    ga = torch._standard_gamma(torch.full((n,), a, dtype=torch.float64), generator=generator)
-    gb = torch._standard_gamma(torch.full((n,), b, dtype=torch.float64), generator=generator)
+    draw_on = generator.device if generator is not None else torch.device(device)
+    ga = torch._standard_gamma(torch.full((n,), a, dtype=torch.float64, device=draw_on), generator=generator)
+    gb = torch._standard_gamma(torch.full((n,), b, dtype=torch.float64, device=draw_on), generator=generator)
     t = ga / (ga + gb)
     upper = math.nextafter(1.0, 0.0)
     return t.clamp(t_min, upper).to(device=device, dtype=torch.float32)

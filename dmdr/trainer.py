@@ -31,12 +31,15 @@ from torch import Tensor
 
 from dmdr.algorithm import (
     DecoupledDMD,
+    LevelInput,
     backward_simulate,
+    chain_input,
     critic_step_loss,
     dmd_generator_loss,
     draw_guidance,
     generator_clean_estimate,
     generator_input,
+    simulate_chain,
 )
 from dmdr.config import TrainConfig
 from dmdr.losses.rl import PolicyAccess, RLBatch, build_rl_method
@@ -159,10 +162,12 @@ class DMDRTrainer:
         self.compute_dtype = compute_dtype
         self.stopped_early = False
         self.param = backbone.parameterization
+        # On the training device: the samplers index them every step (a host copy there is a sync on GPUs).
         self.timesteps = generator_levels(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min, cfg.dmd.timesteps,
-                                          self.param)
+                                          self.param).to(device)
         self.dynars = DynaRSSampler(cfg.dynamic.alpha, cfg.dynamic.beta, cfg.dynamic.decay_steps,
-                                    t_min=cfg.dmd.t_min, enabled=cfg.dynamic.dynars, schedule=cfg.dynamic.schedule)
+                                    t_min=cfg.dmd.t_min, enabled=cfg.dynamic.dynars, schedule=cfg.dynamic.schedule,
+                                    end=(cfg.dynamic.end_alpha, cfg.dynamic.end_beta))
         self.counters = Counters()
         rank = dist.rank if dist is not None else 0
         # One noise stream per rank (ranks see different prompts and must draw different noise);
@@ -186,6 +191,8 @@ class DMDRTrainer:
         self._negative: Conditioning | None = None
         self._data_iter: Iterator | None = None
         self._fake_losses: list[float] = []
+        self.stateful_extras: dict[str, Any] = {}
+        """More ``Stateful`` entries of :meth:`app_state` (the guard's state, :mod:`dmdr.guard`)."""
 
     # ------------------------------------------------------------------ Stateful
     def state_dict(self) -> dict[str, Any]:
@@ -244,7 +251,13 @@ class DMDRTrainer:
             state["data_monitor"] = DataLoaderState(self.skip_monitor)
         if self.rl is not None and self.rl.stateful:
             state["rl_sampler"] = PerRank(self.rl, optional=True)  # absent from a cold start of another method
+        state.update(self.stateful_extras)
         return state
+
+    def restart_iteration(self) -> None:
+        """Forget the in-flight data iterator and partial averages (after loading a checkpoint mid-run)."""
+        self._data_iter = None
+        self._fake_losses.clear()
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -271,7 +284,9 @@ class DMDRTrainer:
     def batch_size(self, k: int | None = None) -> int:
         """Prompts per rank per iteration at generator step ``k``: ``data.rl_batch_size`` once RL is on (if set)."""
         d = self.cfg.data
-        return d.rl_batch_size if d.rl_batch_size and self.rl_active(k) else d.batch_size
+        k = self.step if k is None else k
+        stage = self.rl_active(k) or (d.rl_batch_for_distill and k >= self.cfg.rl.start_step)
+        return d.rl_batch_size if d.rl_batch_size and stage else d.batch_size
 
     def _next_batch(self) -> dict[str, Any]:
         """This iteration's prompts, as whole loader batches (:func:`dmdr.data.loader_batch_size`).
@@ -344,12 +359,15 @@ class DMDRTrainer:
                 f"stopping (the last good checkpoint is intact; lower the learning rates or check the data)")
 
     def generator_update(self, x0_sim: Tensor, cond: Conditioning, uncond: Conditioning,
-                         prompts: list[str]) -> dict[str, float]:
+                         prompts: list[str], level: LevelInput | None = None) -> dict[str, float]:
         k = self.step
         cfg = self.cfg
         r = self.roles
         self._apply_learning_rates(k)
-        x_t, t = generator_input(x0_sim, self.timesteps, self.param, self.rng)
+        if level is None:
+            x_t, t = generator_input(x0_sim, self.timesteps, self.param, self.rng)
+        else:
+            x_t, t = level.x_t, level.t
         x0 = generator_clean_estimate(r.generator_fn, x_t, t, cond, self.param)
         s_r = self.real_scale(k)
         metrics = {"schedule/lora_scale_real": s_r, "schedule/dynars_mean": self.dynars.mean(k)}
@@ -442,16 +460,32 @@ class DMDRTrainer:
         with self.autocast():
             return self._train_iteration()
 
+    def _simulate(self, noise: Tensor, cond: Conditioning) -> tuple[Tensor, LevelInput | None]:
+        """This iteration's ``x0_sim`` and, when drawn up front (``sde``, or a critic on the level's estimate), the
+        generator's input with its clean estimate; None: the generator step draws its input from ``x0_sim``."""
+        d, r = self.cfg.dmd, self.roles
+        if d.backward_simulation == "sde":
+            chain = simulate_chain(r.generator_fn, noise, cond, self.timesteps, self.param, generator=self.rng)
+            return chain.sample, chain_input(chain, self.timesteps, self.rng)
+        x0_sim = backward_simulate(r.generator_fn, noise, cond, self.timesteps, self.param, mode="ode",
+                                   generator=self.rng)
+        if d.critic_samples != "level":
+            return x0_sim, None
+        x_t, t = generator_input(x0_sim, self.timesteps, self.param, self.rng)
+        with torch.no_grad():
+            clean = generator_clean_estimate(r.generator_fn, x_t, t, cond, self.param)
+        return x0_sim, LevelInput(x_t=x_t, t=t, clean=clean)
+
     def _train_iteration(self) -> dict[str, float] | None:
         batch = self._next_batch()
         cond, uncond = self._conditioning(batch)
         noise = self._noise(len(batch["prompts"]))
-        x0_sim = backward_simulate(self.roles.generator_fn, noise, cond, self.timesteps, self.param,
-                                   mode=self.cfg.dmd.backward_simulation, generator=self.rng)
+        x0_sim, level = self._simulate(noise, cond)
         metrics = None
         if (self.counters.iteration + 1) % self.cfg.dmd.ratio == 0:
-            metrics = self.generator_update(x0_sim, cond, uncond, batch["prompts"])
-        critic_metrics = self.critic_update(x0_sim, cond)
+            metrics = self.generator_update(x0_sim, cond, uncond, batch["prompts"], level)
+        critic_x0 = level.clean if self.cfg.dmd.critic_samples == "level" else x0_sim
+        critic_metrics = self.critic_update(critic_x0, cond)
         self._fake_losses.append(critic_metrics.pop("loss/fake"))
         self.counters.iteration += 1
         if metrics is not None:
@@ -505,13 +539,14 @@ class DMDRTrainer:
             return self.backbone.codec.decode(latents).float()
 
     # ------------------------------------------------------------------ loop
-    def train(self, logger: MetricsLogger, checkpoint: Any = None, should_stop: Any = None) -> int:
+    def train(self, logger: MetricsLogger, checkpoint: Any = None, should_stop: Any = None, guard: Any = None) -> int:
         """Train until ``train.max_steps`` generator steps; returns the final generator step.
 
         Args:
             logger: metrics sink (no-op on non-main ranks).
             checkpoint: ``callable(step, final: bool)`` that saves the app state, or None.
             should_stop: ``callable() -> bool`` agreed across ranks (preemption), or None.
+            guard: a :class:`~dmdr.guard.Guard` (probe, rules, warn / stop / rollback), or None.
         """
         cfg = self.cfg
         is_main = self.dist is None or self.dist.is_main
@@ -539,7 +574,10 @@ class DMDRTrainer:
                     continue
                 throughput.update(1, self.batch_size(self.step - 1) * world * cfg.dmd.ratio)
                 k = self.step
-                if k % cfg.log.interval == 0 or k == cfg.train.max_steps:
+                verdict = guard.after_step(self, k, metrics, logger, checkpoint) if guard is not None else None
+                if verdict is not None and verdict.rolled_back:
+                    continue  # the step counter went back to the restored checkpoint's
+                if k % cfg.log.interval == 0 or k == cfg.train.max_steps or (verdict is not None and verdict.probed):
                     metrics = self._reduce(metrics, "mean")
                     metrics.update(throughput.report())
                     metrics["perf/peak_memory_gb"] = peak_memory_gb(self.device)
@@ -556,7 +594,9 @@ class DMDRTrainer:
                     images = self.sample_images(list(cfg.log.sample_prompts))
                     logger.log_images(k, "samples", images)
                 stop = should_stop() if should_stop is not None else False
-                due = cfg.checkpoint.interval and k % cfg.checkpoint.interval == 0
+                stop = stop or (verdict is not None and verdict.stop)
+                # A passing probe is a rollback target: it gets a checkpoint.
+                due = (cfg.checkpoint.interval and k % cfg.checkpoint.interval == 0) or (verdict and verdict.passed)
                 if checkpoint is not None and (due or stop or k == cfg.train.max_steps):
                     checkpoint(k, final=stop or k == cfg.train.max_steps)
                 if stop:

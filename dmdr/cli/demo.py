@@ -91,7 +91,7 @@ def train_stages(args: argparse.Namespace, out: Path, env: dict[str, str]) -> di
     run([*torchrun, "--train.output_dir", str(runs["coldstart"]), "--train.max_steps", str(cold)], env)
     start = runs["coldstart"] / "checkpoints" / f"step-{cold}"
     branches = {"dmdr": ("DMDR: DMD + ReFL (shapes reward)", []),
-                "dmd": ("DMD only (no RL)", ["--rl.method", "none"]),
+                "dmd": ("DMD only (no RL)", ["--rl.method", "none", "--data.rl_batch_for_distill", "true"]),
                 "refl": ("ReFL only (no DMD loss)", ["--dmd.weight", "0"])}
     for i, (name, (title, extra)) in enumerate(branches.items()):
         banner(f"2/5 ({i + 1}/3) {title}: {more} generator steps from the cold start's step {cold}")

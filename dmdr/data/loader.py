@@ -72,12 +72,14 @@ class PromptLoader(StatefulDataLoader):
     """
 
     def __init__(self, dataset: PromptDataset, *, layout: dict[str, Any], on_layout_change: str,
-                 **kwargs: Any):
+                 source_files: list[str] | None = None, **kwargs: Any):
         with warnings.catch_warnings():  # torchdata calls a deprecated torch.set_vital; not ours to show
             warnings.simplefilter("ignore", UserWarning)
             super().__init__(dataset, **kwargs)
         self.layout = layout
         self.on_layout_change = on_layout_change
+        # Not part of the layout (older checkpoints lack it): only tells a re-cut from changed files.
+        self.source_files = list(source_files or [])
         self.samples_before = 0  # global samples consumed before this layout's first batch
 
     def __iter__(self) -> _Batches:  # type: ignore[override]
@@ -87,7 +89,7 @@ class PromptLoader(StatefulDataLoader):
         state = dict(super().state_dict())
         ds: PromptDataset = self.dataset  # type: ignore[assignment]
         state[_STATE_KEY] = {"layout": dict(self.layout), "dp_rank": ds.dp_rank, "order_seed": ds.order_seed,
-                             "samples_before": self.samples_before}
+                             "samples_before": self.samples_before, "source_files": list(self.source_files)}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -138,9 +140,25 @@ class PromptLoader(StatefulDataLoader):
         old = ours["layout"]
         return sorted(k for k in set(old) | set(self.layout) if old.get(k) != self.layout.get(k))
 
+    def _describe_changes(self, ours: dict[str, Any]) -> str:
+        """What changed, for people. The ``sources`` fingerprint also covers the cut into splits, which another
+        reader count (world size, workers) changes for the same files: that is not reported as a source change."""
+        old, changed = ours["layout"], self._changed(ours)
+        recut = bool({"dp_world", "num_workers"} & set(changed))
+        parts = []
+        for k in changed:
+            if k != "sources":
+                parts.append(f"{k} {old.get(k)} -> {self.layout.get(k)}")
+            elif ours.get("source_files") == self.source_files and recut:
+                continue  # the same files, re-cut for the new number of readers
+            elif "source_files" not in ours and recut:
+                parts.append("prompt splits re-cut for the new number of readers")
+            else:
+                parts.append("prompt sources changed (files or sizes)")
+        return "; ".join(parts)
+
     def _reshuffle(self, ours: dict[str, Any], consumed: int) -> None:
-        old = ours["layout"]
-        diff = "; ".join(f"{k} {old.get(k)} -> {self.layout.get(k)}" for k in self._changed(ours))
+        diff = self._describe_changes(ours)
         if self.on_layout_change == "error":
             raise CheckpointError(f"the data layout changed since the checkpoint ({diff}); an exact data "
                                   f"resume needs the same layout (or set --data.on_layout_change reshuffle)")
@@ -220,4 +238,5 @@ def build_prompt_loader(cfg: Any, *, dp_rank: int, dp_world: int, seed: int,
     kwargs: dict[str, Any] = {"batch_size": None, "num_workers": cfg.num_workers, "collate_fn": _identity}
     if cfg.num_workers > 0:
         kwargs["prefetch_factor"] = cfg.prefetch_factor
-    return PromptLoader(dataset, layout=layout, on_layout_change=cfg.on_layout_change, **kwargs)
+    return PromptLoader(dataset, layout=layout, on_layout_change=cfg.on_layout_change,
+                        source_files=[p.content_fingerprint() for p in plans], **kwargs)

@@ -67,6 +67,13 @@ class SourcePlan:
         h.update(repr((self.name, self.mode, self.readers, self.shards, self.splits)).encode())
         return h.hexdigest()
 
+    def content_fingerprint(self) -> str:
+        """Changes whenever the shards or their sizes change, not with the number of readers (for messages:
+        :meth:`fingerprint` also changes when another world size re-cuts the same files)."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(repr((self.name, self.shards)).encode())
+        return h.hexdigest()
+
 
 # --------------------------------------------------------------------------------------------- #
 # Resolving

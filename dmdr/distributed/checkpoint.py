@@ -5,10 +5,12 @@ Layout::
     <output_dir>/checkpoints/
         step-250/            complete checkpoints (DCP files + COMPLETE.json)
         step-500/
-        .tmp-step-750/       a save in progress (or one that died); never loaded, pruned later
+        .tmp-step-750.host-4242/  a save in progress (or one that died); never loaded, pruned later
         latest               "step-500": updated last, for people and tools
 
-A save writes into ``.tmp-step-<N>``; when every rank has written, each rank CRC32s a share of
+A save writes into ``.tmp-step-<N>.<host>-<pid>`` (named after rank 0's process, so two writers never
+share a temp folder, and a writer deletes only its own temps, or every stale one when it holds the run
+folder's lock, :mod:`dmdr.run_folder`); when every rank has written, each rank CRC32s a share of
 the files, rank 0 writes ``COMPLETE.json`` (step, world size, every file with its size and CRC32),
 renames the folder to ``step-<N>``, points ``latest`` at it (tmp file + ``os.replace``) and prunes
 all but the newest ``keep_last`` complete checkpoints. A crash at any moment leaves either the
@@ -17,7 +19,9 @@ previous checkpoints or the new one complete, never a half-written folder named 
 Choosing one: :meth:`CheckpointManager.latest` is the newest ``step-<N>`` whose marker exists and
 whose files all have their recorded sizes (cheap); :meth:`CheckpointManager.resume` also checks the
 CRC32s (each rank reads a share of the files) and falls back to the next older checkpoint when one
-fails. Loading an explicit path that fails raises :class:`~dmdr.errors.CheckpointError` naming the file.
+fails; when every checkpoint fails it refuses in one line (a fresh start over a run folder is only done
+when asked, ``--checkpoint.resume never``). Loading an explicit path that fails raises
+:class:`~dmdr.errors.CheckpointError` naming the file.
 
 World-size changes (resharding):
 
@@ -47,6 +51,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import warnings
 import zlib
@@ -71,6 +76,7 @@ MARKER = "COMPLETE.json"
 POINTER = "latest"
 _PREFIX = "step-"
 _TMP = ".tmp-step-"
+_TRASH = ".trash-"
 _FORMAT = 1
 _RECORD_FIX = "resume with the same settings, or start the new run in another --train.output_dir"
 
@@ -108,6 +114,12 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def writer_token() -> str:
+    """This process's name in temp folders (``<host>-<pid>``): two writers never pick the same one."""
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -233,12 +245,14 @@ class CheckpointManager:
             :meth:`save` returns once the state is staged in host memory; the checkpoint is finalised
             (marker, rename, ``latest``) at the next :meth:`save`, :meth:`wait` or :meth:`close`.
         env: the distributed environment (None = one process).
+        owns_folder: the run holds the run folder's lock (:class:`dmdr.run_folder.RunFolderLock`): temp
+            folders of earlier (dead) writers are deleted too. Without it only this writer's own are.
         record: what the run trains (:func:`dmdr.provenance.run_record`): written into every marker and
             compared at :meth:`load`, which refuses a checkpoint whose record differs (None: not checked).
     """
 
     def __init__(self, output_dir: str | Path, keep_last: int = 3, async_save: bool = False,
-                 env: DistEnv | None = None, record: dict[str, Any] | None = None):
+                 env: DistEnv | None = None, record: dict[str, Any] | None = None, owns_folder: bool = False):
         if keep_last < 1:
             raise CheckpointError(f"--checkpoint.keep_last {keep_last}: must be >= 1")
         self.root = Path(output_dir) / "checkpoints"
@@ -246,6 +260,10 @@ class CheckpointManager:
         self.async_save = async_save
         self.env = env or DistEnv()
         self.record = record
+        self.owns_folder = owns_folder
+        self.protected: set[int] = set()
+        """Steps never pruned (the guard's last passing probe: its rollback target)."""
+        self.writer = writer_token()  # rank 0's is the one used (it names and prunes the temps)
         self._pending: tuple[Any, int, Path, dict[str, Any]] | None = None
         self._group = None
         if async_save and self.env.is_distributed:
@@ -253,12 +271,12 @@ class CheckpointManager:
             self._group = dist.new_group(backend="gloo")
 
     @classmethod
-    def from_config(cls, cfg: Any, env: DistEnv | None = None) -> CheckpointManager:
+    def from_config(cls, cfg: Any, env: DistEnv | None = None, owns_folder: bool = False) -> CheckpointManager:
         """From a :class:`~dmdr.config.TrainConfig` (``train.output_dir``, the ``checkpoint`` section, the record)."""
         from dmdr.provenance import run_record
 
         return cls(cfg.train.output_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, env,
-                   record=run_record(cfg))
+                   record=run_record(cfg), owns_folder=owns_folder)
 
     # ------------------------------------------------------------------ paths
     def step_dir(self, step: int) -> Path:
@@ -279,12 +297,7 @@ class CheckpointManager:
         :class:`~dmdr.distributed.state.RankLocal` ones are stored once per rank.
         """
         self.wait()
-        tmp = self.root / f"{_TMP}{step}"
-        if self.env.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        self.env.barrier()
+        tmp = self._make_temp(step)
         state: dict[str, Any] = {}
         kinds: dict[str, str] = {}
         for name, obj in app_state.items():
@@ -312,6 +325,28 @@ class CheckpointManager:
                                       f"{dcp_error_line(err)}") from err
             self._finalize(step, tmp, meta)
         return self.step_dir(step)
+
+    def _make_temp(self, step: int) -> Path:
+        """Rank 0 creates this writer's temp folder for ``step``; every rank gets its path, or one error line.
+
+        A folder that became read-only (or a full disk) must stop every rank with one line, not leave
+        the other ranks waiting in the next collective while rank 0 prints a traceback.
+        """
+        found: tuple[str | None, str | None] = (None, None)
+        if self.env.is_main:
+            tmp = self.root / f"{_TMP}{step}.{self.writer}"
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                found = (str(tmp), None)
+            except OSError as err:
+                found = (None, f"{err.strerror or err}: {err.filename or tmp}")
+        path, error = self.env.broadcast_object(found)
+        if error is not None:
+            raise CheckpointError(f"cannot write checkpoint step {step} into {self.root} (earlier checkpoints are "
+                                  f"intact): {error}")
+        return Path(path)
 
     def wait(self) -> None:
         """Finish a pending asynchronous save (collective; a no-op when none is pending)."""
@@ -360,7 +395,7 @@ class CheckpointManager:
         _write_atomic(tmp / MARKER, json.dumps(meta, indent=1, sort_keys=True) + "\n")
         final = self.step_dir(step)
         if final.exists():  # re-saving a step: swap, then delete the old copy
-            trash = self.root / f".trash-{final.name}-{os.getpid()}"
+            trash = self.root / f"{_TRASH}{final.name}.{self.writer}"
             os.replace(final, trash)
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
@@ -374,7 +409,10 @@ class CheckpointManager:
     def _prune(self) -> None:
         pending = self._pending[2] if self._pending is not None else None
         for p in self.root.iterdir():
-            if (p.name.startswith(_TMP) or p.name.startswith(".trash-")) and p != pending:
+            if not (p.name.startswith(_TMP) or p.name.startswith(_TRASH)) or p == pending:
+                continue
+            # Another writer's temp may be a save in progress; only the lock holder knows there is none.
+            if self.owns_folder or p.name.endswith(f".{self.writer}"):
                 shutil.rmtree(p, ignore_errors=True)
         complete = [p for p in self.checkpoints() if verify_checkpoint(p) is None]
         kept = complete[: self.keep_last]
@@ -382,11 +420,23 @@ class CheckpointManager:
             return
         oldest = _step_of(kept[-1])
         for p in self.checkpoints():
-            if p not in kept and (_step_of(p) or 0) < (oldest or 0):
+            if p not in kept and (_step_of(p) or 0) < (oldest or 0) and _step_of(p) not in self.protected:
                 shutil.rmtree(p, ignore_errors=True)
 
+    def discard_after(self, step: int) -> None:
+        """Delete every checkpoint newer than ``step`` (a rolled-back branch); collective."""
+        self.wait()
+        if self.env.is_main:
+            for p in self.checkpoints():
+                if (_step_of(p) or 0) > step:
+                    trash = self.root / f"{_TRASH}{p.name}.{self.writer}"
+                    os.replace(p, trash)  # atomically out of the step-<N> namespace, then deleted
+                    shutil.rmtree(trash, ignore_errors=True)
+            _fsync_dir(self.root)
+        self.env.barrier()
+
     # ------------------------------------------------------------------ find and load
-    def latest(self) -> Path | None:
+    def latest(self, warn: bool = True) -> Path | None:
         """The newest complete checkpoint (marker present, file sizes as recorded), agreed by all ranks."""
         choice = None
         if self.env.is_main:
@@ -395,7 +445,8 @@ class CheckpointManager:
                 if reason is None:
                     choice = str(p)
                     break
-                log.warning("skipping checkpoint %s: %s", p.name, reason)
+                if warn:
+                    log.warning("skipping checkpoint %s: %s", p.name, reason)
         choice = self.env.broadcast_object(choice)
         return Path(choice) if choice else None
 
@@ -417,9 +468,14 @@ class CheckpointManager:
         ``auto`` looks at :meth:`latest`; a checkpoint without a record (or no checkpoint) passes here,
         :meth:`load` warns or reports it.
         """
-        if resume == "never" or self.record is None:
+        if resume == "never":
             return
-        path = self.latest() if resume == "auto" else Path(resume)
+        if resume == "auto" and self.checkpoints() and self.latest(warn=False) is None:
+            # Cheap (sizes only) and before any model loads; resume() repeats it with the CRC32s.
+            raise CheckpointError(self._none_usable([(p, verify_checkpoint(p)) for p in self.checkpoints()]))
+        if self.record is None:
+            return
+        path = self.latest(warn=False) if resume == "auto" else Path(resume)
         if path is None or not (path / MARKER).is_file():
             return
         try:
@@ -527,10 +583,22 @@ class CheckpointManager:
             return self.load(app_state, resume)
         found = [str(p) for p in self.checkpoints()] if self.env.is_main else None
         candidates = self.env.broadcast_object(found)
+        skipped: list[tuple[Path, str | None]] = []
         for p in map(Path, candidates):
             reason = self._verify_all_ranks(p, checksums=True)
             if reason is None:
+                if self.env.is_main:
+                    for old, why in skipped:
+                        log.warning("skipping checkpoint %s: %s", old.name, why)
                 return self.load(app_state, p, checksums=False)
-            if self.env.is_main:
-                log.warning("skipping checkpoint %s: %s", p.name, reason)
+            skipped.append((p, reason))
+        if skipped:
+            raise CheckpointError(self._none_usable(skipped))
         return None
+
+    def _none_usable(self, failed: list[tuple[Path, str | None]]) -> str:
+        """One line for a run folder whose every checkpoint fails verification (newest first in ``failed``)."""
+        newest, reason = failed[0]
+        return (f"none of the {len(failed)} checkpoint(s) in {self.root} is usable (newest, {newest.name}: {reason}); "
+                f"nothing was changed: resume an older copy with --checkpoint.resume <folder>, or start over in "
+                f"this folder with --checkpoint.resume never (metrics.jsonl is kept under another name)")

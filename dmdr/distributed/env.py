@@ -104,12 +104,19 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
+def registered_backend() -> str | None:
+    """The name of the out-of-tree device backend registered in this process (PrivateUse1), if any."""
+    name = torch._C._get_privateuse1_backend_name()
+    return None if name == "privateuseone" else name
+
+
 def init_distributed(device: str = "auto", backend: str | None = None,
                      timeout: datetime.timedelta | None = None) -> DistEnv:
     """Read the torchrun environment and start the process group when ``WORLD_SIZE > 1``.
 
     Args:
-        device: ``auto`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU), ``cpu`` or ``cuda``.
+        device: ``auto`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU), ``cpu``, ``cuda``, or the
+            name of a registered PrivateUse1 backend (one device per process).
         backend: process-group backend; default ``cuda:nccl,cpu:gloo`` on CUDA (CPU collectives
             such as object broadcasts keep working) and ``gloo`` on CPU.
         timeout: collective timeout (torch's default when None).
@@ -123,9 +130,13 @@ def init_distributed(device: str = "auto", backend: str | None = None,
     local_rank = _env_int("LOCAL_RANK", rank)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"--train.device {device!r} is not one of auto, cpu, cuda")
-    if device == "cuda":
+    extra = registered_backend()
+    if device not in ("cpu", "cuda") and device != extra:
+        also = f", {extra}" if extra else ""
+        raise ConfigError(f"--train.device {device!r} is not one of auto, cpu, cuda{also}")
+    if device == extra:  # an out-of-tree backend (PrivateUse1), e.g. the CPU-backed test device of tests/devices
+        dev = torch.device(device, 0)
+    elif device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("--train.device cuda: CUDA is not available here; use --train.device cpu")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

@@ -1,10 +1,14 @@
 """Faults: preemption signals and non-finite steps, decided the same way on every rank.
 
-Preemption: SIGTERM (SLURM / Kubernetes eviction, torchrun shutting its workers down) or SIGUSR1
-(SLURM's ``--signal=USR1@<seconds>`` warning) only sets a flag; the trainer asks
+Preemption: SIGTERM (SLURM / Kubernetes eviction, torchrun shutting its workers down), SIGUSR1
+(SLURM's ``--signal=USR1@<seconds>`` warning) or SIGINT (Ctrl-C) only sets a flag; the trainer asks
 :meth:`PreemptionHandler.should_stop` after each step, and when any rank was signalled every rank
-finishes the step, checkpoints and exits 0. A second signal restores the previous handler and
-re-delivers the signal (a user who insists gets the default behaviour).
+finishes the step, checkpoints and exits 0. Under torchrun the workers get these signals through
+:mod:`dmdr.launcher`, which forwards them (torchrun alone would kill the workers or itself).
+A second signal more than :data:`REPEAT_GRACE_S` seconds after the first restores the previous handler
+and re-delivers the signal (a user who insists gets the default behaviour); one sooner is the same
+request arriving twice (SLURM signals every process of a step, the launcher forwards it again) and is
+ignored.
 
 Non-finite steps: :func:`all_finite` is false on every rank when the loss or any gradient is
 non-finite on any rank, so all ranks skip the optimizer step together (optimizer states stay identical).
@@ -16,6 +20,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterable
 from types import FrameType
 
@@ -27,7 +32,9 @@ from dmdr.distributed.env import DistEnv
 
 log = logging.getLogger("dmdr")
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+REPEAT_GRACE_S = 10.0
+"""A repeated signal within this many seconds of the first is a duplicate delivery, not a user insisting."""
 
 
 class PreemptionHandler:
@@ -45,13 +52,18 @@ class PreemptionHandler:
         self._flag = threading.Event()
         self._previous: dict[int, object] = {}
         self.received: int | None = None
+        self._first_at = 0.0
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self._flag.is_set():  # second signal: give it its default meaning
+        if self._flag.is_set():
+            if time.monotonic() - self._first_at < REPEAT_GRACE_S:
+                return  # the same preemption delivered twice (to this process and forwarded by the launcher)
+            # a second signal later on: give it its default meaning
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # type: ignore[arg-type]
             os.kill(os.getpid(), signum)
             return
         self.received = signum
+        self._first_at = time.monotonic()
         self._flag.set()
         log.warning("received %s: finishing the current step, checkpointing and exiting",
                     signal.Signals(signum).name)

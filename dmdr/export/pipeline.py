@@ -16,6 +16,7 @@ from torch import nn
 from dmdr.errors import ConfigError
 from dmdr.export.card import copy_licence
 from dmdr.export.settings import SETTINGS_FILE, InferenceSettings, lcm_scheduler_config, scheduler_config
+from dmdr.permissions import respect_umask
 
 
 def check_output(out: str | Path, overwrite: bool = False) -> None:
@@ -34,7 +35,8 @@ def write_folder(out: str | Path, fill: Callable[[Path], None], overwrite: bool 
     """Write an export folder ``out`` through ``fill(tmp)``: into a temporary sibling, then renamed into place.
 
     So ``out`` is never half-written; an earlier export there is replaced only with ``overwrite``
-    (:func:`check_output`). Disk and permission errors become one :class:`ConfigError` line.
+    (:func:`check_output`). Disk and permission errors become one :class:`ConfigError` line. Every file
+    gets the mode the umask allows (safetensors alone would leave the weights 0600, unreadable by the group).
     """
     out = Path(out)
     check_output(out, overwrite)
@@ -44,6 +46,7 @@ def write_folder(out: str | Path, fill: Callable[[Path], None], overwrite: bool 
     try:
         tmp.mkdir()
         fill(tmp)
+        respect_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -18,6 +18,7 @@ from dmdr.data import EmbeddingCache
 from dmdr.data.readers import Cleaner, read_split
 from dmdr.data.sources import plan_source
 from dmdr.distributed.checkpoint import CheckpointManager, verify_checkpoint
+from dmdr.distributed.env import registered_backend
 from dmdr.distributed.mesh import resolve_dp
 from dmdr.errors import ConfigError, DataError, ModelLoadError, UserError
 from dmdr.models.loading import LoadOptions, detect_family, read_model_index
@@ -225,8 +226,9 @@ def check_job(ctx: RunContext) -> list[Problem]:
 
     problems = []
     device = ctx.cfg.train.device
-    if device not in ("auto", "cpu", "cuda"):
-        problems.append(Problem("train.device", device, "not one of auto, cpu, cuda"))
+    extra = registered_backend()  # an out-of-tree backend registered in this process (PrivateUse1)
+    if device not in ("auto", "cpu", "cuda") and device != extra:
+        problems.append(Problem("train.device", device, "not one of auto, cpu, cuda" + (f", {extra}" if extra else "")))
     elif device == "cuda" and not torch.cuda.is_available():
         problems.append(Problem("train.device", device, "CUDA is not available here; use --train.device cpu"))
     try:
@@ -307,7 +309,13 @@ def check_resume(ctx: RunContext) -> list[Problem]:
         found = CheckpointManager(ctx.cfg.train.output_dir).checkpoints()
     except (OSError, UserError):
         return []
-    ctx.facts["resume"] = next((str(p) for p in found if verify_checkpoint(p) is None), None)
+    reasons = [(p, verify_checkpoint(p)) for p in found]
+    ctx.facts["resume"] = next((str(p) for p, reason in reasons if reason is None), None)
+    if reasons and ctx.facts["resume"] is None:  # a fresh start would overwrite the run: only when asked
+        newest, reason = reasons[0]
+        return [Problem("checkpoint.resume", "auto", f"none of the {len(found)} checkpoint(s) in {newest.parent} is "
+                        f"usable (newest, {newest.name}: {reason}); resume an older copy with --checkpoint.resume "
+                        "<folder>, or start over in this folder with --checkpoint.resume never")]
     return []
 
 

@@ -38,6 +38,10 @@ def shapes_dmdr() -> TrainConfig:
     cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.ratio = 2, 1.0, 5
     cfg.dmd.guidance, cfg.dmd.guidance_jitter = 3.0, 0.5
     cfg.dynamic.decay_steps = COLD_START
+    # DynaRS decays to Beta(4, 1.5), not to uniform levels: below t ~ 0.3 the critic LoRA fits the student's
+    # samples at ~2x a matched model's loss and the DMD gradient there is mostly its error; with uniform levels
+    # (half the samples) DMD alone drifts away from the teacher after the cold start (README, issue 23).
+    cfg.dynamic.end_alpha, cfg.dynamic.end_beta = 4.0, 1.5
     cfg.rl.start_step = COLD_START
     cfg.rl.rewards, cfg.rl.weights, cfg.rl.margin = ("shapes",), (1.0,), 1.0
     cfg.optim.generator_lr, cfg.optim.critic_lr = 5e-5, 2e-4
@@ -50,6 +54,7 @@ def shapes_dmdr() -> TrainConfig:
     cfg.checkpoint.keep_last = 2
     cfg.log.interval, cfg.log.sample_interval = 10, COLD_START
     cfg.log.sample_prompts = tuple(heldout_prompts(8))
+    cfg.guard.action, cfg.guard.interval = "warn", 10  # guard-rails on (dmdr.guard): probe, rules, warn
     cfg.train.max_steps = COLD_START + RL_STEPS
     cfg.train.device = "cpu"
     cfg.train.output_dir = "runs/shapes"

@@ -109,6 +109,8 @@ def test_world_size_change_reshuffles_deterministically(tmp_path, write_jsonl, c
     with caplog.at_level(logging.WARNING, logger="dmdr"):
         grown = [resume_on(3, r, states[r % 2]) for r in range(3)]
     assert "dp_world 2 -> 3" in caplog.text and "80 prompts consumed globally" in caplog.text
+    # The same files re-cut for 3 readers are not "changed sources" (the message names only what changed).
+    assert "sources" not in caplog.text and "splits" not in caplog.text
     # Every new rank derives the same fresh order whichever old state it got: one epoch of the new
     # layout, over all new ranks, covers each record exactly once.
     assert len({loader.dataset.order_seed for loader in grown}) == 1
@@ -128,6 +130,18 @@ def test_world_size_change_reshuffles_deterministically(tmp_path, write_jsonl, c
     loader = build_prompt_loader(strict, dp_rank=0, dp_world=1, seed=0)
     with pytest.raises(CheckpointError, match="dp_world 2 -> 1"):
         loader.load_state_dict(states[0])
+    with pytest.raises(CheckpointError, match=r"\(dp_world 2 -> 1\); an exact"):  # nothing else named
+        loader.load_state_dict(states[0])
+    # A checkpoint written before the files' own fingerprint was recorded: the re-cut is said as such.
+    legacy = {**states[0], "dmdr_data": {k: v for k, v in states[0]["dmdr_data"].items() if k != "source_files"}}
+    with pytest.raises(CheckpointError, match="prompt splits re-cut for the new number of readers"):
+        loader.load_state_dict(legacy)
+    # Really changed files are named as such, at the same or another world size.
+    write_jsonl(tmp_path / "a.jsonl", [*prompts, "one more"])
+    for world in (1, 2):
+        changed = build_prompt_loader(strict, dp_rank=0, dp_world=world, seed=0)
+        with pytest.raises(CheckpointError, match=r"prompt sources changed \(files or sizes\)"):
+            changed.load_state_dict(states[0])
 
 
 def test_resharded_state_hook_sums_the_old_ranks(tmp_path, write_jsonl):

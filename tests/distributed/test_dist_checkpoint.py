@@ -185,9 +185,10 @@ def test_round_trip_w2_and_reshard_to_w1(tmp_path, caplog):
 # One process
 # ------------------------------------------------------------------------------------------------ #
 
-def _saved_runs(tmp_path: Path, steps: int, keep_last: int = 5) -> tuple[CheckpointManager, Run]:
+def _saved_runs(tmp_path: Path, steps: int, keep_last: int = 5,
+                owns_folder: bool = False) -> tuple[CheckpointManager, Run]:
     run = Run(None)
-    mgr = CheckpointManager(tmp_path, keep_last=keep_last)
+    mgr = CheckpointManager(tmp_path, keep_last=keep_last, owns_folder=owns_folder)
     for k in range(1, steps + 1):
         run.step()
         mgr.save(k, run.app_state())
@@ -251,17 +252,27 @@ def test_truncated_or_corrupt_checkpoint_is_skipped_and_refused(tmp_path, caplog
         mgr.load(Run(None).app_state(), step2)
     (step1 / ".metadata").unlink()
     assert verify_checkpoint(step1) == f"checkpoint file {step1 / '.metadata'} is missing"
-    assert mgr.latest() is None and mgr.resume(Run(None).app_state()) is None
+    assert mgr.latest() is None
+    # Every checkpoint unusable: one line, nothing touched (a fresh start only with resume=never).
+    with pytest.raises(CheckpointError, match=r"^none of the 2 checkpoint\(s\) in .* is usable \(newest, step-2: "):
+        mgr.resume(Run(None).app_state())
+    with pytest.raises(CheckpointError, match=r"^none of the 2 checkpoint"):
+        mgr.check_record()
+    assert mgr.resume(Run(None).app_state(), "never") is None
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-1", "step-2"]
 
 
-def test_keep_last_tmp_dirs_and_pointer(tmp_path):
+@pytest.mark.parametrize("owns_folder", [False, True])
+def test_keep_last_tmp_dirs_and_pointer(tmp_path, owns_folder):
     root = tmp_path / "checkpoints"
     root.mkdir()
-    (root / ".tmp-step-9").mkdir()  # a save that died
+    (root / ".tmp-step-9.otherhost-77").mkdir()  # another writer's save: in progress, or dead
     (root / "step-99").mkdir()  # a folder without a marker: never chosen
-    mgr, _ = _saved_runs(tmp_path, 4, keep_last=2)
+    mgr, _ = _saved_runs(tmp_path, 4, keep_last=2, owns_folder=owns_folder)
     names = sorted(p.name for p in root.iterdir())
-    assert names == ["latest", "step-3", "step-4", "step-99"]
+    # Only the run folder's lock holder may delete another writer's temp (it knows that writer is dead).
+    kept = [] if owns_folder else [".tmp-step-9.otherhost-77"]
+    assert names == sorted([*kept, "latest", "step-3", "step-4", "step-99"])
     assert (root / "latest").read_text().strip() == "step-4"
     assert mgr.latest() == root / "step-4"
 

@@ -185,7 +185,8 @@ def test_manifest_is_verified_before_dcp_reads_anything(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as err:
         mgr.load(_app(seed=1), step_dir)
     _one_line(err, "does not match its recorded SHA-256")
-    assert mgr.resume(_app(seed=1)) is None  # auto: skipped, nothing else to fall back to
+    with pytest.raises(CheckpointError, match="none of the 1 checkpoint"):  # auto: nothing usable is refused
+        mgr.resume(_app(seed=1))
     from dmdr.export import resolve_checkpoint
 
     with pytest.raises(CheckpointError, match="SHA-256"):

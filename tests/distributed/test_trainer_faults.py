@@ -1,6 +1,6 @@
 """The real trainer at world size 2 (torchrun, gloo, FSDP2): exact resume after kill -9, after a
-torchrun restart of a dead rank, and after SIGTERM preemption (checkpoint + exit 0); the DPO and GRPO
-branches resume exactly too (their reference snapshot and sampler state are in the checkpoint) and
+torchrun restart of a dead rank, and after SIGTERM preemption through dmdr.launcher (checkpoint + exit 0);
+the DPO and GRPO branches resume exactly too (their reference snapshot and sampler state are in the checkpoint) and
 train Z-Image at W=2."""
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ def _cmd(assets, out: Path, *, max_restarts: int = 0) -> list[str]:
             "--rl.start_step", "4", "--dynamic.decay_steps", "6", "--log.interval", "1",
             "--log.sample_interval", "0", "--log.progress_bar", "false", "--log.tensorboard", "false",
             "--data.batch_size", "2", "--data.rl_batch_size", "1", "--optim.ema_decay", "0.9"]
+
+
+def _launcher(cmd: list[str]) -> list[str]:
+    """``cmd`` under ``python -m dmdr.launcher`` (same options as torchrun)."""
+    i = cmd.index("torch.distributed.run")
+    return [*cmd[:i], "dmdr.launcher", *cmd[i + 1:]]
 
 
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -141,13 +147,18 @@ def test_dead_rank_restarted_by_torchrun_resumes(assets, straight, tmp_path):
 
 
 def test_sigterm_checkpoints_exits_zero_and_resumes(assets, straight, tmp_path):
+    """Through dmdr.launcher, the signal delivered as SLURM does to a job step: to every process (the
+    launcher forwards it once more; each worker takes the duplicate for the same request)."""
     out = tmp_path / "run"
     log = tmp_path / "log1.txt"
-    proc = _start(_cmd(assets, out), log)
+    proc = _start(_launcher(_cmd(assets, out)), log)
     _wait_for_checkpoint(proc, out, N, log)
-    for worker in _workers(proc):  # as Kubernetes / SLURM deliver it: to every task
+    workers = _workers(proc)
+    proc.send_signal(signal.SIGTERM)
+    for worker in workers:
         worker.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert "forwarding it to 2 worker(s)" in log.read_text()
     stopped = _latest(out)
     assert stopped is not None and stopped != f"step-{2 * N}", "the run finished before the signal"
     stop_step = int(stopped.split("-")[1])

@@ -45,6 +45,10 @@ def test_dynars_params():
     assert dynars_beta(5000, 4.0, 1.5, 2000) == pytest.approx((1.0, 1.0))
     c = 0.5 * (1 + math.cos(math.pi * 0.3))
     assert dynars_beta(600, 4.0, 1.5, 2000) == pytest.approx((1 + 3 * c, 1 + 0.5 * c))
+    # a biased end: the decay lands on Beta(end) and stays there; end = the start keeps the levels constant
+    assert dynars_beta(600, 4.0, 1.5, 2000, end=(2.0, 1.0)) == pytest.approx((2 + 2 * c, 1 + 0.5 * c))
+    assert dynars_beta(2500, 4.0, 1.5, 2000, end=(2.0, 1.0)) == pytest.approx((2.0, 1.0))
+    assert dynars_beta(900, 4.0, 1.5, 2000, end=(4.0, 1.5)) == pytest.approx((4.0, 1.5))
     assert cosine_decay(0, 0) == 0.0
 
 

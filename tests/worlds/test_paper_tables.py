@@ -135,7 +135,8 @@ def test_rows_carry_mean_std_per_seed_config_and_wall_time():
     row = rows5[1]
     assert row["scores"]["overall"]["mean"] == pytest.approx(0.2)
     assert row["scores"]["overall"]["std"] == pytest.approx(0.1414, abs=1e-4)
-    assert len(row["per_seed"]) == 2 and row["wall_s"]["mean"] == 11.0 and row["overrides"] == ["--rl.method", "none"]
+    assert len(row["per_seed"]) == 2 and row["wall_s"]["mean"] == 11.0
+    assert row["overrides"] == ["--rl.method", "none", "--data.rl_batch_for_distill", "true"]
     md = tables.markdown5(rows5)
     assert "| w/ only Distill. | 0.200 ± 0.141 |" in md and "33.67 / 5.62 / 21.64 / 29.14" in md
     rows4 = tables.table4(results, s)

@@ -123,3 +123,33 @@ def test_pretrain_tool_writes_a_loadable_teacher_with_its_scores(tmp_path):
     assert [r["model"] for r in info["evaluation"]] == ["teacher 25-step CFG 2", "teacher 1-step"]
     assert info["history"][0]["step"] == 2 and (tmp_path / "teacher.step-2" / "model_index.json").is_file()
     assert "| teacher 1-step | 1 |" in (out / "pretrain_report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_short_run_of_the_recipe_moves_shapeeval_up_from_its_init(tmp_path):
+    """The recipe's code path at CI size: a few DMD steps from the committed teacher lift its 2-step ShapeEval."""
+    from dmdr.launch import run
+    from dmdr.worlds.shapes.ablations import score_checkpoint
+    from dmdr.worlds.shapes.evaluation import Sampler, evaluate_model, heldout_prompts
+    from dmdr.worlds.shapes.scene import IMAGE_SIZE
+
+    recipe = _recipe()
+    cfg = recipe.shapes_dmdr()
+    steps = 12
+    from dmdr.config import apply_overrides
+
+    cfg = apply_overrides(cfg, ["--train.output_dir", str(tmp_path / "run"), "--train.max_steps", str(steps),
+                                "--dynamic.decay_steps", str(steps), "--rl.start_step", str(steps),
+                                "--checkpoint.interval", str(steps), "--dmd.ratio", "2", "--data.batch_size", "8",
+                                "--log.sample_interval", "0", "--log.progress_bar", "false",
+                                "--log.tensorboard", "false"])
+    recipe.prepare_assets(cfg)
+    assert run(cfg) == 0
+    prompts = 48
+    from dmdr.models import load_backbone
+
+    teacher = load_backbone(TEACHER, dtype=torch.float32, device="cpu", max_sequence_length=MAX_SEQUENCE_LENGTH)
+    init = evaluate_model(teacher, teacher.teacher, Sampler("few_step", cfg.dmd.num_steps, 1.0, cfg.dmd.shift),
+                          heldout_prompts(prompts), [0], IMAGE_SIZE)["scores"]["overall"]["mean"]
+    after = score_checkpoint(tmp_path / "run", steps, prompts, 1)["overall"]
+    assert after > init + 0.05, (init, after)

@@ -69,7 +69,7 @@ class OnPolicyDPO:
         device = batch.x0.device
         rep = repeat_index(n, k, device)
         cond_k = g.select(batch.cond, rep)
-        prompts_k = [batch.prompts[i] for i in rep.tolist()]
+        prompts_k = [p for p in batch.prompts for _ in range(k)]  # = prompts[rep], without a device sync
         with torch.no_grad():
             samples = few_step_sample(g.fn, g.noise(n * k), cond_k, g.timesteps, param, mode=self.sampler,
                                       generator=g.rng)
@@ -80,8 +80,8 @@ class OnPolicyDPO:
         x_w, x_l = samples[base + best.to(device)], samples[base + worst.to(device)]
         # one few-step level and one noise per pair, shared by w and l
         levels = g.timesteps.numel() - 1
-        idx = torch.randint(0, levels, (n,), generator=g.rng, device=g.rng.device).cpu()
-        t = g.timesteps[idx].to(device)
+        idx = torch.randint(0, levels, (n,), generator=g.rng, device=g.rng.device).to(device)
+        t = g.timesteps.to(device)[idx]
         eps = randn_like(x_w, g.rng)
         x_t = torch.cat([param.renoise(x_w, eps, t), param.renoise(x_l, eps, t)])
         t2, cond2, x2 = torch.cat([t, t]), g.cat([batch.cond, batch.cond]), torch.cat([x_w, x_l])

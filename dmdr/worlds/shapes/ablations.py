@@ -12,9 +12,9 @@ reports 1000 and 2000; here each arm is scored at half and at all of its steps):
 * ``-Dynamic``: both, held at their step-0 values throughout (``--dynamic.schedule constant``).
 
 **Table 5** (RL and DMD): from the ``+DynaRS`` cold start of the same seed, ``rl_steps`` more steps each of
-``w/ only Distill.`` (``--rl.method none``), and for ReFL, DPO and GRPO ``w/ only RL`` (``--dmd.weight 0``;
-one critic step per generator step, since no score is used; with the method's own regulariser where it has one
-that needs no images, :data:`ONLY_RL_REGULARISER`) and ``w/ Distill. + RL``. Each is scored every
+``w/ only Distill.`` (``--rl.method none``, at the RL arms' batch), and for ReFL, DPO and GRPO ``w/ only RL``
+(``--dmd.weight 0``; one critic step per generator step, since no score is used; with the method's own regulariser
+where it has one that needs no images, :data:`ONLY_RL_REGULARISER`) and ``w/ Distill. + RL``. Each is scored every
 ``curve_every`` steps (the reward-hacking view) and at its end; ``init`` is the cold start itself.
 
 Every run is ``recipes/shapes_dmdr.py`` in one process (per-rank batch as the recipe, so a run here has half the
@@ -60,10 +60,14 @@ class Arm:
     rl_only: bool = False
 
 
+PAPER_DYNARS_END = ("--dynamic.end_alpha", "1", "--dynamic.end_beta", "1")
+"""Table 4's +DynaRS decays to uniform levels as the paper's does (the recipe keeps them at Beta(4, 1.5) after the
+cold start, ``dynamic.end_alpha/end_beta``): the ablation stays the paper's, and Table 5's runs, which continue from
+this arm's checkpoint with the recipe's settings, renoise at the recipe's levels."""
 TABLE4 = (
     Arm("vanilla", "vanilla DMD", ("--dynamic.dynadg", "false", "--dynamic.dynars", "false")),
     Arm("dynadg", "+DynaDG", ("--dynamic.dynars", "false")),
-    Arm("dynars", "+DynaRS", ()),
+    Arm("dynars", "+DynaRS", PAPER_DYNARS_END),
     Arm("static", "-Dynamic", ("--dynamic.schedule", "constant")),
 )
 INIT = "dynars"
@@ -75,7 +79,7 @@ ONLY_RL_REGULARISER = {"refl": (), "dpo": (), "grpo": ("--rl.grpo_kl_weight", "0
 term (beta 0.04, Flow-GRPO's GenEval setting); DPO's is its reference term, always there; ReFL's pretraining
 loss needs real images, which DMDR never uses, so only-RL ReFL has none."""
 TABLE5 = (
-    Arm("distill", "w/ only Distill.", ("--rl.method", "none")),
+    Arm("distill", "w/ only Distill.", ("--rl.method", "none", "--data.rl_batch_for_distill", "true")),
     *(arm for m, name in METHODS.items() for arm in (
         Arm(f"{m}_only", f"w/ only RL ({name})",
             ("--rl.method", m, "--dmd.weight", "0", "--dmd.ratio", "1", *ONLY_RL_REGULARISER[m]), method=m,
@@ -134,6 +138,9 @@ class Settings:
     noise_seeds: int = 2
     """Noise draws per prompt (the same for every model); a checkpoint's score is their mean."""
     quick: bool = False
+    weights: str = "auto"
+    """Which generator weights a checkpoint is scored with (:data:`dmdr.export.WEIGHTS`): ``auto`` the EMA when the
+    run keeps one (``optim.ema_decay > 0``), else the trained weights."""
     overrides: tuple[str, ...] = ()
     jobs: int = 1
     """Runs at a time (reported; it changes no number)."""
@@ -152,7 +159,7 @@ def _common_argv(s: Settings, prompts: Path, run_dir: Path, seed: int) -> list[s
 def plan_jobs(s: Settings) -> list[Job]:
     """Every job of the requested tables, in an order where each job's ``after`` comes first."""
     out, prompts = Path(s.out), Path(s.out) / "prompts.txt"
-    scoring = {"prompts": s.prompts, "noise_seeds": s.noise_seeds}
+    scoring = {"prompts": s.prompts, "noise_seeds": s.noise_seeds, "weights": s.weights}
     images = len(scored_prompts(s.prompts)) * s.noise_seeds
     score = COST["score"] + COST["score_image"] * images
     jobs = [Job("reference", str(out / "reference"), scoring=scoring, cost=COST["reference_image"] * images)]
@@ -260,11 +267,13 @@ def _score_reference(job: Job, teacher: str) -> list[dict]:
     return rows
 
 
-def score_checkpoint(run_dir: str | Path, step: int, prompts: int, noise_seeds: int = 1) -> dict[str, float]:
+def score_checkpoint(run_dir: str | Path, step: int, prompts: int, noise_seeds: int = 1,
+                     weights: str = "auto") -> dict[str, float]:
     """ShapeEval, fidelity and reward of ``<run_dir>/checkpoints/step-<step>``'s generator (few-step sampler).
 
     Each key is the mean over ``noise_seeds`` draws of noise (seeds 0, 1, ...; the same for every model) on
-    :func:`scored_prompts` ``(prompts)``.
+    :func:`scored_prompts` ``(prompts)``. ``weights``: the EMA or the trained weights (``auto``: the EMA when the
+    checkpoint holds one); the sampler is the run's own (``dmd.sampler``).
     """
     import torch
 
@@ -273,8 +282,8 @@ def score_checkpoint(run_dir: str | Path, step: int, prompts: int, noise_seeds: 
 
     cfg = read_run_config(run_dir)
     loaded = load_generator(cfg, resolve_checkpoint(run_dir, step), device="cpu", dtype=torch.float32,
-                            weights="trained")
-    sampler = Sampler("few_step", cfg.dmd.num_steps, 1.0, cfg.dmd.shift, cfg.dmd.t_min)
+                            weights=weights)
+    sampler = Sampler("few_step", cfg.dmd.num_steps, 1.0, cfg.dmd.shift, cfg.dmd.t_min, cfg.dmd.sampler)
     row = evaluate_model(loaded.backbone, loaded.roles.generator_fn, sampler, scored_prompts(prompts),
                          list(range(noise_seeds)), cfg.model.resolution)
     return {k: v["mean"] for k, v in row["scores"].items()}
@@ -328,7 +337,8 @@ def run_job(job: Job, teacher: str, threads: int = 1) -> dict:
         result["train_s"] = _train(job, threads)
         start = time.perf_counter()
         result["scores"] = {str(k): score_checkpoint(job.run_dir, k, job.scoring["prompts"],
-                                                     job.scoring["noise_seeds"]) for k in job.score_steps}
+                                                     job.scoring["noise_seeds"], job.scoring.get("weights", "auto"))
+                            for k in job.score_steps}
         result["score_s"] = time.perf_counter() - start
         result["curve"] = _training_curve(Path(job.run_dir))
         result["config"] = json.loads((Path(job.run_dir) / "config.json").read_text())

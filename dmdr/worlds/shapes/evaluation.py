@@ -46,19 +46,28 @@ class Sampler:
     guidance: float = 1.0
     shift: float = 1.0
     t_min: float = 0.001
+    mode: str = "ode"
+    """``few_step``: the student's sampler, ``ode`` (Euler) or ``sde`` (fresh noise between steps, the sampler a
+    student trained with ``dmd.backward_simulation sde`` is trained on; its run's ``dmd.sampler``)."""
 
     @property
     def nfe(self) -> int:
         """Network evaluations per image (CFG doubles them)."""
         return self.steps * (2 if self.kind == "teacher" and self.guidance != 1.0 else 1)
 
-    def __call__(self, fn: PredictFn, noise: Tensor, cond: Conditioning, uncond: Conditioning, param) -> Tensor:
+    def __call__(self, fn: PredictFn, noise: Tensor, cond: Conditioning, uncond: Conditioning, param,
+                 generator: torch.Generator | None = None) -> Tensor:
         if self.kind == "teacher":
             return teacher_sample(fn, noise, cond, uncond, param, self.guidance, num_steps=self.steps,
                                   shift=self.shift)
         timesteps = few_step_timesteps(self.steps, self.shift, self.t_min)
         with torch.no_grad():
-            return few_step_sample(fn, noise, cond, timesteps, param, mode="ode")
+            return few_step_sample(fn, noise, cond, timesteps, param, mode=self.mode, generator=generator)
+
+
+SDE_NOISE_OFFSET = 1_000_003
+"""An sde sampler's fresh noise for seed ``s`` comes from ``torch.Generator().manual_seed(SDE_NOISE_OFFSET + s)``,
+one stream per seed (the same for every sde model), apart from the starting noise of :func:`noise_for`."""
 
 
 def noise_for(seed: int, n: int, shape: tuple[int, ...]) -> Tensor:
@@ -71,13 +80,14 @@ def sample_images(backbone: Backbone, fn: PredictFn, sampler: Sampler, prompts: 
                   resolution: int, batch_size: int = 64) -> tuple[Tensor, float]:
     """Images in ``[0, 1]`` for ``prompts`` with the noise of ``seed``; returns ``(images, seconds)``."""
     noise = noise_for(seed, len(prompts), backbone.latent_shape(resolution))
+    fresh = torch.Generator().manual_seed(SDE_NOISE_OFFSET + seed)  # an sde sampler's between-step noise
     negative = backbone.text_encoder.negative()
     images, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         cond = backbone.text_encoder.encode(chunk)
         latents = sampler(fn, noise[i:i + len(chunk)], cond, repeat_conditioning(negative, len(chunk)),
-                          backbone.parameterization)
+                          backbone.parameterization, generator=fresh)
         images.append(backbone.codec.decode(latents).float().clamp(0, 1))
     return torch.cat(images), time.perf_counter() - start
 

@@ -1,0 +1,32 @@
+"""The second device: ``hostdev`` (hostdev.cpp), built once per machine and loaded once per test session.
+
+Every test here is marked ``second_device`` (``pytest -m second_device`` runs them alone). They run in CI with the
+rest: where a C++ compiler exists the device is built and a failed build fails these tests; only a machine with no
+compiler at all skips them, with that reason.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "e2e"))  # tiny_helpers: the tiny recipe's config on test assets
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if Path(str(item.fspath)).resolve().parent == HERE:
+            item.add_marker(pytest.mark.second_device)
+
+
+@pytest.fixture(scope="session")
+def hostdev():
+    """The registered device ``torch.device("hostdev")``; the extension module (``fallback_calls()``)."""
+    import hostdev as backend
+
+    if not backend.compiler_available():
+        pytest.skip("no C++ compiler on this machine: the hostdev test device cannot be built")
+    return backend.load()

@@ -27,6 +27,7 @@ from dmdr.distributed import (
     prepare_frozen,
     safetensors_files,
 )
+from dmdr.engine import Roles
 from dmdr.guard import Guard, GuardStopped
 from dmdr.models import CRITIC, add_critic_lora, load_backbone, make_generator
 from dmdr.models.attention import resolve_attention
@@ -36,7 +37,7 @@ from dmdr.observability import MetricsLogger
 from dmdr.rewards import build_reward
 from dmdr.rewards.base import Reward
 from dmdr.run_folder import lock_run_folder
-from dmdr.trainer import DMDRTrainer, Roles
+from dmdr.trainer import DMDRTrainer
 
 log = logging.getLogger("dmdr")
 

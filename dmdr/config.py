@@ -271,15 +271,16 @@ class GuardConfig:
     """Noise draws per prompt (fixed, the same at every probe); diversity is measured across them."""
     max_saturation_rise: float = 0.15
     """Mean HSV saturation of the probe images may rise at most this much (absolute, in [0, 1])."""
-    max_colourfulness_rise: float = 0.5
-    """Hasler-Suesstrunk colourfulness may rise at most this fraction above the baseline."""
+    max_colourfulness_rise: float = 1.0
+    """Hasler-Suesstrunk colourfulness may rise at most this fraction above the baseline (a colour reward raises
+    it legitimately: DMDR on the shapes world +42% in 20 steps, ReFL alone +64%; only a doubling trips)."""
     max_clipped_rise: float = 0.1
     """Fraction of channel values at 0 or 1 may rise at most this much (absolute)."""
     min_diversity_ratio: float = 0.5
     """Distance between seeds of one prompt may fall to this fraction of the baseline, no lower."""
-    min_critic_teacher_ratio: float = 0.5
+    min_critic_teacher_ratio: float = 0.85
     """Critic / teacher denoising loss on the probe samples may fall to this fraction of the baseline (lower: the
-    samples left what the teacher models)."""
+    samples left what the teacher models; shapes world: DMDR stays above 0.94, ReFL alone 0.74 after 20 steps)."""
     max_dmd_grad_rise: float = 3.0
     """The DMD gradient scale may grow to this multiple of the baseline."""
     max_reward_gap: float = 0.25

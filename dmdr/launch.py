@@ -21,13 +21,13 @@ from pathlib import Path
 from dmdr.build import build_run
 from dmdr.config import TrainConfig, all_keys, apply_overrides, to_dict
 from dmdr.distributed.env import collect_released_objects
+from dmdr.engine import TrainingDiverged
 from dmdr.errors import ConfigError, UserError
 from dmdr.guard import GuardStopped
 from dmdr.preflight import PreflightError, Problem, job_shape, preflight_run, problem_from, reports
 from dmdr.preflight.files import writable_problem
 from dmdr.preflight.plan import describe
 from dmdr.run_folder import record_launch
-from dmdr.trainer import TrainingDiverged
 
 log = logging.getLogger("dmdr")
 

@@ -1,7 +1,8 @@
-"""Metrics to ``metrics.jsonl`` and TensorBoard, image grids, throughput, memory, a progress bar.
+"""Metrics to ``metrics.jsonl`` and TensorBoard, image grids, throughput, memory, FLOPs and MFU, a progress bar.
 
 Only the main rank writes; every rank may call (calls on other ranks are no-ops), so the
-trainer needs no ``if rank == 0`` around logging.
+trainer needs no ``if rank == 0`` around logging. Metrics are averaged (or summed) over the ranks by
+:func:`reduce_over_ranks`, which every rank must call with the same keys.
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ import math
 import os
 import resource
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as tdist
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
 
 class MetricsLogger:
@@ -130,6 +135,90 @@ class Throughput:
         out = {"perf/step_time": dt / max(self._steps, 1), "perf/samples_per_s": self._samples / dt}
         self._t0, self._steps, self._samples = now, 0, 0
         return out
+
+
+class FlopCount:
+    """Accumulates the FLOPs of the code run inside ``with`` blocks (torch's flop counter)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._mode: FlopCounterMode | None = None
+
+    def __enter__(self) -> FlopCount:
+        self._mode = FlopCounterMode(display=False)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+        self.total += self._mode.get_total_flops()
+
+
+class StepPerf:
+    """Throughput, peak memory and, on a GPU of known peak, achieved TFLOP/s and MFU of generator steps.
+
+    The FLOPs of one generator step (all its iterations) are counted once per stage (cold start, RL: their steps
+    differ), on the stage's first step, with torch's flop counter, which slows the step it counts.
+
+    Args:
+        device: where the steps run (memory, and the GPU whose peak makes MFU).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_tflops = gpu_peak_tflops(device)
+        self.throughput = Throughput()
+        self._flops = FlopCount() if self.peak_tflops else None
+        self._counted_stage: Any = None
+        self._tflops_per_step: float | None = None
+
+    def measure(self, stage: Any) -> AbstractContextManager:
+        """Wrap one iteration of ``stage``: counts its FLOPs until that stage's first generator step is counted."""
+        if self._flops is None or self._counted_stage == stage:
+            return nullcontext()
+        return self._flops
+
+    def generator_step(self, stage: Any, samples: int, counted: bool) -> None:
+        """A generator step of ``stage`` ended after ``samples`` samples (all ranks); ``counted``: measured by
+        :meth:`measure` (its iterations' FLOPs now make the stage's FLOPs per generator step)."""
+        self.throughput.update(1, samples)
+        if counted and self._flops is not None:
+            self._counted_stage = stage
+            self._tflops_per_step = self._flops.total / 1e12
+            self._flops.total = 0
+
+    def report(self) -> dict[str, float]:
+        """Step time, samples/s, peak memory; TFLOP/s and MFU once a step was counted (since the last report)."""
+        out = self.throughput.report()
+        out["perf/peak_memory_gb"] = peak_memory_gb(self.device)
+        if self.peak_tflops and self._tflops_per_step is not None:
+            achieved = self._tflops_per_step / out["perf/step_time"]
+            out["perf/tflops"] = achieved
+            out["perf/mfu"] = achieved / self.peak_tflops
+        return out
+
+
+def reduce_over_ranks(metrics: dict[str, float], dist: Any, op: str = "mean") -> dict[str, float]:
+    """Mean (losses, rewards, norms) or sum (counters) of every metric over the ranks of ``dist`` (None: as is)."""
+    if dist is None or not dist.is_distributed or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=dist.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    if op == "mean":
+        t /= dist.world_size
+    return dict(zip(keys, t.tolist()))
+
+
+def data_metrics(monitor: Any, dist: Any, reasons: tuple[str, ...]) -> dict[str, float]:
+    """Bad-data counters of a :class:`dmdr.data.SkipMonitor` summed over ranks, on a fixed key set (every rank
+    must send the same keys: one ``data/skipped/<reason>`` per ``reasons``)."""
+    counts = {"data/seen": float(monitor.seen), "data/skipped": float(sum(monitor.skipped.values())),
+              "data/truncated": float(monitor.truncated)}
+    counts.update({f"data/skipped/{r}": float(monitor.skipped.get(r, 0)) for r in reasons})
+    counts = reduce_over_ranks(counts, dist, "sum")
+    counts["data/skip_rate"] = counts["data/skipped"] / counts["data/seen"] if counts["data/seen"] else 0.0
+    return counts
 
 
 def peak_memory_gb(device: torch.device) -> float:

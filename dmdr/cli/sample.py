@@ -5,10 +5,10 @@
     python tools/sample.py --run runs/sd35 --prompt-file prompts.txt --out samples/grid.png
     python tools/sample.py --pipeline exports/sd35-4step --prompts "a cat" --out grid.png [--approx]
 
-``--run``: the generator is rebuilt as training built it (:func:`dmdr.export.load_generator`) and sampled
-by the trainer's own ``sample_images`` (the run's ``dmd.sampler``: N-step Euler on the shifted schedule for
-SD3 / Z-Image, x0-then-renoise at the fixed integer timesteps for SDXL; no CFG, noise from ``--seed``);
-``--weights`` as in ``tools/convert_to_diffusers.py`` (default ``auto``: the generator's
+``--run``: the generator is rebuilt as training built it and sampled by the function the run's sample
+grids came from (:func:`dmdr.checkpoint_sampling.sample_checkpoint`; the run's ``dmd.sampler``: N-step Euler
+on the shifted schedule for SD3 / Z-Image, x0-then-renoise at the fixed integer timesteps for SDXL; no CFG,
+noise from ``--seed``); ``--weights`` as in ``tools/convert_to_diffusers.py`` (default ``auto``: the generator's
 EMA when the checkpoint holds one). ``--pipeline``: the stock diffusers pipeline of a folder written by
 ``tools/convert_to_diffusers.py`` (a ``--lora`` or ``--single-file`` export is loaded onto its base pipeline,
 :func:`dmdr.export.load_release`), called with its ``dmdr_inference.json`` settings (the exact
@@ -22,7 +22,6 @@ Bad input prints one ``error:`` line and exits 2.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import sys
 from pathlib import Path
@@ -30,15 +29,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dmdr import export
-from dmdr.build import DTYPES
+from dmdr.checkpoint_sampling import sample_checkpoint
 from dmdr.cli import error_exit
 from dmdr.devices import pick_device
 from dmdr.errors import ConfigError, UserError
 from dmdr.export import InferenceSettings, load_release
 from dmdr.preflight import raise_problems
 from dmdr.preflight.tools import sample_problems
-from dmdr.trainer import DMDRTrainer
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -80,16 +77,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def sample_run(args: argparse.Namespace, prompts: list[str], device: torch.device) -> Tensor:
-    """The trainer's own ``sample_images`` on the checkpoint's generator: ``(B, 3, H, W)`` in [0, 1]."""
-    cfg = export.read_run_config(args.run, args.model_path)
-    checkpoint = export.resolve_checkpoint(args.run, args.step)
-    backbone, roles, weights = export.load_generator(cfg, checkpoint, device=device, weights=args.weights)
-    cfg = copy.deepcopy(cfg)
-    cfg.optim.ema_decay = 0.0  # no EMA copy of the parameters: sampling only
-    trainer = DMDRTrainer(cfg, backbone, roles, [], loader=None, device=device,
-                          compute_dtype=DTYPES[cfg.parallel.param_dtype])
-    logging.getLogger("dmdr").info("sampling %s, %s weights (%d steps)", checkpoint, weights, cfg.dmd.num_steps)
-    return trainer.sample_images(prompts, seed=args.seed)
+    """The checkpoint's generator, sampled as the run sampled its grids: ``(B, 3, H, W)`` in [0, 1]."""
+    return sample_checkpoint(args.run, prompts, step=args.step, weights=args.weights, model_path=args.model_path,
+                             seed=args.seed, device=device)
 
 
 def sample_pipeline(args: argparse.Namespace, prompts: list[str], device: torch.device) -> Tensor:
@@ -103,7 +93,7 @@ def sample_pipeline(args: argparse.Namespace, prompts: list[str], device: torch.
     pipe.set_progress_bar_config(disable=True)
     side = settings.resolution // 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # AutoencoderKLCodec's
     shape = (len(prompts), getattr(pipe, settings.denoiser_component).config.in_channels, side, side)
-    g = torch.Generator(device=device).manual_seed(args.seed)  # the noise of DMDRTrainer.sample_images
+    g = torch.Generator(device=device).manual_seed(args.seed)  # the noise of dmdr.generate.sample_images
     noise = torch.randn(shape, generator=g, device=device)
     kwargs = settings.pipeline_kwargs(exact=not args.approx)
     if settings.epsilon:  # LCMScheduler's per-step noise continues the stream (dmdr's sde sampler)

@@ -31,6 +31,7 @@ from typing import Any
 from dmdr.errors import UserError
 from dmdr.guard.probe import run_probe
 from dmdr.guard.rules import evaluate
+from dmdr.observability import reduce_over_ranks
 
 log = logging.getLogger("dmdr")
 
@@ -142,7 +143,7 @@ class Guard:
         acc = self.state["acc"]
         sums = {"reward": acc["reward"], "reward_n": float(acc["reward_n"]), "dmd_grad": acc["dmd_grad"],
                 "dmd_grad_n": float(acc["dmd_grad_n"])}
-        sums = self.trainer._reduce(sums, "sum")
+        sums = reduce_over_ranks(sums, self.trainer.dist, "sum")
         out = {"train/skipped_since_probe": float(self.trainer.counters.skipped_steps - self.state["skipped_at_probe"])}
         if sums["reward_n"]:
             out["train/reward"] = sums["reward"] / sums["reward_n"]

@@ -7,10 +7,10 @@ failure reports describe and measured on the shapes world (``benchmarks/guard_sh
 rule              trips when                                                      default
 ================  ==============================================================  =========
 saturation        mean HSV saturation - baseline > ``max_saturation_rise``         0.15
-colourfulness     colourfulness / baseline - 1 > ``max_colourfulness_rise``        0.5
+colourfulness     colourfulness / baseline - 1 > ``max_colourfulness_rise``        1.0
 clipped           clipped-pixel fraction - baseline > ``max_clipped_rise``         0.1
 diversity         seed diversity / baseline < ``min_diversity_ratio``              0.5
-critic_teacher    (critic / teacher loss) / baseline < ``min_critic_teacher_ratio``0.5
+critic_teacher    (critic / teacher loss) / baseline < ``min_critic_teacher_ratio``0.85
 dmd_grad          DMD gradient scale / baseline > ``max_dmd_grad_rise``            3.0
 reward_gap        training-batch reward - probe reward > ``max_reward_gap``        0.25
 nonfinite         any non-finite probe pixel, or a skipped (non-finite) step since the last probe

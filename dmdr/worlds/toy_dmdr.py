@@ -1,13 +1,14 @@
-"""The DMDR loop on the Gaussian-mixture world, through the library's own code paths.
+"""The DMDR loop on the Gaussian-mixture world: the trainer's own step engine on a 2-D problem.
 
 Roles are exactly the real trainer's: the generator is a trainable copy of the teacher (full
 fine-tune); the critic is a frozen copy of the teacher with the ``critic`` LoRA injected by
 :func:`dmdr.models.lora.inject_lora` (real score at ``s_r(k)`` with CFG, fake score at ``s_f``).
-Each iteration backward-simulates with :func:`dmdr.algorithm.backward_simulate`; every ``ratio``
-iterations the generator takes the DMD loss (:func:`dmdr.algorithm.dmd_generator_loss`, the 3x batched
-critic call) and/or the RL branch ``rl_method`` (ReFL, DPO or GRPO, through the one interface of
-:mod:`dmdr.losses.rl`, as the trainer calls it); then the critic takes its denoising loss.
-DynaDG and DynaRS come from :mod:`dmdr.schedules`. No formula is re-derived here.
+Every iteration is one call of :meth:`dmdr.engine.StepEngine.iteration`, the call
+:class:`dmdr.trainer.DMDRTrainer` makes: backward simulation, every ``ratio`` iterations the generator's DMD
+loss and/or RL branch ``rl_method`` (ReFL, DPO or GRPO, built by :func:`dmdr.losses.rl.build_rl_method` from
+the same settings as ``--rl.*``), then the critic's step; DynaDG, DynaRS and the RL start are the engine's
+schedules. The toy settings become a :class:`~dmdr.config.TrainConfig` (:func:`engine_config`); this module
+adds only the world's data and the distance measurement.
 
 The distance to the teacher is the class-wise sliced Wasserstein distance between generator
 samples and guided multi-step teacher samples (:func:`dmdr.sampling.teacher_sample`, guidance
@@ -25,21 +26,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dmdr.algorithm import (
-    backward_simulate,
-    critic_step_loss,
-    dmd_generator_loss,
-    draw_guidance,
-    generator_clean_estimate,
-    generator_input,
-)
-from dmdr.losses.rl import GRPO, METHODS, OnPolicyDPO, PolicyAccess, ReFL, RLBatch, RLMethod
-from dmdr.losses.rl.reference import FrozenReference
-from dmdr.models.base import index_conditioning
+from dmdr.config import TrainConfig
+from dmdr.engine import Roles, StepEngine
+from dmdr.losses.rl import METHODS
 from dmdr.models.lora import inject_lora, lora_parameters
 from dmdr.rewards.base import Reward
-from dmdr.sampling import _default_cat, few_step_sample, teacher_sample
-from dmdr.schedules import DynaRSSampler, dynadg_real_scale, few_step_timesteps
+from dmdr.sampling import few_step_sample, teacher_sample
 from dmdr.worlds.gaussians import GaussianMixtureWorld, MLPDenoiser, class_sliced_wasserstein
 
 GeneratorInit = Literal["teacher", "shift", "reinit"]
@@ -60,7 +52,8 @@ class ToyDMDRConfig:
         ratio: critic updates per generator update (a generator step every ``ratio`` iterations).
         batch_size: samples per iteration.
         generator_lr / critic_lr / generator_weight_decay / betas / grad_clip: AdamW settings.
-        dmd: whether the generator takes the DMD loss (off = ReFL alone, and no critic is trained).
+        dmd: whether the generator takes the DMD loss (off = the RL branch alone, ``--dmd.weight 0``: no critic is
+            trained and the generator steps every iteration, as in the trainer).
         guidance / guidance_jitter: CFG of the real score, ``w ~ U[w0 - j, w0 + j]``; the reference
             teacher samples use ``w0``.
         real_scale_init / fake_scale: DynaDG's ``s_r0`` and the fake score's LoRA scale ``s_f``.
@@ -71,6 +64,7 @@ class ToyDMDRConfig:
         rl_weight: ``lambda`` of DPO / GRPO (``L = L_dmd + lambda L_rl``); ReFL weighs by ``reward_weight``.
         dpo_k / dpo_beta: DPO's samples per prompt ``K`` and ``beta``.
         grpo_group_size / grpo_clip / grpo_inner_updates: GRPO's ``G``, ``eps`` and updates per group.
+        grpo_kl_weight: GRPO's KL term against the generator at the RL start (``--rl.grpo_kl_weight``).
         init: the generator's start: ``teacher`` (a copy), ``shift`` (a copy whose samples are moved
             by ``init_shift``: the output bias is offset so every Euler step carries the shift) or
             ``reinit`` (fresh random weights).
@@ -114,6 +108,7 @@ class ToyDMDRConfig:
     grpo_group_size: int = 8
     grpo_clip: float = 1e-3
     grpo_inner_updates: int = 1
+    grpo_kl_weight: float = 0.0
     init: GeneratorInit = "teacher"
     init_shift: Sequence[float] = (8.0, 0.0)
     eval_every: int = 10
@@ -180,21 +175,96 @@ def _make_generator(teacher: MLPDenoiser, cfg: ToyDMDRConfig) -> MLPDenoiser:
     return gen.train().requires_grad_(True)
 
 
-def _rl_method(cfg: ToyDMDRConfig) -> RLMethod | None:
+def engine_config(cfg: ToyDMDRConfig, t_min: float) -> TrainConfig:
+    """The trainer's config of a toy run: what :class:`~dmdr.engine.StepEngine` reads, from the toy settings.
+
+    No learning-rate switch at the RL start (the RL-stage rates are the cold-start ones) and one batch size.
+    """
+    c = TrainConfig()
+    d = c.dmd
+    d.num_steps, d.shift, d.t_min, d.ratio = cfg.num_steps, cfg.shift, t_min, cfg.ratio
+    d.backward_simulation = d.sampler = cfg.backward_simulation
+    d.guidance, d.guidance_jitter, d.fake_scale = cfg.guidance, cfg.guidance_jitter, cfg.fake_scale
+    d.weight = 1.0 if cfg.dmd else 0.0
+    y = c.dynamic
+    y.dynadg, y.dynars, y.real_scale_init, y.decay_steps = cfg.dynadg, cfg.dynars, cfg.real_scale_init, cfg.decay_steps
+    y.alpha, y.beta = cfg.dynars_alpha, cfg.dynars_beta
+    r = c.rl
+    r.method = cfg.rl_method if cfg.reward is not None else "none"
+    r.start_step, r.margin = cfg.rl_start_step, cfg.margin
+    r.dpo_k, r.dpo_beta, r.dpo_weight = cfg.dpo_k, cfg.dpo_beta, cfg.rl_weight
+    r.grpo_group_size, r.grpo_clip, r.grpo_weight = cfg.grpo_group_size, cfg.grpo_clip, cfg.rl_weight
+    r.grpo_inner_updates, r.grpo_kl_weight = cfg.grpo_inner_updates, cfg.grpo_kl_weight
+    o = c.optim
+    o.generator_lr = o.rl_generator_lr = cfg.generator_lr
+    o.critic_lr = o.rl_critic_lr = cfg.critic_lr
+    o.generator_weight_decay, o.critic_weight_decay = cfg.generator_weight_decay, 0.0
+    o.betas, o.grad_clip, o.ema_decay = cfg.betas, cfg.grad_clip, 0.0
+    c.data.batch_size, c.data.rl_batch_size = cfg.batch_size, 0
+    return c
+
+
+def toy_engine(teacher: MLPDenoiser, world: GaussianMixtureWorld, cfg: ToyDMDRConfig,
+               rng: torch.Generator, seed: int = 0) -> StepEngine:
+    """The trainer's step engine on the toy world: a trainable copy of ``teacher`` as the generator, another copy
+    with the ``critic`` LoRA as real and fake score, every draw from ``rng`` (LoRA init and ``reinit`` from
+    ``seed``)."""
     if cfg.rl_method not in METHODS:
         raise ValueError(f"rl_method must be one of {', '.join(METHODS)}, got {cfg.rl_method!r}")
-    if cfg.reward is None or cfg.rl_method == "none":
-        return None
-    if cfg.rl_method == "refl":
-        return ReFL(cfg.margin)
-    if cfg.rl_method == "dpo":
-        return OnPolicyDPO(cfg.dpo_k, cfg.dpo_beta, cfg.rl_weight, sampler=cfg.backward_simulation)
-    return GRPO(cfg.grpo_group_size, cfg.grpo_clip, cfg.rl_weight, cfg.grpo_inner_updates)
+    rl_on = cfg.reward is not None and cfg.rl_method != "none"
+    if not cfg.dmd and not rl_on:
+        raise ValueError("a toy run needs the DMD loss, a reward (and rl_method), or both")
+    if not cfg.dmd and cfg.rl_start_step > 0:
+        raise ValueError("ReFL alone (dmd=False) must start at step 0: before it the generator has no loss")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # LoRA A init and 'reinit' draw from the global RNG
+        generator = _make_generator(teacher, cfg)
+        critic = copy.deepcopy(teacher).requires_grad_(False)
+        inject_lora(critic.net, "critic", cfg.critic_rank, cfg.critic_alpha, cfg.critic_targets)
+    roles = Roles(generator=generator, teacher=critic, generator_params=list(generator.parameters()),
+                  critic_params=lora_parameters(critic.net, "critic"), shared_base=False)
+    param = teacher.parameterization
+    return StepEngine(engine_config(cfg, param.t_min), roles, param,
+                      [(cfg.reward, cfg.reward_weight)] if rl_on else [], rng=rng,
+                      noise=lambda n: torch.randn(n, world.dim, generator=rng), decode=lambda x: x,
+                      device=torch.device("cpu"))
+
+
+class _Evaluation:
+    """The distance (and mean reward) of a generator's samples to guided multi-step teacher samples, from noise
+    independent of the training draws, the same noise at every evaluation."""
+
+    def __init__(self, teacher: MLPDenoiser, world: GaussianMixtureWorld, cfg: ToyDMDRConfig, seed: int):
+        self.cfg, self.seed, self.param = cfg, seed, teacher.parameterization
+        eval_rng = torch.Generator().manual_seed(10_000 + seed)
+        self.labels = world.balanced_labels(cfg.eval_samples)
+        self.cond = world.cond(self.labels)
+        ref_noise = torch.randn(cfg.eval_samples, world.dim, generator=eval_rng)
+        self.reference = teacher_sample(teacher, ref_noise, self.cond, world.uncond(cfg.eval_samples), self.param,
+                                        cfg.guidance, num_steps=cfg.teacher_sample_steps)
+        self.noise = torch.randn(cfg.eval_samples, world.dim, generator=eval_rng)
+        self.prompts = [f"class {c}" for c in self.labels.tolist()]
+
+    @torch.no_grad()
+    def __call__(self, k: int, engine: StepEngine, history: ToyHistory) -> None:
+        cfg = self.cfg
+        samples = few_step_sample(engine.roles.generator_fn, self.noise, self.cond, engine.timesteps, self.param,
+                                  mode=cfg.backward_simulation,
+                                  generator=torch.Generator().manual_seed(20_000 + self.seed))
+        dist = class_sliced_wasserstein(samples, self.reference, self.labels, cfg.eval_projections,
+                                        torch.Generator().manual_seed(self.seed))
+        score = cfg.reward(samples, self.prompts).mean().item() if cfg.reward is not None else math.nan
+        history.steps.append(k)
+        history.distance.append(dist.item())
+        history.reward.append(score)
+        history.samples = samples
+        if cfg.keep_samples:
+            history.sample_history.append(samples)
 
 
 def run_toy_dmdr(teacher: MLPDenoiser, world: GaussianMixtureWorld, cfg: ToyDMDRConfig,
                  seed: int = 0) -> ToyHistory:
-    """Train a few-step generator on the toy world with DMD and/or ReFL; return the distance record.
+    """Train a few-step generator on the toy world with DMD and/or an RL branch; return the distance record.
 
     Args:
         teacher: the trained :class:`MLPDenoiser`; left untouched (the critic LoRA goes into a copy).
@@ -206,109 +276,19 @@ def run_toy_dmdr(teacher: MLPDenoiser, world: GaussianMixtureWorld, cfg: ToyDMDR
         The distance to the guided teacher samples (and the mean reward, NaN without one) at generator
         step 0 and every ``eval_every`` steps after.
     """
-    method = _rl_method(cfg)
-    if not cfg.dmd and method is None:
-        raise ValueError("a toy run needs the DMD loss, a reward (and rl_method), or both")
-    if not cfg.dmd and cfg.rl_start_step > 0:
-        raise ValueError("ReFL alone (dmd=False) must start at step 0: before it the generator has no loss")
-    param = teacher.parameterization
     rng = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # LoRA A init and 'reinit' draw from the global RNG
-        generator = _make_generator(teacher, cfg)
-        critic = copy.deepcopy(teacher).requires_grad_(False)
-        inject_lora(critic.net, "critic", cfg.critic_rank, cfg.critic_alpha, cfg.critic_targets)
-    critic_params = lora_parameters(critic.net, "critic")
-    gen_params = list(generator.parameters())
-    gen_opt = torch.optim.AdamW(gen_params, lr=cfg.generator_lr, betas=cfg.betas,
-                                weight_decay=cfg.generator_weight_decay)
-    critic_opt = torch.optim.AdamW(critic_params, lr=cfg.critic_lr, betas=cfg.betas, weight_decay=0.0)
-
-    def generator_fn(x: Tensor, t: Tensor, cond: dict) -> Tensor:
-        return generator(x, t, cond)
-
-    def critic_fn(x: Tensor, t: Tensor, cond: dict, scale: float | Tensor) -> Tensor:
-        return critic(x, t, cond, lora_scales={"critic": scale})
-
-    timesteps = few_step_timesteps(cfg.num_steps, cfg.shift, param.t_min)
-    dynars = DynaRSSampler(cfg.dynars_alpha, cfg.dynars_beta, cfg.decay_steps, param.t_min, enabled=cfg.dynars)
-    rewards = [(cfg.reward, cfg.reward_weight)] if method is not None else []
-    rl_reference = FrozenReference(gen_params) if method is not None and method.needs_reference else None
-
-    def policy_access() -> PolicyAccess:
-        if rl_reference is not None and not rl_reference.taken:
-            rl_reference.take()  # the generator at the RL start
-        return PolicyAccess(fn=generator_fn, param=param, timesteps=timesteps, rng=rng,
-                            noise=lambda n: torch.randn(n, world.dim, generator=rng), decode=lambda x: x,
-                            select=index_conditioning, cat=_default_cat,
-                            reference_fn=rl_reference.wrap(generator_fn) if rl_reference is not None else None)
-
-    # The reference: guided multi-step teacher samples, from noise independent of the training draws.
-    eval_rng = torch.Generator().manual_seed(10_000 + seed)
-    labels = world.balanced_labels(cfg.eval_samples)
-    eval_cond = world.cond(labels)
-    ref_noise = torch.randn(cfg.eval_samples, world.dim, generator=eval_rng)
-    reference = teacher_sample(teacher, ref_noise, eval_cond, world.uncond(cfg.eval_samples), param,
-                               cfg.guidance, num_steps=cfg.teacher_sample_steps)
-    gen_noise = torch.randn(cfg.eval_samples, world.dim, generator=eval_rng)
-    eval_prompts = [f"class {c}" for c in labels.tolist()]
-    history = ToyHistory(reference=reference, labels=labels)
-
-    def evaluate(k: int) -> None:
-        with torch.no_grad():
-            samples = few_step_sample(generator_fn, gen_noise, eval_cond, timesteps, param,
-                                      mode=cfg.backward_simulation,
-                                      generator=torch.Generator().manual_seed(20_000 + seed))
-            dist = class_sliced_wasserstein(samples, reference, labels, cfg.eval_projections,
-                                            torch.Generator().manual_seed(seed))
-            score = cfg.reward(samples, eval_prompts).mean().item() if cfg.reward is not None else math.nan
-        history.steps.append(k)
-        history.distance.append(dist.item())
-        history.reward.append(score)
-        history.samples = samples
-        if cfg.keep_samples:
-            history.sample_history.append(samples)
-
-    def clip_and_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer) -> None:
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if torch.isfinite(norm):
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    evaluate(0)
-    k = 0
-    iteration = 0
-    while k < cfg.generator_steps:
+    engine = toy_engine(teacher, world, cfg, rng, seed)
+    evaluate = _Evaluation(teacher, world, cfg, seed)
+    history = ToyHistory(reference=evaluate.reference, labels=evaluate.labels)
+    evaluate(0, engine, history)
+    while engine.step < cfg.generator_steps:
         batch_labels = world.sample_labels(cfg.batch_size, rng)
-        cond, uncond = world.cond(batch_labels), world.uncond(cfg.batch_size)
-        noise = torch.randn(cfg.batch_size, world.dim, generator=rng)
-        x0_sim = backward_simulate(generator_fn, noise, cond, timesteps, param, mode=cfg.backward_simulation,
-                                   generator=rng)
-        stepped = (iteration + 1) % cfg.ratio == 0 or not cfg.dmd
-        if stepped:
-            x_t, t = generator_input(x0_sim, timesteps, param, rng)
-            x0 = generator_clean_estimate(generator_fn, x_t, t, cond, param)
-            loss = x0.new_zeros(())
-            if cfg.dmd:
-                t_d = dynars.sample(k, cfg.batch_size, rng)
-                w = draw_guidance(cfg.guidance, cfg.guidance_jitter, rng)
-                s_r = dynadg_real_scale(k, cfg.real_scale_init, cfg.decay_steps) if cfg.dynadg else 0.0
-                loss = loss + dmd_generator_loss(x0, cond, uncond, critic_fn, param, t_d, w, s_r,
-                                                 cfg.fake_scale, generator=rng).loss
-            if rewards and k >= cfg.rl_start_step:
-                prompts = [f"class {c}" for c in batch_labels.tolist()]
-                loss = loss + method.loss(RLBatch(x0=x0, prompts=prompts, cond=cond), policy_access(), rewards)[0]
-            loss.backward()
-            clip_and_step(gen_params, gen_opt)
-        if cfg.dmd:  # the critic trains every iteration on the same x0_sim, at the same k (as the trainer)
-            t_g = dynars.sample(k, cfg.batch_size, rng)
-            critic_step_loss(critic_fn, x0_sim, cond, t_g, param, cfg.fake_scale, generator=rng).backward()
-            clip_and_step(critic_params, critic_opt)
-        iteration += 1
-        if stepped:
-            k += 1
-            if k % cfg.eval_every == 0 or k == cfg.generator_steps:
-                evaluate(k)
-                if cfg.stop_distance is not None and history.final_distance <= cfg.stop_distance:
-                    break
+        prompts = [f"class {c}" for c in batch_labels.tolist()]
+        if engine.iteration(world.cond(batch_labels), world.uncond(cfg.batch_size), prompts) is None:
+            continue
+        k = engine.step
+        if k % cfg.eval_every == 0 or k == cfg.generator_steps:
+            evaluate(k, engine, history)
+            if cfg.stop_distance is not None and history.final_distance <= cfg.stop_distance:
+                break
     return history

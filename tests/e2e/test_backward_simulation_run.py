@@ -12,10 +12,10 @@ from dmdr.launch import run
 @pytest.mark.slow
 @pytest.mark.parametrize("simulation,critic", [("sde", "final"), ("ode", "level")])
 def test_generator_input_and_critic_samples(tiny_assets, tmp_path, monkeypatch, simulation, critic):
-    from dmdr.trainer import DMDRTrainer
+    from dmdr.engine import StepEngine
 
     seen: dict = {"level": [], "critic": [], "x0_sim": []}
-    generator_update, critic_update = DMDRTrainer.generator_update, DMDRTrainer.critic_update
+    generator_update, critic_update = StepEngine.generator_update, StepEngine.critic_update
 
     def record_generator(self, x0_sim, cond, uncond, prompts, level=None):
         assert level is not None, "the input is drawn up front in this mode"
@@ -31,8 +31,8 @@ def test_generator_input_and_critic_samples(tiny_assets, tmp_path, monkeypatch, 
         seen["critic"].append(x0)
         return critic_update(self, x0, cond)
 
-    monkeypatch.setattr(DMDRTrainer, "generator_update", record_generator)
-    monkeypatch.setattr(DMDRTrainer, "critic_update", record_critic)
+    monkeypatch.setattr(StepEngine, "generator_update", record_generator)
+    monkeypatch.setattr(StepEngine, "critic_update", record_critic)
     cfg = tiny_config(tiny_assets, tmp_path / "run", dmd__backward_simulation=simulation,
                       dmd__critic_samples=critic, dmd__ratio=1, rl__method="none", train__max_steps=3)
     assert run(cfg) == 0

@@ -50,10 +50,10 @@ def _one_error_line(err: str, needle: str) -> str:
 def _train(cfg, records: list[dict] | None = None) -> None:
     """``dmdr.launch.run`` with generator steps ``POISONED`` made non-finite and, if ``records``, every generator
     step recorded: ``k``, whether it was finite, the trainable parameters and the EMA before and after it."""
-    import dmdr.trainer as trainer_mod
+    import dmdr.engine as engine_mod
     from dmdr.launch import run
 
-    real_loss, real_update = trainer_mod.dmd_generator_loss, trainer_mod.DMDRTrainer.generator_update
+    real_loss, real_update = engine_mod.dmd_generator_loss, engine_mod.StepEngine.generator_update
     current = {"k": -1}
 
     def poisoned_loss(*args, **kwargs):
@@ -62,9 +62,9 @@ def _train(cfg, records: list[dict] | None = None) -> None:
             terms.loss = terms.loss * float("nan")
         return terms
 
-    def snapshot(trainer) -> dict[str, list[torch.Tensor]]:
-        return {"params": [p.detach().clone() for p in trainer.roles.generator_params],
-                "ema": [e.detach().clone() for e in trainer.ema or []]}
+    def snapshot(engine) -> dict[str, list[torch.Tensor]]:
+        return {"params": [p.detach().clone() for p in engine.roles.generator_params],
+                "ema": [e.detach().clone() for e in (engine.ema.values if engine.ema else [])]}
 
     def recorded_update(self, *args, **kwargs):
         current["k"] = self.step
@@ -76,8 +76,8 @@ def _train(cfg, records: list[dict] | None = None) -> None:
         return metrics
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer_mod, "dmd_generator_loss", poisoned_loss)
-        mp.setattr(trainer_mod.DMDRTrainer, "generator_update", recorded_update)
+        mp.setattr(engine_mod, "dmd_generator_loss", poisoned_loss)
+        mp.setattr(engine_mod.StepEngine, "generator_update", recorded_update)
         assert run(cfg) == 0
 
 

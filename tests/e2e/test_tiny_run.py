@@ -120,10 +120,11 @@ def test_bad_input_one_line_before_training(argv, needle, tmp_path, tiny_assets)
 
 
 def test_non_finite_steps_are_skipped_then_stop_with_checkpoint_intact(tiny_assets, tmp_path, monkeypatch):
+    import dmdr.engine
     import dmdr.trainer as trainer_mod
     from dmdr.launch import main, run
 
-    real = trainer_mod.dmd_generator_loss
+    real = dmdr.engine.dmd_generator_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -133,7 +134,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_checkpoint_intact(tiny_asse
             terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(trainer_mod, "dmd_generator_loss", poisoned)
+    monkeypatch.setattr(dmdr.engine, "dmd_generator_loss", poisoned)
     out = tmp_path / "run"
     cfg = tiny_config(tiny_assets, out, train__max_bad_steps=3, checkpoint__interval=2, rl__start_step=100)
 
@@ -169,12 +170,12 @@ def test_activation_checkpointing_changes_nothing_in_lora_mode(tiny_assets, tmp_
 
 
 def test_dmd_weight_zero_trains_the_rl_loss_alone(tiny_assets, tmp_path, monkeypatch):
-    import dmdr.trainer
+    import dmdr.engine
 
     def no_score_passes(*args, **kwargs):
         raise AssertionError("dmd.weight 0 must not run the DMD score passes")
 
-    monkeypatch.setattr(dmdr.trainer, "dmd_generator_loss", no_score_passes)
+    monkeypatch.setattr(dmdr.engine, "dmd_generator_loss", no_score_passes)
     cfg = tiny_config(tiny_assets, tmp_path / "run", dmd__weight=0, rl__start_step=0, train__max_steps=2)
     assert run(cfg) == 0
     records = _metrics(tmp_path / "run")

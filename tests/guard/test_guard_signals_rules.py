@@ -81,10 +81,10 @@ BASE = {"probe/saturation": 0.4, "probe/colourfulness": 0.3, "probe/clipped": 0.
 
 @pytest.mark.parametrize(("change", "rule"), [
     ({"probe/saturation": 0.56}, "saturation"),
-    ({"probe/colourfulness": 0.46}, "colourfulness"),
+    ({"probe/colourfulness": 0.61}, "colourfulness"),
     ({"probe/clipped": 0.13}, "clipped"),
     ({"probe/diversity": 0.09}, "diversity"),
-    ({"probe/critic_teacher_ratio": 0.4}, "critic_teacher"),
+    ({"probe/critic_teacher_ratio": 0.8}, "critic_teacher"),
     ({"train/dmd_grad": 0.31}, "dmd_grad"),
     ({"probe/reward_gap": 0.3}, "reward_gap"),
     ({"probe/nonfinite": 2.0}, "nonfinite"),

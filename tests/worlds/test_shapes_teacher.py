@@ -152,4 +152,5 @@ def test_a_short_run_of_the_recipe_moves_shapeeval_up_from_its_init(tmp_path):
     init = evaluate_model(teacher, teacher.teacher, Sampler("few_step", cfg.dmd.num_steps, 1.0, cfg.dmd.shift),
                           heldout_prompts(prompts), [0], IMAGE_SIZE)["scores"]["overall"]["mean"]
     after = score_checkpoint(tmp_path / "run", steps, prompts, 1)["overall"]
+    print(f"ShapeEval {init:.3f} -> {after:.3f}")
     assert after > init + 0.05, (init, after)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from dmdr.cli import profile
 from dmdr.provenance import source_commit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,15 +51,6 @@ if not GPU:  # before the first import of a @triton.jit module (tools/profile.py
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _load_profile():
-    """``tools/profile.py`` as a module (tools are scripts; its own name would shadow the stdlib's)."""
-    spec = importlib.util.spec_from_file_location("dmdr_tools_profile", REPO / "tools" / "profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-profile = _load_profile()
 
 # kernels/README.md's targets (GPU): fraction of copy bandwidth and speed-up over eager for the score
 # difference; LoRA overhead over the base matmul.

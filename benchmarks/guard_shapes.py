@@ -26,9 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # this folder's profile.py would shadow the standard library's
-
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "shapes_dmdr.py"
 

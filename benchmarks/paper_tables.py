@@ -66,10 +66,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def settings(args: argparse.Namespace):
-    from dmdr.worlds.shapes.ablations import RECIPE, Settings
-
-    sys.path.insert(0, str(RECIPE.parent))
-    from shapes_dmdr import COLD_START, RL_STEPS
+    from dmdr.recipes.shapes_dmdr import COLD_START, RL_STEPS
+    from dmdr.worlds.shapes.ablations import Settings
 
     tables = (4, 5) if args.table == "all" else (int(args.table),)
     cold, rl = args.cold_steps or COLD_START, args.rl_steps or RL_STEPS

@@ -136,14 +136,10 @@ def run_overrides(args: argparse.Namespace, folder: Path, prompts: Path, cache: 
 
 
 def recipe_config(overrides: list[str]):
-    import importlib.util
-
     from dmdr.config import apply_overrides
+    from dmdr.recipes.sd3m_dmdr import sd3m_dmdr
 
-    spec = importlib.util.spec_from_file_location("recipe_sd3m_dmdr", REPO / "recipes" / "sd3m_dmdr.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return apply_overrides(module.sd3m_dmdr(), overrides)
+    return apply_overrides(sd3m_dmdr(), overrides)
 
 
 PHASES = {

@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 
 import torch
+from memory import PeakRSS  # benchmarks/memory.py: this folder is first on sys.path when run
 
-REPO = Path(__file__).resolve().parents[1]
+from dmdr.recipes.tiny_dmdr import DEMO_PROMPTS, tiny_dmdr
+
 METHODS = ("none", "refl", "dpo", "grpo")
 
 
@@ -43,11 +45,6 @@ def _count(fn, counts: dict[str, int], key: str):
 
 
 def _measure(method: str, mode: str, steps: int, root: Path) -> dict:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    sys.path.insert(0, str(REPO / "tests" / "e2e"))
-    from memory import PeakRSS
-    from tiny_helpers import load_recipe
-
     from dmdr.build import build_run
     from dmdr.config import apply_overrides
     from dmdr.models.tiny import build_tiny_sd3
@@ -57,9 +54,9 @@ def _measure(method: str, mode: str, steps: int, root: Path) -> dict:
     if not (model / "model_index.json").exists():
         build_tiny_sd3(model, seed=0)
     prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(load_recipe("tiny_dmdr").DEMO_PROMPTS) + "\n")
+    prompts.write_text("\n".join(DEMO_PROMPTS) + "\n")
     out = root / f"run-{method}-{mode}"
-    cfg = apply_overrides(load_recipe("tiny_dmdr").tiny_dmdr(), [
+    cfg = apply_overrides(tiny_dmdr(), [
         "--model.path", str(model), "--data.sources", str(prompts), "--train.output_dir", str(out),
         "--rl.method", method if method != "none" else "refl", "--rl.start_step", "0" if method != "none" else "999",
         "--dmd.ratio", "1", "--data.batch_size", "4", "--data.rl_batch_size", "4", "--rl.dpo_k", "4",

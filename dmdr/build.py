@@ -13,27 +13,33 @@ from typing import Any
 
 import torch
 
-from dmdr.config import TrainConfig
+from dmdr.config import TrainConfig, to_dict
+from dmdr.data import EmbeddingCache, SkipMonitor, build_prompt_loader
+from dmdr.devices import DTYPES
+from dmdr.distributed import (
+    CheckpointManager,
+    PreemptionHandler,
+    build_mesh,
+    default_init_missing,
+    init_distributed,
+    materialize_from_safetensors,
+    parallelize_denoiser,
+    prepare_frozen,
+    safetensors_files,
+)
 from dmdr.engine import Roles
-from dmdr.errors import ConfigError
+from dmdr.guard import Guard, GuardStopped
+from dmdr.models import CRITIC, add_critic_lora, load_backbone, make_generator
+from dmdr.models.attention import resolve_attention
 from dmdr.models.base import Backbone, Denoiser
+from dmdr.models.lora import lora_parameters
 from dmdr.observability import MetricsLogger
+from dmdr.rewards import build_reward
 from dmdr.rewards.base import Reward
+from dmdr.run_folder import lock_run_folder
 from dmdr.trainer import DMDRTrainer
 
 log = logging.getLogger("dmdr")
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--train.device: {name!r} is not a device (use auto, cpu, cuda, cuda:N)") from None
-
 
 def build_roles(cfg: TrainConfig, backbone: Backbone) -> tuple[Denoiser, str | None]:
     """Critic LoRA into the teacher; the generator as a full fp32 copy or the teacher + generator LoRA.
@@ -46,8 +52,6 @@ def build_roles(cfg: TrainConfig, backbone: Backbone) -> tuple[Denoiser, str | N
     Returns ``(generator, generator_adapter)``. Parameter lists are taken later, after sharding
     (``fully_shard`` replaces parameters with DTensors).
     """
-    from dmdr.models import add_critic_lora, make_generator
-
     m = cfg.model
     targets = m.lora_targets or None
     seed = cfg.train.seed
@@ -69,8 +73,6 @@ def materialize_roles(cfg: TrainConfig, backbone: Backbone, generator: Denoiser,
     values (``make_generator(dtype=torch.float32)`` semantics: a copy of the loaded teacher, upcast).
     LoRA adapters get the initialisation of :meth:`~dmdr.models.lora.LoRALinear.add_adapter`.
     """
-    from dmdr.distributed import default_init_missing, materialize_from_safetensors, safetensors_files
-
     files = safetensors_files(backbone.extras["denoiser_weights"])
     init = default_init_missing(cfg.train.seed)
     # A CPU-offloaded teacher's shards live on the host (FSDP2 copies them to the device per use).
@@ -89,8 +91,6 @@ def apply_attention(cfg: TrainConfig, backbone: Backbone, generator: Denoiser, a
     Runs before activation checkpointing, compile and FSDP2 wrap the networks, so every wrapper sees
     the chosen processors. Returns the backend (also kept in ``backbone.extras["attention"]``).
     """
-    from dmdr.models.attention import resolve_attention
-
     teacher = backbone.teacher
     backend = resolve_attention(cfg.model.attention, device, masked=teacher.masked_attention,
                                 family=backbone.family)
@@ -117,10 +117,6 @@ def build_models(cfg: TrainConfig, device: torch.device, mesh: Any = None,
     Returns:
         ``(backbone, generator, generator_adapter)``; ``backbone.teacher`` carries the critic LoRA.
     """
-    from dmdr.distributed import parallelize_denoiser
-    from dmdr.models import load_backbone
-    from dmdr.models.attention import resolve_attention
-
     resolve_attention(cfg.model.attention, device)  # a backend this machine lacks fails before any loading
     sharded = mesh is not None
     backbone = load_backbone(cfg.model.path, family=cfg.model.family, dtype=DTYPES[cfg.model.dtype],
@@ -137,9 +133,6 @@ def build_models(cfg: TrainConfig, device: torch.device, mesh: Any = None,
 
 
 def collect_roles(generator: Denoiser, teacher: Denoiser, adapter: str | None) -> Roles:
-    from dmdr.models import CRITIC
-    from dmdr.models.lora import lora_parameters
-
     if adapter is not None:
         generator_params = lora_parameters(generator.net, adapter)
     else:
@@ -152,7 +145,6 @@ def build_rewards(cfg: TrainConfig, device: torch.device) -> list[tuple[Reward, 
     """The ReFL rewards named in ``rl.rewards`` with their weights (empty when RL is off)."""
     if cfg.rl.method == "none":
         return []
-    from dmdr.rewards import build_reward
 
     return [(build_reward(name, cfg.rl, device), float(w)) for name, w in zip(cfg.rl.rewards, cfg.rl.weights)]
 
@@ -160,8 +152,6 @@ def build_rewards(cfg: TrainConfig, device: torch.device) -> list[tuple[Reward, 
 def run_summary(cfg: TrainConfig, backbone: Backbone, device: torch.device, world_size: int) -> str:
     """The run's TensorBoard text summary (markdown): what was resolved at build time, then the config."""
     import json
-
-    from dmdr.config import to_dict
 
     lines = [f"- family: {backbone.family}, device: {device.type}, world size: {world_size}",
              f"- attention backend: {backbone.extras.get('attention', 'native')} "
@@ -197,8 +187,6 @@ class Session:
             step = self.trainer.train(self.logger, checkpoint=self._save, should_stop=self.preemption.should_stop,
                                       guard=self.guard)
         if self.guard is not None and self.guard.stop_reason and not self.preemption.requested:
-            from dmdr.guard import GuardStopped
-
             raise GuardStopped(self.guard.stop_reason)
         if (self.preemption.requested or self.trainer.stopped_early) and self.is_main:
             log.warning("stopped at generator step %d after a preemption signal; checkpoint written", step)
@@ -224,8 +212,6 @@ class Session:
 def prepare_text_encoders(cfg: TrainConfig, backbone: Backbone, mesh: Any, device: torch.device) -> None:
     """Frozen text encoders replicated on every rank, or FSDP2-sharded (``parallel.frozen_encoders=shard``,
     for T5-XXL / Qwen3-sized encoders; every rank then encodes its own batch in lockstep)."""
-    from dmdr.distributed import prepare_frozen
-
     if backbone.text_encoder is None:
         return
     for module in backbone.text_encoder.modules():
@@ -234,9 +220,6 @@ def prepare_text_encoders(cfg: TrainConfig, backbone: Backbone, mesh: Any, devic
 
 def build_run(cfg: TrainConfig) -> Session:
     """Everything a run needs, checked before the first step; resumes when a checkpoint exists."""
-    from dmdr.distributed import init_distributed
-    from dmdr.run_folder import lock_run_folder
-
     env = init_distributed(device=cfg.train.device)
     # Before anything reads or writes the folder: two launches into one folder would mix their checkpoints
     # and metrics. The lock dies with the process (kill -9 included), so it never needs manual cleanup.
@@ -250,9 +233,6 @@ def build_run(cfg: TrainConfig) -> Session:
 
 
 def _build_locked(cfg: TrainConfig, env: Any, lock: Any) -> Session:
-    from dmdr.data import EmbeddingCache, SkipMonitor, build_prompt_loader
-    from dmdr.distributed import CheckpointManager, PreemptionHandler, build_mesh
-
     mesh = build_mesh(cfg.parallel, env.world_size, env.device.type) if env.world_size > 1 else None
     # Data first: a bad source should fail in a second, not after loading 8B parameters.
     cache = EmbeddingCache(cfg.data.embedding_cache) if cfg.data.embedding_cache else None
@@ -278,8 +258,6 @@ def _build_locked(cfg: TrainConfig, env: Any, lock: Any) -> Session:
                           compute_dtype=None if mesh is not None else DTYPES[cfg.parallel.param_dtype])
     guard = None
     if cfg.guard.action != "off":
-        from dmdr.guard import Guard
-
         guard = Guard(cfg, trainer, checkpoints)
         trainer.stateful_extras["guard"] = guard
     resumed = checkpoints.resume(trainer.app_state(), cfg.checkpoint.resume)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dmdr.errors import ConfigError
+from dmdr.models.families import FAMILIES
 
 
 @dataclass
@@ -26,8 +27,8 @@ class ModelConfig:
 
     path: str = ""
     """Local diffusers-format folder of the teacher (``from_pretrained(path, local_files_only=True)``)."""
-    family: Literal["auto", "sd3", "zimage", "sdxl"] = "auto"
-    """Model family; ``auto`` reads ``model_index.json``."""
+    family: str = "auto"
+    """Model family (a name in :data:`dmdr.models.families.FAMILIES`); ``auto`` reads ``model_index.json``."""
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Storage dtype of the frozen weights (the teacher, text encoders, VAE)."""
     generator_mode: Literal["lora", "full"] = "lora"
@@ -453,6 +454,8 @@ def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) ->
             raise ConfigError(f"--{key}: {message}")
         problems.append((key, f"--{key}: {message}"))
 
+    families = ("auto", *FAMILIES)
+    _require(cfg.model.family in families, "model.family", f"{cfg.model.family!r} is not one of {', '.join(families)}")
     _require(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
     _require(cfg.dmd.num_steps >= 1, "dmd.num_steps", "must be >= 1")
     _require(cfg.dmd.ratio >= 1, "dmd.ratio", "must be >= 1")

@@ -18,7 +18,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dmdr.config import TrainConfig, apply_overrides
+from dmdr.build import build_run
+from dmdr.config import TrainConfig, all_keys, apply_overrides, to_dict
 from dmdr.distributed.env import collect_released_objects
 from dmdr.engine import TrainingDiverged
 from dmdr.errors import ConfigError, UserError
@@ -26,6 +27,7 @@ from dmdr.guard import GuardStopped
 from dmdr.preflight import PreflightError, Problem, job_shape, preflight_run, problem_from, reports
 from dmdr.preflight.files import writable_problem
 from dmdr.preflight.plan import describe
+from dmdr.run_folder import record_launch
 
 log = logging.getLogger("dmdr")
 
@@ -107,10 +109,6 @@ def main(recipe: Callable[[], TrainConfig], argv: list[str] | None = None,
 
 def run(cfg: TrainConfig) -> int:
     """Build everything from a resolved config and train; the library-level entry point."""
-    from dmdr.build import build_run
-    from dmdr.config import to_dict
-    from dmdr.run_folder import record_launch
-
     check_output_dir(cfg.train.output_dir)
     session = build_run(cfg)
     try:
@@ -123,8 +121,6 @@ def run(cfg: TrainConfig) -> int:
 
 
 def _help(recipe: Callable[[], TrainConfig]) -> str:
-    from dmdr.config import all_keys
-
     cfg = recipe()
     lines = [f"{recipe.__name__}: override any field with --section.field value", "",
              f"  {DRY_RUN}  check every path and setting (nothing is loaded), print the resolved config and",

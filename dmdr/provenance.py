@@ -2,8 +2,8 @@
 
 Every checkpoint's ``COMPLETE.json`` holds this record (key :data:`RECORD_KEY`, from :func:`run_record`);
 resume (:meth:`dmdr.distributed.checkpoint.CheckpointManager.load`) and export
-(:func:`check_export_source`) compare it with the current config before any weights load and refuse a
-difference in one line naming the setting, saved vs current (:func:`record_mismatch`).
+(:func:`dmdr.export.generator.check_export_source`) compare it with the current config before any weights load
+and refuse a difference in one line naming the setting, saved vs current (:func:`record_mismatch`).
 
 The teacher fingerprint (:func:`teacher_fingerprint`) is cheap, no full read: SHA-256 over the denoiser's
 ``transformer/config.json`` (SDXL: ``unet/``), and for each of its safetensors files the header (tensor names,
@@ -23,7 +23,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from dmdr.errors import CheckpointError, ModelLoadError
+from dmdr.errors import ModelLoadError
+from dmdr.models.loading import detect_family, read_model_index
+from dmdr.models.weights import safetensors_files
 
 log = logging.getLogger("dmdr")
 
@@ -53,8 +55,6 @@ def _hash_safetensors(h: Any, file: Path) -> None:
 
 def teacher_fingerprint(model_path: str | Path) -> str:
     """16 hex digits identifying the teacher denoiser of a diffusers folder (see the module doc)."""
-    from dmdr.distributed.meta_load import safetensors_files
-
     root = Path(model_path)
     # The denoiser component: ``transformer`` (SD3, Z-Image) or ``unet`` (SDXL), whichever the folder has.
     folder = next((root / name for name in _DENOISERS if (root / name / "config.json").is_file()), root / _DENOISERS[0])
@@ -70,8 +70,6 @@ def teacher_fingerprint(model_path: str | Path) -> str:
 
 def run_record(cfg: Any) -> dict[str, str]:
     """The record of a :class:`~dmdr.config.TrainConfig`: family (resolved from the folder), mode, teacher."""
-    from dmdr.models.loading import detect_family, read_model_index
-
     m = cfg.model
     family = detect_family(read_model_index(m.path), m.family).name
     return {"family": family, "generator_mode": m.generator_mode, "teacher": teacher_fingerprint(m.path),
@@ -96,19 +94,6 @@ def record_mismatch(saved: dict[str, Any] | None, current: dict[str, Any], check
                 f"(fingerprint {saved['teacher']}) then, model.path {current['teacher_path']} (fingerprint "
                 f"{current['teacher']}) now")
     return None
-
-
-def check_export_source(cfg: Any, checkpoint: str | Path) -> None:
-    """Export and sampling, before any weights load: refuse ``checkpoint`` when its record differs from the
-    run config ``cfg``, or when its non-tensor items are not plain data
-    (:func:`~dmdr.distributed.offline.check_plain_items`)."""
-    from dmdr.distributed.checkpoint import read_marker
-    from dmdr.distributed.offline import check_plain_items
-
-    reason = record_mismatch(read_marker(checkpoint).get(RECORD_KEY), run_record(cfg), checkpoint)
-    if reason:
-        raise CheckpointError(f"{reason}; pass the matching --model-path (or export with the run's own config)")
-    check_plain_items(checkpoint)
 
 
 def source_commit() -> str:

@@ -1,136 +1,49 @@
-"""Fused kernels (installed as ``dmdr.kernels``) with a plain-torch reference for each.
+"""Fused kernels (installed as ``dmdr.kernels``) with a plain-torch reference for each; see ``README.md``.
 
-Dispatch: Triton on CUDA tensors, the torch reference elsewhere. ``DMDR_KERNELS=triton`` forces
-Triton (also on CPU under ``TRITON_INTERPRET=1``), ``DMDR_KERNELS=reference`` forces the reference.
-Each public function has the signature of its ``*_reference`` twin. The Triton modules are imported
-lazily, on the first call that takes the Triton path: ``TRITON_INTERPRET`` is read when a kernel is
-defined, so importing them here would freeze the mode before tests or tools could choose it.
-
-Ops (see ``kernels/README.md``): :func:`renoise`, :func:`dmd_score_difference` (+ ``_eps``),
-:func:`dmd_loss_fused` (+ ``_eps``, autograd: ``dL/dx0 = g / numel``), :func:`lora_linear` (autograd).
+Run from the repo root (``python -c``, ``python -m pytest``), the root is on ``sys.path`` and this folder
+is found as a top-level ``kernels``: the name of the Hugging Face package transformers imports. Then
+this module hands that name to the installed package (or fails as a missing one would) instead of
+posing as it; as ``dmdr.kernels`` it exports the dispatcher.
 """
 
-from __future__ import annotations
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-import functools
-import os
+    _repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _repo_root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels' (this repo's kernels/ folder is dmdr.kernels)",
+                                  name="kernels")
+    _installed = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _installed  # the import system returns what sys.modules holds after this runs
+    _spec.loader.exec_module(_installed)
+else:
+    from .dispatch import (
+        backend,
+        dmd_loss_fused,
+        dmd_loss_fused_eps,
+        dmd_loss_fused_eps_reference,
+        dmd_loss_fused_reference,
+        dmd_score_difference,
+        dmd_score_difference_eps,
+        dmd_score_difference_eps_reference,
+        dmd_score_difference_reference,
+        lora_linear,
+        lora_linear_reference,
+        renoise,
+        renoise_reference,
+        triton_available,
+        use_triton,
+    )
 
-import torch
-from torch import Tensor
-
-from .reference import (
-    dmd_loss_fused_eps_reference,
-    dmd_loss_fused_reference,
-    dmd_score_difference_eps_reference,
-    dmd_score_difference_reference,
-    lora_linear_reference,
-    renoise_reference,
-)
-
-_BACKENDS = ("auto", "triton", "reference")
-# What the Triton path computes on (fp32 math inside); anything else (fp64, ints) takes the reference.
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def backend() -> str:
-    """The kernel backend chosen by ``DMDR_KERNELS`` (``auto`` when unset)."""
-    choice = os.environ.get("DMDR_KERNELS", "auto").strip().lower() or "auto"
-    if choice not in _BACKENDS:
-        raise ValueError(f"DMDR_KERNELS={choice!r} is not one of {', '.join(_BACKENDS)}")
-    return choice
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def use_triton(x: Tensor) -> bool:
-    """Whether the fused Triton path runs for tensors like ``x``."""
-    choice = backend()
-    if choice == "reference":
-        return False
-    if choice == "triton":
-        return triton_available()
-    return x.is_cuda and triton_available()
-
-
-def _fused(*tensors: Tensor) -> bool:
-    return use_triton(tensors[0]) and all(t.dtype in _TRITON_DTYPES for t in tensors)
-
-
-def renoise(x0: Tensor, noise: Tensor, t):
-    """``(1 - t) x0 + t noise`` with per-sample ``t``."""
-    if _fused(x0, noise) and not (isinstance(t, Tensor) and t.requires_grad):
-        from . import renoise_triton
-
-        return renoise_triton.renoise(x0, noise, t)
-    return renoise_reference(x0, noise, t)
-
-
-def dmd_score_difference(x0, x_d, t_d, v_uncond, v_cond, guidance, v_fake, t_min: float = 0.001):
-    """The DMD gradient ``g`` (fp32) from velocity predictions (see :mod:`dmdr.losses.dmd`)."""
-    if _fused(x0, x_d, v_uncond, v_cond, v_fake):
-        from . import score_difference_triton
-
-        return score_difference_triton.dmd_score_difference(x0, x_d, t_d, v_uncond, v_cond, guidance, v_fake,
-                                                            t_min)
-    return dmd_score_difference_reference(x0, x_d, t_d, v_uncond, v_cond, guidance, v_fake, t_min)
-
-
-def dmd_score_difference_eps(x0, x_t, alpha_bar, eps_uncond, eps_cond, guidance, eps_fake):
-    """The DMD gradient ``g`` (fp32) from epsilon predictions, ``alpha_bar`` given per sample."""
-    if _fused(x0, x_t, eps_uncond, eps_cond, eps_fake):
-        from . import score_difference_triton
-
-        return score_difference_triton.dmd_score_difference_eps(x0, x_t, alpha_bar, eps_uncond, eps_cond,
-                                                                guidance, eps_fake)
-    return dmd_score_difference_eps_reference(x0, x_t, alpha_bar, eps_uncond, eps_cond, guidance, eps_fake)
-
-
-def dmd_loss_fused(x0, x_d, t_d, v_uncond, v_cond, guidance, v_fake, t_min: float = 0.001,
-                   return_grad: bool = False):
-    """DMD loss (fp32 scalar) with ``dL/dx0 = g / numel``; ``(loss, g)`` when ``return_grad``."""
-    if _fused(x0, x_d, v_uncond, v_cond, v_fake):
-        from . import score_difference_triton
-
-        return score_difference_triton.dmd_loss_fused(x0, x_d, t_d, v_uncond, v_cond, guidance, v_fake, t_min,
-                                                      return_grad)
-    return dmd_loss_fused_reference(x0, x_d, t_d, v_uncond, v_cond, guidance, v_fake, t_min, return_grad)
-
-
-def dmd_loss_fused_eps(x0, x_t, alpha_bar, eps_uncond, eps_cond, guidance, eps_fake,
-                       return_grad: bool = False):
-    """Epsilon-prediction twin of :func:`dmd_loss_fused`."""
-    if _fused(x0, x_t, eps_uncond, eps_cond, eps_fake):
-        from . import score_difference_triton
-
-        return score_difference_triton.dmd_loss_fused_eps(x0, x_t, alpha_bar, eps_uncond, eps_cond, guidance,
-                                                          eps_fake, return_grad)
-    return dmd_loss_fused_eps_reference(x0, x_t, alpha_bar, eps_uncond, eps_cond, guidance, eps_fake,
-                                        return_grad)
-
-
-def lora_linear(x, weight, bias, lora_a, lora_b, scale):
-    """``x W^T + b + scale (x A^T) B^T`` with a runtime (possibly per-sample) scale."""
-    tensors = [x, weight, lora_a, lora_b] + ([bias] if bias is not None else [])
-    zero = not isinstance(scale, Tensor) and scale == 0.0  # the reference's short-circuit: plain linear
-    scale_grad = isinstance(scale, Tensor) and scale.requires_grad  # the fused backward treats scale as data
-    if not zero and not scale_grad and _fused(*tensors):
-        from . import lora_triton
-
-        return lora_triton.lora_linear(x, weight, bias, lora_a, lora_b, scale)
-    return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale)
-
-
-__all__ = [
-    "backend", "use_triton", "triton_available",
-    "renoise", "dmd_score_difference", "dmd_score_difference_eps", "dmd_loss_fused", "dmd_loss_fused_eps",
-    "lora_linear",
-    "renoise_reference", "dmd_score_difference_reference", "dmd_score_difference_eps_reference",
-    "dmd_loss_fused_reference", "dmd_loss_fused_eps_reference", "lora_linear_reference",
-]
+    __all__ = [
+        "backend", "use_triton", "triton_available",
+        "renoise", "dmd_score_difference", "dmd_score_difference_eps", "dmd_loss_fused", "dmd_loss_fused_eps",
+        "lora_linear",
+        "renoise_reference", "dmd_score_difference_reference", "dmd_score_difference_eps_reference",
+        "dmd_loss_fused_reference", "dmd_loss_fused_eps_reference", "lora_linear_reference",
+    ]

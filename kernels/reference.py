@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dmdr.losses.dmd_reference import dmd_loss, score_difference_reference
 from dmdr.parameterization import EpsilonPrediction, FlowMatching, TimeLike, expand_like
 
 
@@ -41,8 +42,6 @@ def dmd_score_difference_reference(
     v_fake: Tensor, t_min: float = 0.001,
 ) -> Tensor:
     """The DMD gradient ``g`` (fp32) of ALGORITHM.md from velocity predictions."""
-    from dmdr.losses.dmd import score_difference_reference
-
     return score_difference_reference(FlowMatching(t_min), x0, x_d, t_d, v_uncond, v_cond, guidance, v_fake)
 
 
@@ -51,15 +50,11 @@ def dmd_score_difference_eps_reference(
     eps_fake: Tensor,
 ) -> Tensor:
     """The DMD gradient ``g`` (fp32) from epsilon predictions; ``alpha_bar`` per sample ``(B,)`` or scalar."""
-    from dmdr.losses.dmd import score_difference_reference
-
     return score_difference_reference(_GivenAlphaBar(), x0, x_t, alpha_bar, eps_uncond, eps_cond, guidance,
                                       eps_fake)
 
 
 def _loss_and_grad(x0: Tensor, g: Tensor, return_grad: bool):
-    from dmdr.losses.dmd import dmd_loss
-
     loss = dmd_loss(x0, g)
     return (loss, g) if return_grad else loss
 

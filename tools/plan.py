@@ -1,82 +1,8 @@
-"""Will this run fit, how long will it take, and what to change: before anyone books a cluster.
+"""``python tools/plan.py``: :mod:`dmdr.cli.plan` (also installed as ``dmdr-plan``)."""
 
-    python tools/plan.py --recipe sd35_dmdr --nodes 1 --gpus-per-node 8 --gpu h100-80 \\
-        [--mfu 0.4] [--model sd3.5-large | <diffusers folder>] [--json plan.json] \\
-        [--parallel.activation_checkpointing none --data.batch_size 2 ...]
-
-Any ``--section.field value`` is a recipe override (dmdr/config.py), checked like a run's. The
-numbers come from the model's config files (shipped in dmdr/planning/configs, or ``--model.path``)
-built on the meta device and from the project's own sharding; see dmdr/planning/__init__.py.
-"""
-
-from __future__ import annotations
-
-import argparse
-import importlib.util
-import json
 import sys
-from pathlib import Path
 
-TOOLS = Path(__file__).resolve().parent
-RECIPES = TOOLS.parent / "recipes"
-# ``python tools/plan.py`` puts tools/ first on sys.path, where tools/profile.py would shadow the standard
-# library's ``profile`` (which torch.distributed.checkpoint imports through cProfile).
-sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != TOOLS]
-
-
-def load_recipe(name: str):
-    """The recipe function ``name`` of ``recipes/<name>.py``; unknown names list the known ones."""
-    from dmdr.errors import ConfigError
-
-    known = sorted(p.stem for p in RECIPES.glob("*.py"))
-    if name not in known:
-        raise ConfigError(f"--recipe {name!r} is not a recipe; known: {', '.join(known)}")
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, name)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    ap.add_argument("--recipe", required=True, help="a recipes/*.py name, e.g. sd35_dmdr")
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--gpu", default="h100-80")
-    ap.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation the times assume (0.4)")
-    ap.add_argument("--model", default="", help="a shipped model name or a diffusers folder (default: the recipe's)")
-    ap.add_argument("--json", default="", help="also write the plan as JSON to this file ('-': print JSON only)")
-    args, overrides = ap.parse_known_args(argv)
-
-    from dmdr.config import apply_overrides
-    from dmdr.errors import UserError
-    from dmdr.planning import largest_batch_table, make_plan
-    from dmdr.planning.gpus import get_gpu
-    from dmdr.planning.report import to_json, to_table
-
-    try:
-        gpu = get_gpu(args.gpu)
-        if args.nodes < 1 or args.gpus_per_node < 1:
-            raise UserError("--nodes and --gpus-per-node must be >= 1")
-        if args.mfu is not None and not 0 < args.mfu <= 1:
-            raise UserError(f"--mfu {args.mfu}: must be in (0, 1]")
-        cfg = apply_overrides(load_recipe(args.recipe)(), overrides)
-        kwargs = {"mfu": args.mfu} if args.mfu is not None else {}
-        result = make_plan(cfg, args.gpu, gpu, args.nodes * args.gpus_per_node, recipe=args.recipe,
-                           model=args.model, **kwargs)
-        largest = largest_batch_table(cfg, result)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    data = to_json(result.plan, result.advice, largest)
-    if args.json == "-":
-        print(json.dumps(data, indent=2))
-        return 0
-    print(to_table(result.plan, result.advice, largest))
-    if args.json:
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
-    return 0 if result.plan.fits else 1
-
+from dmdr.cli.plan import main
 
 if __name__ == "__main__":
     sys.exit(main())

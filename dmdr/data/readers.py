@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from dmdr.data.sources import Shard, Split, _is_local, _open_parquet
+from dmdr.data.shards import Shard, Split, is_local, open_parquet
 from dmdr.errors import DataError
 
 SKIP_REASONS = ("bad_utf8", "bad_json", "missing_field", "bad_field", "empty", "too_long", "uncached")
@@ -94,7 +94,7 @@ def _parse_line(raw: bytes, fmt: str, field: str, clean: Cleaner) -> tuple[str |
 
 def _open_text(shard: Shard):
     fs, p = fsspec.core.url_to_fs(shard.path)
-    if _is_local(fs) and shard.compression is None:
+    if is_local(fs) and shard.compression is None:
         return open(p, "rb", buffering=1 << 20)  # noqa: SIM115 - the builtin file is the fast path
     return fs.open(p, "rb", compression=shard.compression, block_size=8 << 20)
 
@@ -157,7 +157,7 @@ def _read_parquet(shard: Shard, split: Split, offset: int | None, field: str,
     groups = [g for g in range(first, last + 1) if shard.row_groups[g] > 0]
     pos = starts[first]
     binary = shard.column_type == "binary"
-    with contextlib.closing(_open_parquet(shard.path)) as pf:
+    with contextlib.closing(open_parquet(shard.path)) as pf:
         yield from _parquet_rows(pf, groups, pos, start, end, field, binary, clean)
 
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import fsspec
 
+from dmdr.data.readers import Cleaner, read_split
+from dmdr.data.shards import Shard, Split, is_local, open_parquet
 from dmdr.errors import DataError
 
 FORMATS = ("txt", "jsonl", "parquet")
@@ -47,36 +49,6 @@ STRIPE_MAX_BYTES = 64 << 20
 """Largest text source that may be planned as ``stripe`` (every reader reads it whole)."""
 SPLITS_PER_READER = 4
 """Target splits per reader per epoch (balance between readers, shuffle of the shard order)."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One file of a source.
-
-    Attributes:
-        path: a local path or an fsspec URL.
-        fmt: ``txt``, ``jsonl`` or ``parquet``.
-        size: bytes (text; compressed size when compressed) or rows (Parquet).
-        compression: an fsspec compression name, or ``None``.
-        row_groups: Parquet row counts per row group (empty for text).
-        column_type: ``string`` or ``binary`` for Parquet (binary values are decoded as UTF-8).
-    """
-
-    path: str
-    fmt: str
-    size: int
-    compression: str | None = None
-    row_groups: tuple[int, ...] = ()
-    column_type: str = "string"
-
-
-@dataclass(frozen=True)
-class Split:
-    """Byte range (text) or row range (Parquet) ``[start, end)`` of shard number ``shard``; ``-1``: to EOF."""
-
-    shard: int
-    start: int
-    end: int
 
 
 @dataclass(frozen=True)
@@ -107,11 +79,6 @@ class SourcePlan:
 # Resolving
 # --------------------------------------------------------------------------------------------- #
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
-
-
 def split_suffixes(path: str) -> tuple[str | None, str | None]:
     """``(format, compression)`` read from a file name, e.g. ``a.jsonl.gz`` -> ``("jsonl", "gzip")``."""
     name = path.rsplit("/", 1)[-1].lower()
@@ -135,7 +102,7 @@ def expand_source(spec: str, fmt: str = "auto") -> list[str]:
         fs, path = fsspec.core.url_to_fs(spec)
     except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs installed
         raise DataError(f"data source {spec!r}: {e}") from None
-    local = _is_local(fs)
+    local = is_local(fs)
     try:
         if any(c in path for c in "*?["):
             found = [p for p in fs.glob(path) if not fs.isdir(p)]
@@ -156,15 +123,6 @@ def expand_source(spec: str, fmt: str = "auto") -> list[str]:
     return found if local else [fs.unstrip_protocol(p) for p in found]
 
 
-def _open_parquet(path: str):
-    import pyarrow.parquet as pq
-
-    fs, p = fsspec.core.url_to_fs(path)
-    if _is_local(fs):
-        return pq.ParquetFile(p)
-    return pq.ParquetFile(fs.open(p, "rb"))
-
-
 def inspect_shard(path: str, fmt: str, field: str) -> Shard:
     """Open a shard once (existence, permissions, Parquet footer and column) and record its size.
 
@@ -176,7 +134,7 @@ def inspect_shard(path: str, fmt: str, field: str) -> Shard:
         if fmt == "parquet":
             import pyarrow as pa
 
-            pf = _open_parquet(path)
+            pf = open_parquet(path)
             names = pf.schema_arrow.names
             if field not in names:
                 raise DataError(f"parquet shard {path} has no column {field!r} "
@@ -215,8 +173,6 @@ def _shard_format(path: str, fmt: str) -> str:
 
 
 def _count_prompts(shards: Sequence[Shard], field: str, clean) -> int:
-    from dmdr.data.readers import read_split
-
     return sum(prompt is not None
                for i, shard in enumerate(shards) if shard.size
                for _, prompt, _ in read_split(shard, Split(i, 0, -1), None, field=field, clean=clean))
@@ -278,7 +234,7 @@ def plan_source(spec: str, *, fmt: str, field: str, readers: int, clean: Any = N
     """
     paths = expand_source(spec, fmt)
     formats = [_shard_format(p, fmt) for p in paths]
-    local = all(_is_local(fsspec.core.url_to_fs(p)[0]) for p in paths[:1])
+    local = all(is_local(fsspec.core.url_to_fs(p)[0]) for p in paths[:1])
     if local or len(paths) < 4:
         shards = [inspect_shard(p, f, field) for p, f in zip(paths, formats)]
     else:  # object stores: one round trip per shard, overlap them
@@ -304,8 +260,6 @@ def plan_source(spec: str, *, fmt: str, field: str, readers: int, clean: Any = N
                     f"readers (ranks x workers); recompress it into >= {readers} shards or decompress it")
             splits = [Split(i, 0, -1) for i, s in enumerate(shards) if s.size]
             if clean is None:
-                from dmdr.data.readers import Cleaner
-
                 clean = Cleaner()
             mode = "stripe" if _count_prompts(shards, field, clean) >= readers else "replicate"
     return SourcePlan(spec, tuple(shards), tuple(splits), mode, readers)

@@ -30,7 +30,8 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dmdr.data.readers import Cleaner, read_split
-from dmdr.data.sources import SourcePlan, Split
+from dmdr.data.shards import Split
+from dmdr.data.sources import SourcePlan
 from dmdr.errors import DataError
 
 

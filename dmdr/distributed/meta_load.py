@@ -28,7 +28,6 @@ import json
 import math
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -39,6 +38,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from dmdr.errors import ModelLoadError
+from dmdr.models.weights import meta_params, safetensors_files
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -52,64 +52,8 @@ InitMissing = Callable[[str, torch.Size, torch.dtype], Tensor | None]
 
 
 # ------------------------------------------------------------------------------------------------ #
-# Building on the meta device
-# ------------------------------------------------------------------------------------------------ #
-
-@contextmanager
-def meta_params() -> Iterator[None]:
-    """Every parameter registered inside the block lands on the meta device; buffers stay real.
-
-    Parameter initialisers then run on meta tensors (free); only one layer's uninitialised (never
-    touched, so never resident) storage exists at a time before it is moved to meta.
-    """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            p = module._parameters[name]
-            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-# ------------------------------------------------------------------------------------------------ #
 # Safetensors files
 # ------------------------------------------------------------------------------------------------ #
-
-def safetensors_files(path: str | Path, variant: str | None = None) -> list[Path]:
-    """The safetensors files of a model folder (single file, or shards listed by an ``*.index.json``).
-
-    Args:
-        path: a ``.safetensors`` file or a folder written by ``save_pretrained``.
-        variant: e.g. ``fp16`` for ``diffusion_pytorch_model.fp16.safetensors``; None = no variant.
-    """
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        raise ModelLoadError(f"model weights not found: {p} is neither a folder nor a .safetensors file")
-    tag = f".{variant}" if variant else ""
-    indexes = sorted(p.glob(f"*{tag}.safetensors.index.json"))
-    if not variant:
-        indexes = [i for i in indexes if i.name.count(".") == 3]  # name.safetensors.index.json
-    if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        files = [p / f for f in sorted(set(weight_map.values()))]
-        missing = [f for f in files if not f.is_file()]
-        if missing:
-            raise ModelLoadError(f"{indexes[0]} lists {missing[0].name}, which is missing from {p}")
-        return files
-    files = sorted(f for f in p.glob(f"*{tag}.safetensors") if variant or f.name.count(".") == 1)
-    if not files:
-        raise ModelLoadError(f"no {tag.lstrip('.') + ' ' if tag else ''}.safetensors weights in {p} "
-                             f"(save the model with save_pretrained(..., safe_serialization=True))")
-    return files
-
 
 @dataclass
 class _Entry:

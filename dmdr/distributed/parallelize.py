@@ -25,22 +25,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from dmdr.config import ParallelConfig
+from dmdr.devices import torch_dtype
 from dmdr.distributed.mesh import fsdp_mesh
 from dmdr.errors import ConfigError
 from dmdr.models.lora import checkpoint_context_fn
 
 log = logging.getLogger("dmdr")
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """``fp32`` / ``bf16`` / ``fp16`` to the torch dtype."""
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ConfigError(f"dtype {name!r} is not one of {', '.join(_DTYPES)}") from None
-
 
 def mixed_precision(parallel: ParallelConfig) -> MixedPrecisionPolicy:
     """bf16 all-gathered params and fp32 gradient reduction by default (``parallel.param_dtype``,

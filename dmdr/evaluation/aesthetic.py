@@ -22,6 +22,7 @@ from dmdr.errors import ModelLoadError
 from dmdr.evaluation.clip_score import WHAT as CLIP_WHAT
 from dmdr.evaluation.clip_score import load_clip_encoder
 from dmdr.evaluation.registry import Metric, Options, Scorer, need_path, register_metric
+from dmdr.rewards.models import error_line, load_state_dict_file
 
 LINEAR_LAYERS = (0, 2, 4, 6, 7)
 """Indices of the head's ``nn.Linear`` layers in its ``nn.Sequential`` (dropouts in between)."""
@@ -40,8 +41,6 @@ def aesthetic_head(widths: list[int]) -> nn.Sequential:
 
 def load_head(path: str | Path, flag: str = "--aesthetic-head") -> nn.Sequential:
     """The head from its state-dict file (keys ``layers.N.*`` or ``N.*``); wrong layout -> one line."""
-    from dmdr.rewards.models import error_line, load_state_dict_file
-
     state = load_state_dict_file(Path(path).expanduser(), flag.lstrip("-"))
     state = {k[len("layers."):] if k.startswith("layers.") else k: v for k, v in state.items()}
     want = {f"{i}.{p}" for i in LINEAR_LAYERS for p in ("weight", "bias")}

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dmdr.evaluation.registry import Metric, Options, Scorer, need_path, register_metric
+from dmdr.rewards.models import CLIPReward, PickScoreReward
 
 WHAT = "an open_clip folder or a transformers CLIPModel folder"
 
@@ -27,8 +28,6 @@ def load_clip_encoder(folder: str, flag: str, device: torch.device) -> Any:
     An ``open_clip_config.json`` makes it an open_clip model (:class:`~dmdr.rewards.models.CLIPReward`),
     otherwise a transformers ``CLIPModel`` (:class:`~dmdr.rewards.models.PickScoreReward`'s loader).
     """
-    from dmdr.rewards.models import CLIPReward, PickScoreReward
-
     field = flag.lstrip("-")
     if (Path(folder).expanduser() / "open_clip_config.json").is_file():
         return CLIPReward(folder, device=device, field=field)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from dmdr.errors import ModelLoadError
 from dmdr.evaluation.registry import Metric, Options, Scorer, need_module, need_path, register_metric
+from dmdr.rewards.models import error_line, load_state_dict_file
 
 NETS = ("alex", "vgg", "squeeze")
 
@@ -31,8 +32,6 @@ NETS = ("alex", "vgg", "squeeze")
 def load_lpips(path: str | Path, net: str = "alex", flag: str = "--lpips-weights") -> torch.nn.Module:
     """``lpips.LPIPS(net)`` with every weight from the local file ``path`` (no download); one-line errors."""
     import lpips
-
-    from dmdr.rewards.models import error_line, load_state_dict_file
 
     if net not in NETS:
         raise ModelLoadError(f"lpips_net {net!r}: choose one of {', '.join(NETS)}")

@@ -12,11 +12,10 @@ import torch
 from torch import Tensor
 
 from dmdr.evaluation.registry import Metric, Options, Scorer, need_path, register_metric
+from dmdr.rewards.models import HPS_ARCH, HPSReward
 
 
 def load(options: Options, device: torch.device) -> Scorer:
-    from dmdr.rewards.models import HPS_ARCH, HPSReward
-
     reward = HPSReward(options["hps_checkpoint"], device=device, arch=options.get("hps_arch") or HPS_ARCH,
                        field="hps-checkpoint", prefix="")
 

@@ -6,11 +6,10 @@ import torch
 from torch import Tensor
 
 from dmdr.evaluation.registry import Metric, Options, Scorer, need_path, register_metric
+from dmdr.rewards.models import PickScoreReward
 
 
 def load(options: Options, device: torch.device) -> Scorer:
-    from dmdr.rewards.models import PickScoreReward
-
     reward = PickScoreReward(options["pickscore_model"], device=device, scale=1.0, field="pickscore-model")
 
     @torch.no_grad()

@@ -27,7 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dmdr import export
 from dmdr.errors import ModelLoadError
+from dmdr.export import SETTINGS_FILE, InferenceSettings
+from dmdr.models import load_backbone
+from dmdr.models.base import conditioning_to, repeat_conditioning
+from dmdr.sampling import few_step_sample, teacher_sample
+from dmdr.schedules import few_step_timesteps
 
 TEACHER_STEPS = 28
 TEACHER_GUIDANCE = 7.0
@@ -71,9 +77,6 @@ class EvalModel:
 
     @torch.no_grad()
     def sample(self, prompts: list[str], noise: Tensor) -> Tensor:
-        from dmdr.models.base import conditioning_to, repeat_conditioning
-        from dmdr.sampling import few_step_sample, teacher_sample
-
         device, dtype = self.device, self.dtype
         noise = noise.to(device, dtype)
         cond = conditioning_to(self.backbone.text_encoder.encode(list(prompts)), device)
@@ -97,8 +100,6 @@ class EvalModel:
 
 def model_kind(path: str | Path) -> str:
     """``export``, ``base``, ``run`` or ``checkpoint``; anything else is one :class:`ModelLoadError` line."""
-    from dmdr.export import SETTINGS_FILE
-
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ModelLoadError(f"--model {p} {'does not exist' if not p.exists() else NOT_A_MODEL}")
@@ -122,15 +123,10 @@ def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype = t
         weights: a checkpoint's generator weights, ``auto`` / ``ema`` / ``trained``.
         resolution: image side in pixels; ``None`` keeps the model's own.
     """
-    from dmdr.models import load_backbone
-    from dmdr.schedules import few_step_timesteps
-
     p = Path(path).expanduser()
     kind = model_kind(p)
     name = name or p.name
     if kind == "export":
-        from dmdr.export import SETTINGS_FILE, InferenceSettings
-
         s = InferenceSettings.read(p)
         backbone = load_backbone(p, dtype=dtype, device=device, t_min=s.t_min,
                                  max_sequence_length=s.max_sequence_length)
@@ -150,9 +146,6 @@ def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype = t
 
 def _load_checkpoint(p: Path, kind: str, name: str, device: torch.device, dtype: torch.dtype, steps: int | None,
                      weights: str, resolution: int | None) -> EvalModel:
-    from dmdr import export
-    from dmdr.schedules import few_step_timesteps
-
     run = p if kind == "run" else p.parent.parent
     cfg = export.read_run_config(run)
     checkpoint = export.resolve_checkpoint(run, "latest" if kind == "run" else _step_of(p))

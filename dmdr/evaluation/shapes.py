@@ -14,11 +14,10 @@ from torch import Tensor
 
 from dmdr.errors import DataError
 from dmdr.evaluation.registry import Metric, Options, Scorer, register_metric
+from dmdr.worlds.shapes.shapeeval import evaluate
 
 
 def load(options: Options, device: torch.device) -> Scorer:
-    from dmdr.worlds.shapes.shapeeval import evaluate
-
     def score(images: Tensor, prompts: list[str]) -> Tensor:
         try:
             rows = evaluate(images.detach().float().cpu(), list(prompts))

@@ -6,9 +6,10 @@ ALGORITHM.md, generator update, steps 3-5::
     g   = (p_r - p_f) / (mean_{C,H,W} |p_r| + eps)      per sample, non-finite -> 0
     L   = 0.5 * mean (x0 - stopgrad(x0 - g))^2          in fp32
 
-so that ``dL/dx0 = g / numel``. :func:`score_difference` is the whole chain from the raw score
-predictions (CFG combine, both clean estimates, the normalised difference); it calls the fused
-kernel in :mod:`dmdr.kernels` when the dispatcher picks Triton and this reference otherwise.
+so that ``dL/dx0 = g / numel``. The plain-torch definitions (:func:`dmd_gradient`, :func:`dmd_loss`,
+:func:`score_difference_reference`) are in :mod:`dmdr.losses.dmd_reference`, below the kernels that reproduce
+them; :func:`score_difference` is the whole chain from the raw score predictions (CFG combine, both clean
+estimates, the normalised difference), through the fused kernel when the dispatcher picks Triton.
 """
 
 from __future__ import annotations
@@ -16,25 +17,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dmdr import kernels
+from dmdr.losses.dmd_reference import dmd_gradient, dmd_loss, score_difference_reference
 from dmdr.parameterization import (
     EpsilonPrediction,
     FlowMatching,
     Parameterization,
     TimeLike,
-    classifier_free_guidance,
     expand_like,
 )
-
-
-def dmd_gradient(x0: Tensor, x0_real: Tensor, x0_fake: Tensor, eps: float = 1e-8) -> Tensor:
-    """The normalised DMD gradient ``g`` (fp32), zero wherever it is not finite."""
-    x0, x0_real, x0_fake = x0.float(), x0_real.float(), x0_fake.float()
-    p_real = x0 - x0_real
-    p_fake = x0 - x0_fake
-    reduce_dims = tuple(range(1, x0.ndim))
-    normalizer = p_real.abs().mean(dim=reduce_dims, keepdim=True) + eps
-    grad = (p_real - p_fake) / normalizer
-    return torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
 
 
 def decoupled_dmd_gradient(x0: Tensor, dm: tuple[Tensor, Tensor, Tensor], ca: tuple[Tensor, Tensor, Tensor],
@@ -68,34 +59,6 @@ def decoupled_dmd_gradient(x0: Tensor, dm: tuple[Tensor, Tensor, Tensor], ca: tu
     return torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
 
 
-def dmd_loss(x0: Tensor, grad: Tensor) -> Tensor:
-    """``0.5 mean (x0 - stopgrad(x0 - g))^2`` in fp32; its gradient w.r.t. ``x0`` is ``g / numel``."""
-    x0 = x0.float()
-    target = (x0 - grad.float()).detach()
-    return 0.5 * torch.mean((x0 - target) ** 2)
-
-
-def score_difference_reference(
-    param: Parameterization,
-    x0: Tensor,
-    x_d: Tensor,
-    t_d: TimeLike,
-    pred_uncond: Tensor,
-    pred_cond: Tensor,
-    guidance: TimeLike,
-    pred_fake: Tensor,
-    eps: float = 1e-8,
-) -> Tensor:
-    """Steps 3-4 of the generator update from raw predictions, in plain torch (fp32 math)."""
-    f32 = [p.float() for p in (x_d, pred_uncond, pred_cond, pred_fake)]
-    x_d, pred_uncond, pred_cond, pred_fake = f32
-    t_d = t_d.float() if isinstance(t_d, Tensor) else t_d
-    pred_real = classifier_free_guidance(pred_uncond, pred_cond, guidance)
-    x0_real = param.to_x0(x_d, t_d, pred_real)
-    x0_fake = param.to_x0(x_d, t_d, pred_fake)
-    return dmd_gradient(x0, x0_real, x0_fake, eps)
-
-
 def score_difference(
     param: Parameterization,
     x0: Tensor,
@@ -108,8 +71,6 @@ def score_difference(
     eps: float = 1e-8,
 ) -> Tensor:
     """The DMD gradient ``g`` from the teacher's predictions; fused kernel when available."""
-    from dmdr import kernels  # local import: kernels' reference imports this module
-
     if eps == 1e-8 and kernels.use_triton(x0):  # the kernels take floats, 0-d or (B,) for t and guidance
         if isinstance(param, FlowMatching):
             return kernels.dmd_score_difference(x0.detach(), x_d, t_d, pred_uncond, pred_cond, guidance,
@@ -126,3 +87,7 @@ def score_difference(
 def critic_loss(pred_fake: Tensor, target: Tensor) -> Tensor:
     """The fake score's denoising loss ``mean ||pred - target||^2`` (fp32)."""
     return torch.mean((pred_fake.float() - target.float()) ** 2)
+
+
+__all__ = ["dmd_gradient", "decoupled_dmd_gradient", "dmd_loss", "score_difference_reference",
+           "score_difference", "critic_loss"]

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from dmdr.errors import ModelLoadError
 from dmdr.models.base import Backbone, Conditioning, Denoiser
-from dmdr.models.loading import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
+from dmdr.models.family import FamilySpec, LoraFormat, PlannerHooks
+from dmdr.models.folder import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
 from dmdr.models.vae import AutoencoderKLCodec
 from dmdr.parameterization import FlowMatching
 
@@ -242,3 +243,16 @@ def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
     return Backbone(family="sd3", teacher=teacher, text_encoder=text_encoder, codec=codec,
                     latent_channels=int(transformer.config.in_channels), vae_scale_factor=codec.scale_factor,
                     lora_targets=LORA_TARGETS, extras=extras)
+
+
+FAMILY = FamilySpec(
+    name="sd3", pipeline_class="StableDiffusion3Pipeline", load=load, required_components=required_components,
+    text_components=text_components, load_text_encoder=load_text_encoder, denoiser_class=SD3Denoiser,
+    lora_targets=LORA_TARGETS, no_cfg_guidance=1.0, lora_format=LoraFormat("transformer"),
+    single_file_class="SD3Transformer2DModel",
+    planner=PlannerHooks(flops="dmdr.planning.flops:sd3_network_flops",
+                         activations="dmdr.planning.activations:sd3_activations",
+                         text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
+                         extra_text_tokens=77, fixed_text_lengths={"text_encoder": 77, "text_encoder_2": 77}),
+)
+"""The diffusers network is the pipeline's own, so LoRA module names carry over to its loader unchanged."""

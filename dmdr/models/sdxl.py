@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from dmdr.errors import ModelLoadError
 from dmdr.models.base import Backbone, Conditioning, Denoiser
-from dmdr.models.loading import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
+from dmdr.models.family import FamilySpec
+from dmdr.models.folder import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
 from dmdr.models.vae import AutoencoderKLCodec
 from dmdr.parameterization import EpsilonPrediction
 
@@ -204,3 +205,12 @@ def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
     return Backbone(family="sdxl", teacher=teacher, text_encoder=text_encoder, codec=codec,
                     latent_channels=int(unet.config.in_channels), vae_scale_factor=codec.scale_factor,
                     lora_targets=LORA_TARGETS, extras=extras)
+
+
+FAMILY = FamilySpec(
+    name="sdxl", pipeline_class="StableDiffusionXLPipeline", load=load, required_components=required_components,
+    text_components=text_components, load_text_encoder=load_text_encoder, denoiser_class=SDXLDenoiser,
+    lora_targets=LORA_TARGETS, denoiser_component="unet", prediction="epsilon", no_cfg_guidance=0.0,
+)
+"""No LoRA key format (the UNet's diffusers LoRA names differ: export the merged pipeline), no single-file
+class on the card, no planner model yet."""

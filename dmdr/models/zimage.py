@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from dmdr.models.base import Backbone, Conditioning, Denoiser
-from dmdr.models.loading import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
+from dmdr.models.family import FamilySpec, LoraFormat, PlannerHooks
+from dmdr.models.folder import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
 from dmdr.models.vae import AutoencoderKLCodec
 from dmdr.parameterization import FlowMatching
 
@@ -151,3 +152,15 @@ def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
     return Backbone(family="zimage", teacher=teacher, text_encoder=text_encoder, codec=codec,
                     latent_channels=int(transformer.config.in_channels), vae_scale_factor=codec.scale_factor,
                     lora_targets=LORA_TARGETS, extras=extras)
+
+
+FAMILY = FamilySpec(
+    name="zimage", pipeline_class="ZImagePipeline", load=load, required_components=required_components,
+    text_components=text_components, load_text_encoder=load_text_encoder, denoiser_class=ZImageDenoiser,
+    lora_targets=LORA_TARGETS, no_cfg_guidance=0.0, lora_format=LoraFormat("transformer"),
+    single_file_class="ZImageTransformer2DModel",
+    planner=PlannerHooks(flops="dmdr.planning.flops:zimage_network_flops",
+                         activations="dmdr.planning.activations:zimage_activations",
+                         text_encoders=("text_encoder",), mlp_ratio=(8, 3)),
+)
+"""The diffusers network is the pipeline's own, so LoRA module names carry over to its loader unchanged."""

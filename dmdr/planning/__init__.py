@@ -13,9 +13,8 @@ Answers come from the real model definitions and the project's own sharding, not
 * :mod:`~dmdr.planning.advise`: the cheapest overrides that make it fit; :mod:`~dmdr.planning.report`.
 
 CLI: ``tools/plan.py``. Extension point for a new family (SDXL is being added): its configs under
-``configs/``, a ``PlanFamily`` in :data:`~dmdr.planning.specs.PLAN_FAMILIES`, a block activation model in
-:data:`~dmdr.planning.activations.FAMILY_ACTIVATIONS` and a FLOP model in
-:data:`~dmdr.planning.flops.FAMILY_FLOPS`.
+``configs/``, a block activation model (:mod:`~dmdr.planning.activations`) and a FLOP model
+(:mod:`~dmdr.planning.flops`), named by the :class:`~dmdr.models.family.PlannerHooks` of its family spec.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dmdr.models.lora import LoRALinear
+
 F32 = 4
 
 
@@ -62,8 +64,6 @@ def zimage_rows(name: str, tokens: int) -> int:
 
 def lora_intermediates(block: nn.Module, rows: Callable[[str], int], adapter: str | None, e: int) -> int:
     """The ``x A^T`` (rows x rank) each active adapter saves for ``B``'s gradient."""
-    from dmdr.models.lora import LoRALinear
-
     if adapter is None:
         return 0
     return sum(rows(name) * m.lora_A[adapter].shape[0] * e for name, m in block.named_modules()
@@ -186,12 +186,6 @@ def zimage_activations(denoiser: nn.Module, tokens: Tokens, e: int, mode: str,
 def _round_up(x: int, k: int) -> int:
     return -(-x // k) * k
 
-
-FAMILY_ACTIVATIONS: dict[str, Callable[..., BlockActivations]] = {
-    "sd3": sd3_activations,
-    "zimage": zimage_activations,
-}
-"""Per-family block models (an SDXL UNet adds its entry here)."""
 
 
 def network_activation_bytes(acts: BlockActivations, batch: int, ac: str, every: int = 2) -> int:

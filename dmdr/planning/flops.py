@@ -106,12 +106,6 @@ def zimage_network_flops(denoiser: nn.Module, tokens: Tokens, adapters: tuple[st
     return out + [zimage_block_flops(b, n + m, adapters) for b in net.layers]
 
 
-FAMILY_FLOPS: dict[str, Callable[[nn.Module, Tokens, tuple[str, ...]], list[BlockFlops]]] = {
-    "sd3": sd3_network_flops,
-    "zimage": zimage_network_flops,
-}
-"""Per-family FLOP models (an SDXL UNet adds its entry here)."""
-
 
 def meta_flops(fn: Callable[[], torch.Tensor], backward: bool = False) -> int:
     """FLOPs torch's counter sees while ``fn`` runs (on meta tensors: shapes only), optionally with the

@@ -23,10 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dmdr.config import TrainConfig
-from dmdr.planning.activations import FAMILY_ACTIVATIONS, Tokens, network_activation_bytes, no_grad_block_peak
-from dmdr.planning.specs import Component, ModelSpec, Tensors
+from dmdr.devices import DTYPE_BYTES
+from dmdr.distributed.mesh import resolve_dp
+from dmdr.planning.activations import Tokens, network_activation_bytes, no_grad_block_peak
+from dmdr.planning.specs import Component, ModelSpec, Tensors, plan_hooks, resolve_hook
 
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 F32 = 4
 
 
@@ -40,8 +41,6 @@ class Layout:
 
     @classmethod
     def of(cls, cfg: TrainConfig, world: int) -> Layout:
-        from dmdr.distributed.mesh import resolve_dp
-
         rep, shard = resolve_dp(cfg.parallel, world)
         return cls(world, rep, shard)
 
@@ -65,7 +64,7 @@ class StateBytes:
 def tokens_of(spec: ModelSpec, cfg: TrainConfig) -> Tokens:
     """Image and text tokens per sample at ``model.resolution`` and ``model.max_sequence_length``."""
     side = cfg.model.resolution // spec.vae_scale_factor // spec.patch_size
-    text = cfg.model.max_sequence_length + (77 if spec.family == "sd3" else 0)  # SD3: CLIP's 77 + T5's
+    text = cfg.model.max_sequence_length + plan_hooks(spec.family).extra_text_tokens
     return Tokens(image=side * side, text=text)
 
 
@@ -126,22 +125,22 @@ def _comm_buffers(spec: ModelSpec, cfg: TrainConfig, layout: Layout) -> int:
     if layout.dp_shard == 1:
         return 0
     d = spec.denoiser
-    p = _BYTES[cfg.parallel.param_dtype]
+    p = DTYPE_BYTES[cfg.parallel.param_dtype]
     biggest = max(b.numel for b in d.blocks)
     gather = 2 * biggest * p + d.root.numel * p
     if cfg.model.generator_mode == "full":
         trainable = biggest
     else:
         trainable = max(g.numel + c.numel for g, c in zip(d.block_generator_lora, d.block_critic_lora))
-    return gather + trainable * (p + _BYTES[cfg.parallel.reduce_dtype])
+    return gather + trainable * (p + DTYPE_BYTES[cfg.parallel.reduce_dtype])
 
 
 def denoiser_activations(spec: ModelSpec, cfg: TrainConfig, batch: int, role: str) -> int:
     """Saved bytes of one denoiser forward with grad under the run's AC: ``role`` ``critic`` (the teacher at
     the critic LoRA) or ``generator`` (its LoRA, or the full copy in ``model.generator_mode full``)."""
     full = role == "generator" and cfg.model.generator_mode == "full"
-    acts = FAMILY_ACTIVATIONS[spec.family](spec.denoiser.denoiser, tokens_of(spec, cfg),
-                                           _BYTES[cfg.parallel.param_dtype], "full" if full else "lora",
+    acts = resolve_hook(plan_hooks(spec.family).activations)(spec.denoiser.denoiser, tokens_of(spec, cfg),
+                                           DTYPE_BYTES[cfg.parallel.param_dtype], "full" if full else "lora",
                                            adapter=None if full else role)
     return network_activation_bytes(acts, batch, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
 
@@ -150,8 +149,9 @@ def _teacher_pass(spec: ModelSpec, cfg: TrainConfig, batch: int) -> int:
     t = tokens_of(spec, cfg)
     d = spec.denoiser.config
     width = int(d.get("dim") or d["num_attention_heads"] * d["attention_head_dim"])
-    hidden = 8 * width // 3 if spec.family == "zimage" else 4 * width
-    return no_grad_block_peak(width, t.image + t.text, hidden, _BYTES[cfg.parallel.param_dtype], batch)
+    num, den = plan_hooks(spec.family).mlp_ratio
+    hidden = width * num // den
+    return no_grad_block_peak(width, t.image + t.text, hidden, DTYPE_BYTES[cfg.parallel.param_dtype], batch)
 
 
 def stage_memory(spec: ModelSpec, cfg: TrainConfig, layout: Layout, rl: bool,

@@ -16,10 +16,10 @@ import torch
 
 from dmdr.config import TrainConfig
 from dmdr.planning.activations import saved_bytes_on_meta
-from dmdr.planning.flops import FAMILY_FLOPS, meta_flops
+from dmdr.planning.flops import meta_flops
 from dmdr.planning.gpus import GPU, GiB
 from dmdr.planning.memory import Layout, StageMemory, stage_memory, tokens_of
-from dmdr.planning.specs import Component, ModelSpec
+from dmdr.planning.specs import Component, ModelSpec, plan_hooks, resolve_hook
 
 RESERVE_FRACTION = 0.05
 RESERVE_BYTES = 2 * GiB
@@ -91,7 +91,8 @@ class StageFlops:
 def stage_flops(spec: ModelSpec, cfg: TrainConfig, rl: bool, frozen: FrozenCosts) -> StageFlops:
     batch = (cfg.data.rl_batch_size or cfg.data.batch_size) if rl else cfg.data.batch_size
     tokens = tokens_of(spec, cfg)
-    count = FAMILY_FLOPS[spec.family]
+    hooks = plan_hooks(spec.family)
+    count = resolve_hook(hooks.flops)
     teacher = spec.denoiser.denoiser
     lora_gen = cfg.model.generator_mode == "lora"
     gen_blocks = count(teacher, tokens, ("generator",) if lora_gen else ())
@@ -119,7 +120,7 @@ def stage_flops(spec: ModelSpec, cfg: TrainConfig, rl: bool, frozen: FrozenCosts
     if not (cfg.data.embedding_cache and cfg.data.cache_miss != "encode"):
         text = 0
         for c in spec.text_encoders:
-            seq = cfg.model.max_sequence_length if c.name in ("text_encoder_3",) or spec.family != "sd3" else 77
+            seq = hooks.fixed_text_lengths.get(c.name, cfg.model.max_sequence_length)
             text += 2 * c.params.numel * seq
         parts["text encoders"] = ratio * batch * text
     if rl and spec.rewards:

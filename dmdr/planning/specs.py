@@ -4,22 +4,25 @@ Nothing here reads a weight. A *model folder* is a diffusers pipeline folder wit
 (``model_index.json`` and each component's ``config.json``); the planner ships the public configs of
 the models the recipes train (:data:`SHIPPED`, under ``dmdr/planning/configs/``; sources in its
 README) and reads a user's real folder the same way. The denoiser is built by the trainer's own
-builder (:meth:`dmdr.models.loading.ModelFolder.build_config_on_meta`), wrapped in the family's
+builder (:meth:`dmdr.models.folder.ModelFolder.build_config_on_meta`), wrapped in the family's
 :class:`~dmdr.models.base.Denoiser`, and given the generator and critic LoRA by the trainer's
 :func:`dmdr.build.build_roles`, so parameter shapes, FSDP units (``Denoiser.blocks()`` then the root)
 and adapter sizes are the run's own. Text encoders (transformers), the VAE (diffusers) and the reward
 models (open_clip / transformers) are built on meta from their configs too.
 
-Adding a family (SDXL is being added): ship its configs, add a :class:`PlanFamily` with its
-activation and FLOP model (:mod:`dmdr.planning.activations`, :mod:`dmdr.planning.flops`) to
-:data:`PLAN_FAMILIES`, and map its recipe in :data:`RECIPE_MODELS`.
+Adding a family (SDXL is being added): ship its configs, give its
+:class:`~dmdr.models.family.FamilySpec` the :class:`~dmdr.models.family.PlannerHooks` naming its activation
+and FLOP model (:mod:`dmdr.planning.activations`, :mod:`dmdr.planning.flops`), and map its recipe in
+:data:`RECIPE_MODELS`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +30,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmdr.build import build_roles
 from dmdr.config import TrainConfig
+from dmdr.devices import DTYPES
+from dmdr.distributed.parallelize import outer_block_lists
 from dmdr.errors import ConfigError, ModelLoadError
-from dmdr.models.loading import ModelFolder, detect_family, read_model_index
+from dmdr.models.base import Backbone
+from dmdr.models.families import FAMILIES, family_spec
+from dmdr.models.family import PlannerHooks
+from dmdr.models.folder import ModelFolder, read_model_index
+from dmdr.models.loading import detect_family
 
 CONFIGS = Path(__file__).parent / "configs"
 SHIPPED = {"sd3.5-large": CONFIGS / "sd3.5-large", "sd3-medium": CONFIGS / "sd3-medium",
@@ -41,23 +51,20 @@ REWARD_CONFIGS = {"hps": CONFIGS / "rewards" / "hps", "clip": CONFIGS / "rewards
                   "pickscore": CONFIGS / "rewards" / "pickscore"}
 """HPSv2.1 (open_clip ViT-H-14), DFN5B-CLIP ViT-H-14-378 (open_clip), PickScore (transformers CLIP ViT-H-14)."""
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+def plan_hooks(family_name: str) -> PlannerHooks:
+    """The planner's hooks of a family; a family without any is a one-line :class:`ConfigError`."""
+    hooks = family_spec(family_name).planner
+    if hooks is None:
+        have = ", ".join(f.name for f in FAMILIES.values() if f.planner is not None)
+        raise ConfigError(f"the planner has no model of family {family_name!r} yet (has: {have})")
+    return hooks
 
 
-@dataclass(frozen=True)
-class PlanFamily:
-    """What the planner needs to know about a family beyond its configs."""
-
-    denoiser: str
-    """``module:Class`` of the family's :class:`~dmdr.models.base.Denoiser`."""
-    text_components: tuple[str, ...]
-    """``model_index.json`` names of the text encoders."""
-
-
-PLAN_FAMILIES: dict[str, PlanFamily] = {
-    "sd3": PlanFamily("dmdr.models.sd3:SD3Denoiser", ("text_encoder", "text_encoder_2", "text_encoder_3")),
-    "zimage": PlanFamily("dmdr.models.zimage:ZImageDenoiser", ("text_encoder",)),
-}
+@functools.cache
+def resolve_hook(ref: str) -> Callable[..., Any]:
+    """The function a ``module:function`` hook reference names."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass
@@ -174,8 +181,6 @@ def _meta_transformers(folder: Path, cls_name: str) -> nn.Module:
 
 
 def _component(name: str, cls_name: str, module: nn.Module, dtype: torch.dtype | None) -> Component:
-    from dmdr.distributed.parallelize import outer_block_lists
-
     if dtype is not None:
         module.to(dtype)
     blocks = [Tensors.of(list(b.parameters())) for lst in outer_block_lists(module) for b in lst]
@@ -198,23 +203,14 @@ def build_reward_spec(name: str) -> Component:
     return _component(name, "CLIPModel", _meta_transformers(folder, "CLIPModel"), None)
 
 
-def _load_class(path: str) -> type:
-    module, _, cls = path.partition(":")
-    return getattr(importlib.import_module(module), cls)
-
-
 def build_denoiser_spec(cfg: TrainConfig, folder: ModelFolder, family: str) -> DenoiserSpec:
     """The teacher on meta with the generator and critic LoRA, injected by the trainer's own code."""
-    from dmdr.build import build_roles
-    from dmdr.models.base import Backbone
-
-    fam = PLAN_FAMILIES[family]
-    net = folder.build_config_on_meta("transformer", _DTYPES[cfg.model.dtype])
+    fam = family_spec(family)
+    net = folder.build_config_on_meta(fam.denoiser_component, DTYPES[cfg.model.dtype])
     net.requires_grad_(False)
-    adapter = importlib.import_module(fam.denoiser.partition(":")[0])
-    teacher = _load_class(fam.denoiser)(net, t_min=cfg.dmd.t_min)
+    teacher = fam.denoiser_class(net, t_min=cfg.dmd.t_min)
     backbone = Backbone(family=family, teacher=teacher, text_encoder=None, codec=None, latent_channels=0,
-                        vae_scale_factor=8, lora_targets=tuple(adapter.LORA_TARGETS))
+                        vae_scale_factor=8, lora_targets=fam.lora_targets)
     lora_cfg = _lora_mode(cfg)
     build_roles(lora_cfg, backbone)  # generator LoRA (always, to size it) and critic LoRA, as a run injects them
     blocks = teacher.blocks()
@@ -253,12 +249,11 @@ def build_model_spec(cfg: TrainConfig, recipe: str = "", model: str = "") -> Mod
     name, path = resolve_model_folder(cfg, recipe, model)
     folder = read_model_index(path)
     family = detect_family(folder, cfg.model.family).name
-    if family not in PLAN_FAMILIES:
-        raise ConfigError(f"the planner has no model of family {family!r} yet (has: {', '.join(PLAN_FAMILIES)})")
-    dtype = _DTYPES[cfg.model.dtype]
+    hooks = plan_hooks(family)
+    dtype = DTYPES[cfg.model.dtype]
     denoiser = build_denoiser_spec(cfg, folder, family)
     texts = []
-    for comp in PLAN_FAMILIES[family].text_components:
+    for comp in hooks.text_encoders:
         if folder.declared(comp):
             _, cls_name = folder.component_class(comp)
             texts.append(_component(comp, cls_name, _meta_transformers(path / comp, cls_name), dtype))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dmdr.config import to_dict
+from dmdr.distributed.checkpoint import read_marker
 from dmdr.preflight import RunContext
 from dmdr.preflight.rewards import rl_reached
 from dmdr.preflight.run_checks import checkpoint_bytes, text_encoders_needed
@@ -25,8 +27,6 @@ def _gb(n: int | None) -> str:
 
 
 def _resume(cfg: Any, facts: dict[str, Any]) -> str:
-    from dmdr.distributed.checkpoint import read_marker
-
     path = facts.get("resume")
     if cfg.checkpoint.resume == "never" or not path:
         return "fresh start" + (" (checkpoint.resume never)" if cfg.checkpoint.resume == "never" else
@@ -90,8 +90,6 @@ def plan_lines(cfg: Any, ctx: RunContext) -> list[str]:
 
 def describe(cfg: Any, ctx: RunContext) -> str:
     """The ``--dry-run`` output: the resolved config (JSON) and the plan."""
-    from dmdr.config import to_dict
-
     return "\n".join(["resolved config:", json.dumps(to_dict(cfg), indent=2, sort_keys=True), "",
                       "plan of the run (dry run: nothing was loaded):", *plan_lines(cfg, ctx)])
 

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from dmdr.errors import ConfigError
-from dmdr.preflight import Problem, RunContext, register_check
+from dmdr.models.folder import TOKENIZER_FILES
+from dmdr.preflight.core import Problem, RunContext, register_check
 from dmdr.preflight.files import weight_file_problem
 from dmdr.preflight.run_checks import _weight_problems
+from dmdr.rewards import build_reward
 
 
 def rl_reached(cfg: Any) -> bool:
@@ -80,8 +82,6 @@ def clip_problems(rl: Any) -> list[Problem]:
 
 
 def pickscore_problems(rl: Any) -> list[Problem]:
-    from dmdr.models.loading import _TOKENIZER_FILES
-
     what = "a local PickScore folder (CLIPModel save_pretrained layout with its tokenizer)"
     if (bad := _path_problem("rl.pickscore_model", rl.pickscore_model, what, folder=True)) is not None:
         return [bad]
@@ -89,7 +89,7 @@ def pickscore_problems(rl: Any) -> list[Problem]:
     problems = []
     if not (p / "config.json").is_file():
         problems.append(Problem("rl.pickscore_model", rl.pickscore_model, f"has no config.json (expected {what})"))
-    if not any((p / n).is_file() for n in _TOKENIZER_FILES):
+    if not any((p / n).is_file() for n in TOKENIZER_FILES):
         problems.append(Problem("rl.pickscore_model", rl.pickscore_model, f"has no tokenizer files (expected {what})"))
     if (p / "model.safetensors.index.json").is_file() or (p / "pytorch_model.bin.index.json").is_file():
         return problems + _weight_problems(p, "rl.pickscore_model", rl.pickscore_model)
@@ -105,8 +105,6 @@ entry (preflight builds the others, e.g. the analytic ones, to check their names
 @register_check
 def check_rewards(ctx: RunContext) -> list[Problem]:
     """The RL stage's rewards, when ``rl.start_step`` falls within ``train.max_steps``."""
-    from dmdr.rewards import build_reward
-
     if not rl_reached(ctx.cfg):
         return []
     problems = []

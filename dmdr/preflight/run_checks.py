@@ -10,17 +10,23 @@ arguments so that the tools check their own paths with them (:mod:`dmdr.prefligh
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
 
+from dmdr.data import EmbeddingCache
+from dmdr.data.readers import Cleaner, read_split
+from dmdr.data.sources import plan_source
+from dmdr.distributed.checkpoint import CheckpointManager, verify_checkpoint
+from dmdr.distributed.env import registered_backend
+from dmdr.distributed.mesh import resolve_dp
 from dmdr.errors import ConfigError, DataError, ModelLoadError, UserError
-from dmdr.preflight import Problem, RunContext, problem_from, register_check
+from dmdr.models.loading import LoadOptions, detect_family, read_model_index
+from dmdr.models.lora import _matches
+from dmdr.models.weights import safetensors_files
+from dmdr.preflight.core import Problem, RunContext, problem_from, register_check
 from dmdr.preflight.files import free_bytes, header_numel, safetensors_header, weight_file_problem, writable_problem
 
-DENOISERS = ("transformer", "unet")
-"""The denoiser component of a family's folder: the transformer (SD3, Z-Image) or the UNet (SDXL)."""
 FIRST_RECORDS = 1000
 """Records of a source read, at most, looking for one good prompt."""
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -46,8 +52,6 @@ def _weight_problems(folder: Path, setting: str, value: str) -> list[Problem]:
 
 def _lora_size(headers: list[dict[str, Any]], targets: tuple[str, ...], rank: int) -> tuple[int, int]:
     """``(parameters, tensors)`` of a rank-``rank`` LoRA on every 2-D ``<module>.weight`` matching ``targets``."""
-    from dmdr.models.lora import _matches
-
     numel = tensors = 0
     for header in headers:
         for name, info in header.items():
@@ -87,8 +91,6 @@ def model_problems(path: str, family: str = "auto", *, setting: str = "model.pat
         facts: filled with ``family``, ``pipeline_class``, ``folder`` and, from the weight headers,
             ``denoiser_headers`` / ``denoiser_numel``.
     """
-    from dmdr.models.loading import LoadOptions, detect_family, read_model_index
-
     if not str(path):
         return [Problem(setting, "", "not set; point it at a local diffusers pipeline folder (model_index.json "
                                      "at its top)")]
@@ -102,11 +104,10 @@ def model_problems(path: str, family: str = "auto", *, setting: str = "model.pat
                                                 f"{fam.name}; set it to {fam.name} or auto")]
     import torch
 
-    adapter = importlib.import_module(fam.module)
     options = LoadOptions(dtype=torch.float32, device=torch.device("cpu"), load_text_encoder=text_encoder,
                           t_min=0.0, max_sequence_length=1, defer_denoiser=sharded)
     try:
-        names = adapter.required_components(folder, options) if denoiser else adapter.text_components(folder, options)
+        names = fam.required_components(folder, options) if denoiser else fam.text_components(folder, options)
     except ModelLoadError as e:
         return [Problem(setting, str(path), str(e))]
     problems = []
@@ -121,14 +122,11 @@ def model_problems(path: str, family: str = "auto", *, setting: str = "model.pat
             problems += _weight_problems(folder.path / name, setting, str(path))
     if facts is not None:
         facts.update(family=fam.name, pipeline_class=folder.pipeline_class, folder=str(folder.path),
-                     lora_targets=tuple(getattr(adapter, "LORA_TARGETS", ())))
+                     lora_targets=fam.lora_targets)
     if not denoiser or problems:
         return problems
-    from dmdr.distributed.meta_load import safetensors_files
-
     try:
-        denoiser_name = next((n for n in DENOISERS if folder.declared(n)), DENOISERS[0])
-        files = safetensors_files(folder.path / denoiser_name)
+        files = safetensors_files(folder.path / fam.denoiser_component)
     except ModelLoadError as e:
         if sharded:  # the sharded loader reads each rank's rows from safetensors only
             problems.append(problem_from(e, setting, str(path)))
@@ -155,9 +153,6 @@ def check_model(ctx: RunContext) -> list[Problem]:
 # --------------------------------------------------------------------------------------------- data
 def source_problems(data: Any, readers: int, setting: str = "data.sources") -> list[Problem]:
     """Every prompt source resolves, its shards open, and at least one record of it is a good prompt."""
-    from dmdr.data.readers import Cleaner, read_split
-    from dmdr.data.sources import plan_source
-
     if not data.sources:
         return [Problem(setting, (), "not set; give paths, globs or fsspec URLs of .txt/.jsonl/.parquet prompt "
                                      "files")]
@@ -229,9 +224,6 @@ def check_job(ctx: RunContext) -> list[Problem]:
     """The device exists, and ``dp_replicate x dp_shard`` fills the world size."""
     import torch
 
-    from dmdr.distributed.env import registered_backend
-    from dmdr.distributed.mesh import resolve_dp
-
     problems = []
     device = ctx.cfg.train.device
     extra = registered_backend()  # an out-of-tree backend registered in this process (PrivateUse1)
@@ -296,8 +288,6 @@ def check_output(ctx: RunContext) -> list[Problem]:
 
 def checkpoint_problems(path: str | Path, setting: str) -> list[Problem]:
     """A checkpoint folder is complete: marker present, every file at its recorded size (no CRC read)."""
-    from dmdr.distributed.checkpoint import verify_checkpoint
-
     if not Path(path).is_dir():
         return [Problem(setting, str(path), "is not a checkpoint folder (give <output_dir>/checkpoints/step-<N>)")]
     reason = verify_checkpoint(path)
@@ -307,8 +297,6 @@ def checkpoint_problems(path: str | Path, setting: str) -> list[Problem]:
 @register_check
 def check_resume(ctx: RunContext) -> list[Problem]:
     """An explicit ``checkpoint.resume`` folder is complete; ``auto`` records which one it would take."""
-    from dmdr.distributed.checkpoint import CheckpointManager, verify_checkpoint
-
     resume = ctx.cfg.checkpoint.resume
     if resume == "never":
         return []
@@ -337,7 +325,6 @@ def check_sample_prompts(ctx: RunContext) -> list[Problem]:
     cfg = ctx.cfg
     if text_encoders_needed(cfg) or not cfg.log.sample_interval or not cfg.log.sample_prompts:
         return []
-    from dmdr.data import EmbeddingCache
 
     try:
         cache = EmbeddingCache(cfg.data.embedding_cache)
@@ -350,5 +337,3 @@ def check_sample_prompts(ctx: RunContext) -> list[Problem]:
                                                       "cache and no text encoder is loaded; add them to the cache "
                                                       "or set --log.sample_interval 0")]
 
-
-from dmdr.preflight import rewards as _rewards  # noqa: E402,F401  (registers the reward checks)

@@ -10,7 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dmdr.config import from_dict
+from dmdr.distributed.checkpoint import CheckpointManager, read_marker, verify_checkpoint
 from dmdr.errors import UserError
+from dmdr.export import SETTINGS_FILE, InferenceSettings, check_output, resolve_weights
+from dmdr.models.loading import read_model_index
 from dmdr.preflight import Problem, problem_from
 from dmdr.preflight.files import writable_problem
 from dmdr.preflight.run_checks import checkpoint_problems, model_problems, source_problems
@@ -18,8 +22,6 @@ from dmdr.preflight.run_checks import checkpoint_problems, model_problems, sourc
 
 def _checkpoint(run: Path, step: str) -> tuple[Path | None, list[Problem]]:
     """The checkpoint ``--step`` names in a run (``latest``: the newest complete one), by sizes only."""
-    from dmdr.distributed.checkpoint import CheckpointManager, verify_checkpoint
-
     manager = CheckpointManager(run)
     if str(step) == "latest":
         found = next((p for p in manager.checkpoints() if verify_checkpoint(p) is None), None)
@@ -41,10 +43,6 @@ def _checkpoint(run: Path, step: str) -> tuple[Path | None, list[Problem]]:
 def run_problems(run: str, step: str, model_path: str, weights: str = "auto",
                  text_encoder: bool = True) -> list[Problem]:
     """A training run folder as the export and sampling tools read it: config, teacher folder, checkpoint, EMA."""
-    from dmdr.config import from_dict
-    from dmdr.distributed.checkpoint import read_marker
-    from dmdr.export import resolve_weights
-
     folder = Path(run)
     if not folder.is_dir():
         return [Problem("run", run, "does not exist (pass the training run's train.output_dir)")]
@@ -84,8 +82,6 @@ def run_problems(run: str, step: str, model_path: str, weights: str = "auto",
 
 def export_problems(args: Any) -> list[Problem]:
     """``tools/convert_to_diffusers.py``: the run, its checkpoint and teacher, and ``--out``."""
-    from dmdr.export import check_output
-
     problems = run_problems(args.run, args.step, args.model_path, args.weights, text_encoder=False)
     try:
         check_output(args.out, args.overwrite)
@@ -100,10 +96,7 @@ def pipeline_problems(path: str) -> list[Problem]:
     """An exported folder: a diffusers pipeline with every declared component present and its settings file."""
     import json
 
-    from dmdr.export import SETTINGS_FILE, InferenceSettings
-    from dmdr.models.loading import read_model_index
-
-    try:  # a --lora / --single-file export (dmdr.release) has no model_index.json: it loads onto its base
+    try:  # a --lora / --single-file export (dmdr.export.release) has no model_index.json: it loads onto its base
         form = json.loads((Path(path) / SETTINGS_FILE).read_text()).get("source", {}).get("form", "pipeline")
     except (OSError, ValueError, AttributeError):
         form = "pipeline"
@@ -112,7 +105,7 @@ def pipeline_problems(path: str) -> list[Problem]:
             InferenceSettings.read(path)
         except UserError as e:
             return [Problem("pipeline", path, str(e))]
-        return []  # dmdr.release.load_release checks the base folder, in one line
+        return []  # dmdr.export.load_release checks the base folder, in one line
     try:
         folder = read_model_index(path)
     except UserError as e:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("cache_text_embeddings", ROOT / "tools" / "cache_text_embeddings.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from dmdr.cli import cache_text_embeddings
+
+    return cache_text_embeddings
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ and an exact resume.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -31,10 +31,7 @@ LOSSES = ("loss/dmd", "loss/fake", "loss/generator", "loss/rl", "grad_norm/gener
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"dmdr.cli.{name}")
 
 
 def _metrics(out: Path) -> list[dict]:

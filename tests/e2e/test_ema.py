@@ -8,7 +8,7 @@ step (``k = 2``) has a non-finite loss, so it is skipped.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_helpers import REPO, tiny_config
+from tiny_helpers import tiny_config
 
 from dmdr import export
 from dmdr.distributed.offline import flatten, read_checkpoint
@@ -37,10 +37,7 @@ PROMPTS = ["a photo of a cat", "a red car in the rain"]
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"dmdr.cli.{name}")
 
 
 def _one_error_line(err: str, needle: str) -> str:
@@ -288,7 +285,7 @@ def test_resume_turning_ema_on_starts_it_from_the_resumed_weights(tiny_assets, r
 
 
 def test_lora_release_holds_the_ema_adapter(runs, tmp_path):
-    from dmdr.release import LORA_FILE
+    from dmdr.export.release import LORA_FILE
 
     out = tmp_path / "lora-ema"
     assert _tool("convert_to_diffusers").main(["--run", str(runs["straight"]), "--out", str(out), "--lora"]) == 0

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from tiny_helpers import REPO, load_recipe
 
 from dmdr.preflight.files import torch_checkpoint_problem, weight_file_problem
+from dmdr.recipes import run as run_recipe
 
 HPS_WHAT = "a local HPSv2.1 checkpoint file, e.g. HPS_v2.1_compressed.pt"
 CLIP_WHAT = "a local open_clip folder (open_clip_config.json + open_clip_pytorch_model.bin/.safetensors)"
@@ -81,9 +82,7 @@ def _argv(assets, tmp_path: Path, family: str = "sd3") -> list[str]:
 
 
 def _main(recipe: str, argv: list[str]) -> int:
-    module = load_recipe(recipe)
-    prepare = getattr(module, "prepare_assets", None)
-    return module.main(getattr(module, recipe), argv, prepare=prepare)
+    return run_recipe(recipe, argv)
 
 
 def _errors(err: str) -> list[str]:
@@ -267,12 +266,9 @@ def test_weight_file_headers():
 
 
 def _tool(name: str):
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"dmdr.cli.{name}")
 
 
 def test_tools_report_all_their_bad_paths_at_once(assets, tmp_path, capsys, nothing_loads):

@@ -19,8 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_helpers import one_error_line, tool
 
-from dmdr import export, release
+from dmdr import export
 from dmdr.distributed.offline import model_tensors
+from dmdr.export import release
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -203,7 +204,7 @@ def test_single_file_in_the_base_pipeline_equals_the_merged_export(exports, rele
     """Z-Image: ``from_single_file(config=base)`` into the base pipeline (the card's call), same images."""
     from diffusers import DiffusionPipeline
 
-    pipe = release.load_release(releases["zimage-single"])
+    pipe = export.load_release(releases["zimage-single"])
     assert type(pipe.transformer).__name__ == "ZImageTransformer2DModel"
     pipe.set_progress_bar_config(disable=True)
     merged = DiffusionPipeline.from_pretrained(str(exports["zimage"]), local_files_only=True)

@@ -4,13 +4,13 @@ before any model loads."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
-from tiny_helpers import REPO, load_recipe
+from tiny_helpers import load_recipe
 
+from dmdr.cli import convert_to_diffusers
 from dmdr.distributed import RNGState
 from dmdr.distributed.checkpoint import read_marker
 from dmdr.launch import main
@@ -66,10 +66,7 @@ def test_forged_checkpoint_is_refused_at_resume_and_export(forged_run, tiny_asse
     assert main(load_recipe("tiny_dmdr").tiny_dmdr, _argv(tiny_assets, out, train__max_steps=2)) == 2
     line = _error_line(capsys)
     assert "entry 'rng.rank0' is not plain data (it names io.open)" in line, line
-    spec = importlib.util.spec_from_file_location("convert_tool", REPO / "tools" / "convert_to_diffusers.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    assert tool.main(["--run", str(out), "--out", str(out.parent / "export")]) == 2
+    assert convert_to_diffusers.main(["--run", str(out), "--out", str(out.parent / "export")]) == 2
     line = _error_line(capsys)
     assert "entry 'rng.rank0' is not plain data" in line, line
     assert not pwned.exists() and not (out.parent / "export").exists()

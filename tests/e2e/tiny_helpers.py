@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -12,11 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def load_recipe(name: str):
-    """Import ``recipes/<name>.py`` as a module (recipes are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The module of recipe ``name`` (:mod:`dmdr.recipes.<name>`)."""
+    return importlib.import_module(f"dmdr.recipes.{name}")
 
 
 def tiny_config(assets: dict[str, str], output_dir: Path, **overrides: str):
@@ -34,11 +31,8 @@ def tiny_config(assets: dict[str, str], output_dir: Path, **overrides: str):
 
 
 def tool(name: str):
-    """Import ``tools/<name>.py`` as a module."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The module of ``tools/<name>.py`` (:mod:`dmdr.cli.<name>`)."""
+    return importlib.import_module(f"dmdr.cli.{name}")
 
 
 def script(name: str, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:

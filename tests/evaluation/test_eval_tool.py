@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -21,10 +21,7 @@ PROMPTS = ["a photo of a cat", "a red car in the rain", "a bowl of fruit"]
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"dmdr.cli.{name}")
 
 
 EVAL = _tool("eval")

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from dmdr.cli import plan as plan_tool
 from dmdr.planning.gpus import GPUS
-
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "plan.py"
 
 
 @pytest.fixture(scope="module")
 def plan_main():
-    spec = importlib.util.spec_from_file_location("plan_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return plan_tool.main
 
 
 def _json(plan_main, capsys, *argv: str) -> dict:

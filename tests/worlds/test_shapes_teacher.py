@@ -21,12 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _recipe():
-    import importlib.util
+    from dmdr.recipes import shapes_dmdr
 
-    spec = importlib.util.spec_from_file_location("recipe_shapes_dmdr", REPO / "recipes" / "shapes_dmdr.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return shapes_dmdr
 
 
 @pytest.fixture(scope="module")

@@ -248,12 +248,10 @@ def _score_reference(job: Job, teacher: str) -> list[dict]:
     import torch
 
     from dmdr.models import load_backbone
+    from dmdr.recipes.shapes_dmdr import shapes_dmdr
     from dmdr.worlds.shapes.evaluation import Sampler, evaluate_model
     from dmdr.worlds.shapes.pipeline import MAX_SEQUENCE_LENGTH
     from dmdr.worlds.shapes.scene import IMAGE_SIZE
-
-    sys.path.insert(0, str(RECIPE.parent))
-    from shapes_dmdr import shapes_dmdr
 
     cfg = shapes_dmdr()
     n, shift, w0 = cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.guidance

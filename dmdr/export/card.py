@@ -1,16 +1,6 @@
 """The model card (``README.md``) of an export: front matter, the exact diffusers calls, training, evaluation.
 
-Written by :func:`dmdr.export.write_export` for each form (``pipeline``: the merged folder, ``lora``:
-the generator adapter for the stock base pipeline, ``single-file``: one transformer file). The card
-holds:
-
-* YAML front matter as the Hugging Face Hub reads it: ``license`` (with ``license_name`` /
-  ``license_link``) copied from the base model's own card (the front matter of ``<base>/README.md``)
-  when it has one, ``base_model`` (the hub id, see :func:`base_model_id`), tags;
-* the base model, steps and sigmas, and the call that reproduces dmdr's sampler in that form;
-* the training config (steps, generator mode, cold start, rewards, learning rates, EMA);
-* evaluation numbers when ``<run>/eval/results.json`` exists (written by ``tools/eval.py``; read by
-  :func:`read_eval`, which accepts the schemas documented there and skips the section otherwise).
+What it holds and where each part comes from: ``dmdr/export/README.md``.
 """
 
 from __future__ import annotations
@@ -22,19 +12,23 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
+from dmdr.config import TrainConfig
+from dmdr.devices import DTYPES
+from dmdr.export.settings import InferenceSettings
+from dmdr.models.families import family_of_pipeline
+
 log = logging.getLogger("dmdr")
 
 EVAL_FILE = Path("eval") / "results.json"
 LICENSE_FIELDS = ("license", "license_name", "license_link")
 FORMS = ("pipeline", "lora", "single-file")
-TRANSFORMER_CLASSES = {"StableDiffusion3Pipeline": "SD3Transformer2DModel",
-                       "ZImagePipeline": "ZImageTransformer2DModel"}
 
 
 def base_card(base: str | Path) -> dict[str, Any]:
     """The front matter of the base model's ``README.md`` (empty when there is none or it does not parse)."""
-    import yaml
-
     file = Path(base) / "README.md"
     try:
         text = file.read_text(encoding="utf-8")
@@ -121,13 +115,13 @@ def _metric_rows(data: Any) -> list[dict[str, Any]]:
     return out
 
 
-def render(form: str, settings: Any, provenance: dict[str, Any], cfg: Any, base: str | Path,
+def render(form: str, settings: InferenceSettings, provenance: dict[str, Any], cfg: TrainConfig, base: str | Path,
            files: dict[str, str], base_id: str = "", evaluation: list[dict[str, Any]] | None = None) -> str:
     """The README.md of an export.
 
     Args:
         form: one of :data:`FORMS`.
-        settings: the :class:`dmdr.export.InferenceSettings`.
+        settings: the export's few-step settings.
         provenance: ``dmdr_inference.json``'s ``source``.
         cfg: the run's :class:`dmdr.config.TrainConfig`.
         base: the base (teacher) pipeline folder.
@@ -135,7 +129,7 @@ def render(form: str, settings: Any, provenance: dict[str, Any], cfg: Any, base:
         base_id: the base model's hub id for the calls (default: :func:`base_model_id`, else the local path).
         evaluation: :func:`read_eval`'s rows.
     """
-    if getattr(settings, "epsilon", False):
+    if settings.epsilon:
         return _epsilon_card(settings, provenance)
     card = base_card(base)
     base_id = base_id or base_model_id(base)
@@ -145,8 +139,6 @@ def render(form: str, settings: Any, provenance: dict[str, Any], cfg: Any, base:
         front["base_model"] = base_id
     front.update(library_name="diffusers", pipeline_tag="text-to-image",
                  tags=["dmdr", "text-to-image", "distillation", "few-step"] + (["lora"] if form == "lora" else []))
-    import yaml
-
     n = settings.num_inference_steps
     licence = (f"Licence: `{front['license']}`"
                + (f" ({front['license_name']})" if front.get("license_name") else "")
@@ -179,7 +171,7 @@ _FORM_TITLE = {"pipeline": "merged pipeline", "lora": "LoRA for the base pipelin
                "single-file": "single-file transformer"}
 
 
-def _epsilon_card(s: Any, provenance: dict[str, Any]) -> str:
+def _epsilon_card(s: InferenceSettings, provenance: dict[str, Any]) -> str:
     """The card of an SDXL-style (epsilon UNet, LCMScheduler at fixed timesteps) merged export."""
     n = s.num_inference_steps
     timesteps = [int(t) for t in s.timesteps]
@@ -216,19 +208,18 @@ def _weights_line(provenance: dict[str, Any]) -> str:
     return "weights as trained"
 
 
-def _call(s: Any) -> str:
+def _call(s: InferenceSettings) -> str:
     return (f'image = pipe("a photo of a cat", num_inference_steps={s.num_inference_steps}, '
             f'sigmas=settings["sigmas"],\n             guidance_scale={s.guidance_scale}, height={s.resolution}, '
             f"width={s.resolution}, max_sequence_length={s.max_sequence_length}).images[0]")
 
 
-TORCH_DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
 
 
-def _usage(form: str, s: Any, base_ref: str, files: dict[str, str], dtype: str) -> str:
+def _usage(form: str, s: InferenceSettings, base_ref: str, files: dict[str, str], dtype: str) -> str:
     here = "path/to/this/folder"
     cls = s.pipeline_class
-    td = f"dtype={TORCH_DTYPES.get(dtype, 'torch.float32')}"  # diffusers 0.42 deprecates torch_dtype
+    td = f"dtype={DTYPES.get(dtype, torch.float32)}"  # diffusers 0.42 deprecates torch_dtype
     settings = f'settings = json.load(open("{here}/dmdr_inference.json"))\n'
 
     def lora_lines(folder: str) -> str:
@@ -254,7 +245,8 @@ def _usage(form: str, s: Any, base_ref: str, files: dict[str, str], dtype: str) 
                 "shift the sigmas again):\n\n"
                 f'{head}\n\npipe = {cls}.from_pretrained("{base_ref}", {td})\n{lora_lines(here)}{settings}'
                 f"{_call(s)}\n```\n\n{merged}")
-    model_class = TRANSFORMER_CLASSES.get(cls, "<the transformer class>")
+    fam = family_of_pipeline(cls)
+    model_class = (fam.single_file_class if fam else None) or "<the transformer class>"
     return (f"`{files['single_file']}`: the distilled transformer as one safetensors file with diffusers' key "
             "names (UIs that load diffusers-keyed diffusion models take it as it is). In diffusers, give the base "
             "folder as `config` (diffusers infers the architecture only from the original checkpoint layouts):\n\n"
@@ -266,7 +258,7 @@ def _usage(form: str, s: Any, base_ref: str, files: dict[str, str], dtype: str) 
             f"{settings}{_call(s)}\n```\n\n{merged}")
 
 
-def _exact(s: Any) -> str:
+def _exact(s: InferenceSettings) -> str:
     n = s.num_inference_steps
     return f"""The scheduler appends a terminal sigma 0, while the training sampler ends at t_min = {s.t_min}: the
 call above differs from it by t_min * v in the last step only. To reproduce the training sampler
@@ -283,7 +275,7 @@ image = pipe(..., sigmas=settings["exact"]["sigmas"], callback_on_step_end=stop)
 """
 
 
-def _training(cfg: Any, provenance: dict[str, Any]) -> str:
+def _training(cfg: TrainConfig, provenance: dict[str, Any]) -> str:
     m, d, rl, o = cfg.model, cfg.dmd, cfg.rl, cfg.optim
     mode = (f"LoRA, rank {m.generator_lora_rank}, alpha {m.generator_lora_alpha:g}" if m.generator_mode == "lora"
             else "full fine-tune")

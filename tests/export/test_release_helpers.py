@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from dmdr import model_card, release
 from dmdr.errors import ConfigError
+from dmdr.export import card as model_card
+from dmdr.export import release
 from dmdr.models.lora import inject_lora
 
 

@@ -1,0 +1,45 @@
+"""The command-line tools, as code: each module has ``main(argv=None) -> int`` (the process exit code).
+
+Run them as ``python tools/<name>.py`` (thin launchers at the paths users know) or as the installed
+``dmdr-<name>`` commands (``[project.scripts]`` in pyproject.toml). Bad input prints one ``error:`` line and
+exits 2 (:func:`error_exit`).
+
+``tools/profile.py`` bears the name of the standard library's ``profile``, which ``cProfile`` imports (torch
+does, through ``torch.distributed.checkpoint`` and ``torch._dynamo``). A tool run by path has ``tools/`` first
+on ``sys.path``, so that import finds the launcher: imported under that name, the launcher calls
+:func:`become_stdlib_module` and the process gets the real module.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sys
+import sysconfig
+
+from dmdr.errors import UserError
+
+EXIT_USER_ERROR = 2
+"""A tool's exit code for bad input (a missing folder, a typo, a corrupt checkpoint)."""
+
+
+def error_exit(err: UserError, show: bool = True) -> int:
+    """Print ``error: <one line>`` to stderr (unless ``show`` is false: a rank that is not the reporter) and
+    return :data:`EXIT_USER_ERROR`."""
+    if show:
+        print(f"error: {err}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def become_stdlib_module(name: str) -> None:
+    """Make ``sys.modules[name]`` the standard library's module ``name``.
+
+    For a file that is being imported under a standard module's name by mistake (see the module doc): the
+    import system returns what ``sys.modules`` holds once that file has run.
+    """
+    spec = importlib.machinery.PathFinder.find_spec(name, [sysconfig.get_path("stdlib")])
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"no standard library module {name!r}", name=name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)

@@ -157,6 +157,7 @@ def worker(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    import dmdr.engine as engine_module
     import dmdr.trainer as trainer_module
     from dmdr.launch import run
 
@@ -181,13 +182,13 @@ def worker(args: argparse.Namespace) -> int:
                 record(None, None)
         return wrapper
 
-    cls = trainer_module.DMDRTrainer
-    for key in ("backward_simulate", "generator_clean_estimate", "dmd_generator_loss"):
-        if hasattr(trainer_module, key):
-            setattr(trainer_module, key, timed(key, getattr(trainer_module, key)))
-    for key in ("critic_update", "generator_update", "_next_batch", "train_iteration"):
-        if hasattr(cls, key):
-            setattr(cls, key, timed(key, getattr(cls, key)))
+    # The step engine calls the algorithm's functions by the names it imported; the trainer feeds it batches.
+    # A name that is gone is an error here, not a phase silently timed at zero.
+    for owner, keys in ((engine_module, ("backward_simulate", "generator_clean_estimate", "dmd_generator_loss")),
+                        (engine_module.StepEngine, ("critic_update", "generator_update")),
+                        (trainer_module.DMDRTrainer, ("_next_batch", "train_iteration"))):
+        for key in keys:
+            setattr(owner, key, timed(key, getattr(owner, key)))
     folder, prompts, cache = Path(args.folder), Path(args.prompts), Path(args.cache)
     t0 = time.perf_counter()
     code = run(recipe_config(run_overrides(args, folder, prompts, cache)))

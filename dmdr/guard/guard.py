@@ -15,8 +15,9 @@ trainer writes a checkpoint at its step (the rollback target). One that trips:
 
 Resumable: the guard's state (baseline, recent probes, trips, rollbacks, the last passing step, the
 accumulated training signals) is an entry of the checkpoint. A kill -9 after a rollback resumes from the
-re-saved restored step with the lowered setting; one during a rollback resumes from an earlier checkpoint
-and replays to the same trip and the same rollback (probes and training are deterministic).
+re-saved restored step with the lowered setting (tested bit-for-bit); one during a rollback resumes from an
+earlier checkpoint and replays to the same trip and the same rollback (probes and training are deterministic;
+not yet tested).
 """
 
 from __future__ import annotations

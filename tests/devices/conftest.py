@@ -17,9 +17,24 @@ sys.path.insert(0, str(HERE.parent / "e2e"))  # tiny_helpers: the tiny recipe's 
 
 
 def pytest_collection_modifyitems(items):
-    for item in items:
-        if Path(str(item.fspath)).resolve().parent == HERE:
-            item.add_marker(pytest.mark.second_device)
+    ours = [item for item in items if Path(str(item.fspath)).resolve().parent == HERE]
+    for item in ours:
+        item.add_marker(pytest.mark.second_device)
+    if ours:
+        _register_before_any_backward()
+
+
+def _register_before_any_backward() -> None:
+    """Register the device before any test runs: autograd's engine sizes its per-device queues at the first
+    backward of the process, so a device registered after another test ran a backward cannot run one itself
+    (an internal assert in torch/csrc/autograd/engine.cpp). A failed build is reported by the fixture."""
+    import hostdev as backend
+
+    if backend.compiler_available():
+        try:
+            backend.load()
+        except Exception:  # noqa: BLE001 - the ``hostdev`` fixture loads again and fails the tests with the error
+            pass
 
 
 @pytest.fixture(scope="session")

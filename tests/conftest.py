@@ -25,3 +25,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """No log handler writes to a stream that an earlier test's output capture closed.
+
+    ``logging.basicConfig`` (``dmdr.launch.main`` and the tools call it) and the libraries' own loggers (diffusers,
+    transformers) bind ``sys.stderr`` as it is when they first log: inside a test using ``capsys`` that is a capture
+    closed afterwards, and a later record (even from a module fixture's setup) would print a "--- Logging error ---"
+    traceback into another test's stderr, which the one-line error checks read. So before each test's fixtures
+    are set up, every plain StreamHandler is pointed at the current ``sys.stderr``.
+    """
+    import logging
+    import sys
+
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    for log in loggers:
+        for handler in log.handlers:
+            if type(handler) is logging.StreamHandler and handler.stream is not sys.stderr:
+                handler.stream = sys.stderr  # not setStream: it would flush the closed stream first

@@ -49,8 +49,9 @@ def trip_once(monkeypatch):
 
 
 def _cfg(assets, out: Path, **kw):
-    return tiny_config(assets, out, guard__action="rollback", guard__interval=2, guard__start_step=2,
-                       checkpoint__interval=100, rl__start_step=2, **kw)
+    settings = {"guard__action": "rollback", "guard__interval": 2, "guard__start_step": 2,
+                "checkpoint__interval": 100, "rl__start_step": 2, **kw}
+    return tiny_config(assets, out, **settings)
 
 
 def _rows(out: Path) -> dict[int, dict]:

@@ -248,3 +248,27 @@ def test_bad_rl_config_is_one_line(argv, needle):
     with pytest.raises(ConfigError) as err:
         apply_overrides(TrainConfig(), argv)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+class PromptLog(XReward):
+    """XReward that records the prompts each call is scored against (one per image)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, list[str]]] = []
+
+    def __call__(self, images, prompts):
+        self.calls.append((images.shape[0], list(prompts)))
+        return super().__call__(images, prompts)
+
+
+@pytest.mark.parametrize("make, want", [
+    (lambda: GRPO(group_size=2), ["p0", "p0", "p1", "p1"]),  # a batch of 4 makes 2 groups of the first 2 prompts
+    (lambda: OnPolicyDPO(k=2), ["p0", "p0", "p1", "p1", "p2", "p2", "p3", "p3"]),  # K samples of every prompt
+], ids=["grpo", "dpo"])
+def test_rewards_score_each_sample_against_its_own_prompt(make, want):
+    log, model = PromptLog(), Linear2D()
+    reference = FrozenReference(list(model.parameters()))
+    reference.take()
+    make().loss(_batch(4), _access(model, reference=reference), [(log, 1.0)])
+    assert log.calls[0] == (len(want), want)

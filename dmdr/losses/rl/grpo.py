@@ -103,7 +103,7 @@ class GRPO:
         groups = n // self.group_size
         rep = repeat_index(groups, self.group_size, batch.x0.device)
         cond = g.select(batch.cond, rep)
-        prompts = [p for p in batch.prompts for _ in range(self.group_size)]  # = prompts[rep], without a sync
+        prompts = [p for p in batch.prompts[:groups] for _ in range(self.group_size)]  # = prompts[rep], no sync
         with torch.no_grad():
             traj = sde_sample_with_log_probs(g.fn, g.noise(n), cond, g.timesteps, g.param, generator=g.rng)
         scores, stats, finite = score(rewards, g.decode(traj.sample), prompts)

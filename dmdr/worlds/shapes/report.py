@@ -42,8 +42,13 @@ def _mean(row: dict, key: str) -> float:
 
 
 def claims(by_name: dict[str, dict], teacher_multi: str, teacher_few: str, dmd: str, dmdr: str,
-           rl_only: str | None, init: str | None = None, margin: float = 0.05) -> list[tuple[str, bool, str]]:
-    """The paper's orderings, checked on this run's numbers: ``(claim, holds, numbers)``."""
+           rl_only: str | None, init: str | None = None, margin: float = 0.05,
+           reach: float = 0.03) -> list[tuple[str, bool, str]]:
+    """The paper's orderings, checked on this run's numbers: ``(claim, holds, numbers)``.
+
+    "Reaches the teacher" means within ``reach`` ShapeEval (issue 23's bar); "beats" means by more than the larger
+    of the two rows' spreads over evaluation seeds, so that a gap inside the noise is not called a win.
+    """
     out = []
 
     def add(text: str, holds: bool, numbers: str) -> None:
@@ -56,12 +61,13 @@ def claims(by_name: dict[str, dict], teacher_multi: str, teacher_few: str, dmd: 
         se[teacher_multi] - se[teacher_few] > margin, f"{se[teacher_few]:.3f} vs {se[teacher_multi]:.3f}")
     add(f"DMD few-step beats the few-step teacher by a clear margin (> {margin})",
         se[dmd] - se[teacher_few] > margin, f"{se[dmd]:.3f} vs {se[teacher_few]:.3f}")
-    add(f"DMD few-step comes close to the multi-step teacher (within {2 * margin})",
-        se[dmd] >= se[teacher_multi] - 2 * margin, f"{se[dmd]:.3f} vs {se[teacher_multi]:.3f}")
+    add(f"DMD few-step reaches the multi-step teacher (within {reach})",
+        se[dmd] >= se[teacher_multi] - reach, f"{se[dmd]:.3f} vs {se[teacher_multi]:.3f}")
     add("DMDR beats DMD alone on the reward", rw[dmdr] > rw[dmd], f"{rw[dmdr]:.3f} vs {rw[dmd]:.3f}")
     add("DMDR beats DMD alone on ShapeEval", se[dmdr] > se[dmd], f"{se[dmdr]:.3f} vs {se[dmd]:.3f}")
-    add("DMDR beats the multi-step CFG teacher on ShapeEval", se[dmdr] > se[teacher_multi],
-        f"{se[dmdr]:.3f} vs {se[teacher_multi]:.3f}")
+    spread = max(by_name[dmdr]["scores"]["overall"]["std"], by_name[teacher_multi]["scores"]["overall"]["std"])
+    add("DMDR beats the multi-step CFG teacher on ShapeEval (by more than the seed spread)",
+        se[dmdr] - se[teacher_multi] > spread, f"{se[dmdr]:.3f} vs {se[teacher_multi]:.3f}, spread {spread:.3f}")
     if rl_only is not None:
         base = init or dmd
         hacked = rw[rl_only] > rw[base] and (se[rl_only] < se[dmdr] or fid[rl_only] < fid[dmdr])

@@ -2,9 +2,11 @@
 
 Changes are tried in the order of what they cost the run (throughput first, the algorithm last):
 shard the text encoders, use the text-embedding cache, stronger activation checkpointing, a larger
-shard group, offload the teacher to the host, and only then a smaller batch (which changes the
-recipe's training signal). The first single change that fits is the advice; if none does, they are
-accumulated in that order until the plan fits. The project offers no 8-bit optimizer and no reward
+shard group, offload the teacher to the host. The first single change that fits is the advice; if none does,
+they are accumulated in that order until the plan fits; then gradient accumulation (``train.grad_accum K``: the
+same update from K micro-batches, each forward and backward at 1/K of the activations, only the matmuls get
+smaller), and only if even a micro-batch of one does not fit a smaller batch (which changes the recipe's training
+signal). The project offers no 8-bit optimizer and no reward
 model sharding or offload (reward models load whole in fp32), so neither is proposed.
 """
 
@@ -102,6 +104,14 @@ def advise(cfg: TrainConfig, spec: ModelSpec, base: Plan, frozen: FrozenCosts) -
         if p.fits:
             return Advice(True, acc, notes, p)
     batches = largest_batches(with_overrides(cfg, acc), spec, base, frozen)
+    accum = accumulation_that_fits(cfg, batches)
+    if accum > 1:
+        with_accum = _merge(acc, (("train.grad_accum", str(accum)),))
+        p = _plan_with(cfg, spec, base, frozen, with_accum)
+        if p.fits:
+            notes.append(f"{accum} micro-batches per step keep the recipe's batch and its update (each forward "
+                         f"and backward runs 1/{accum} of it; no extra FLOPs, smaller matmuls)")
+            return Advice(True, with_accum, notes, p)
     if all(b >= 1 for b in batches):
         acc = _merge(acc, (("data.batch_size", str(batches[0])),) +
                      ((("data.rl_batch_size", str(batches[1])),) if len(batches) > 1 else ()))
@@ -109,6 +119,20 @@ def advise(cfg: TrainConfig, spec: ModelSpec, base: Plan, frozen: FrozenCosts) -
         return Advice(True, acc, notes, _plan_with(cfg, spec, base, frozen, acc))
     notes.append("does not fit at batch 1 with every setting the project offers: add GPUs or use a larger GPU")
     return Advice(False, acc, notes, p)
+
+
+def accumulation_that_fits(cfg: TrainConfig, micro_fits: list[int]) -> int:
+    """The smallest ``train.grad_accum`` whose micro-batches fit (``micro_fits``: the largest per stage) and
+    divide every stage's batch, GRPO's groups whole in a micro-batch; 0 if none."""
+    batches = [cfg.data.batch_size] + ([cfg.data.rl_batch_size or cfg.data.batch_size] if len(micro_fits) > 1 else [])
+    for k in range(1, max(batches) + 1):
+        if any(b % k for b in batches):
+            continue
+        if cfg.rl.method == "grpo" and (batches[-1] // k) % (cfg.rl.grpo_group_size or 2):
+            continue
+        if all(b // k <= fit for b, fit in zip(batches, micro_fits)):
+            return k
+    return 0
 
 
 def _merge(a: tuple[tuple[str, str], ...], b: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
@@ -132,7 +156,9 @@ def _largest(fits: Callable[[int], bool]) -> int:
 
 
 def largest_batches(cfg: TrainConfig, spec: ModelSpec, base: Plan, frozen: FrozenCosts) -> list[int]:
-    """The largest per-GPU batch that fits, per stage (cold start, RL)."""
+    """The largest per-GPU batch that fits without accumulation, per stage (cold start, RL): with
+    ``train.grad_accum K`` the largest micro-batch."""
+    cfg = with_overrides(cfg, (("train.grad_accum", "1"),))
 
     def stage_fits(stage: int, key: str) -> Callable[[int], bool]:
         def fits(b: int) -> bool:

@@ -2,12 +2,12 @@
 
 Changes are tried in the order of what they cost the run (throughput first, the algorithm last):
 shard the text encoders, use the text-embedding cache, stronger activation checkpointing, a larger
-shard group, offload the teacher to the host. The first single change that fits is the advice; if none does,
-they are accumulated in that order until the plan fits; then gradient accumulation (``train.grad_accum K``: the
-same update from K micro-batches, each forward and backward at 1/K of the activations, only the matmuls get
-smaller), and only if even a micro-batch of one does not fit a smaller batch (which changes the recipe's training
-signal). The project offers no 8-bit optimizer and no reward
-model sharding or offload (reward models load whole in fp32), so neither is proposed.
+shard group, gradient accumulation (``train.grad_accum K``: the same update from K micro-batches, each forward
+and backward at 1/K of the activations; no extra FLOPs, only the matmuls get smaller), offload the teacher to the
+host, and only if even a micro-batch of one does not fit a smaller batch (which changes the recipe's training
+signal). The first single change that fits is the advice; if none does, they are accumulated in that order until
+the plan fits. The project offers no 8-bit optimizer and no reward model sharding or offload (reward models load
+whole in fp32), so neither is proposed.
 """
 
 from __future__ import annotations
@@ -95,23 +95,21 @@ def advise(cfg: TrainConfig, spec: ModelSpec, base: Plan, frozen: FrozenCosts) -
         if p.fits:
             return Advice(True, change.overrides, [change.cost], p)
     acc: tuple[tuple[str, str], ...] = ()
-    notes = []
+    notes: list[str] = []
     p = base
     for change in changes:
+        # Accumulation costs no FLOPs: it comes before streaming the teacher from the host.
+        if "parallel.cpu_offload_teacher" in dict(change.overrides):
+            if (fit := _with_accumulation(cfg, spec, base, frozen, acc, notes)) is not None:
+                return fit
         acc = _merge(acc, change.overrides)
         notes.append(change.cost)
         p = _plan_with(cfg, spec, base, frozen, acc)
         if p.fits:
             return Advice(True, acc, notes, p)
+    if (fit := _with_accumulation(cfg, spec, base, frozen, acc, notes)) is not None:
+        return fit
     batches = largest_batches(with_overrides(cfg, acc), spec, base, frozen)
-    accum = accumulation_that_fits(cfg, batches)
-    if accum > 1:
-        with_accum = _merge(acc, (("train.grad_accum", str(accum)),))
-        p = _plan_with(cfg, spec, base, frozen, with_accum)
-        if p.fits:
-            notes.append(f"{accum} micro-batches per step keep the recipe's batch and its update (each forward "
-                         f"and backward runs 1/{accum} of it; no extra FLOPs, smaller matmuls)")
-            return Advice(True, with_accum, notes, p)
     if all(b >= 1 for b in batches):
         acc = _merge(acc, (("data.batch_size", str(batches[0])),) +
                      ((("data.rl_batch_size", str(batches[1])),) if len(batches) > 1 else ()))
@@ -119,6 +117,21 @@ def advise(cfg: TrainConfig, spec: ModelSpec, base: Plan, frozen: FrozenCosts) -
         return Advice(True, acc, notes, _plan_with(cfg, spec, base, frozen, acc))
     notes.append("does not fit at batch 1 with every setting the project offers: add GPUs or use a larger GPU")
     return Advice(False, acc, notes, p)
+
+
+def _with_accumulation(cfg: TrainConfig, spec: ModelSpec, base: Plan, frozen: FrozenCosts,
+                       acc: tuple[tuple[str, str], ...], notes: list[str]) -> Advice | None:
+    """``acc`` plus the smallest ``train.grad_accum`` that makes the plan fit, or None."""
+    accum = accumulation_that_fits(cfg, largest_batches(with_overrides(cfg, acc), spec, base, frozen))
+    if accum <= max(1, cfg.train.grad_accum):
+        return None
+    with_accum = _merge(acc, (("train.grad_accum", str(accum)),))
+    p = _plan_with(cfg, spec, base, frozen, with_accum)
+    if not p.fits:
+        return None
+    return Advice(True, with_accum, [*notes, f"{accum} micro-batches per step keep the recipe's batch and its update "
+                                              f"(each forward and backward runs 1/{accum} of it; no extra FLOPs, "
+                                              "smaller matmuls)"], p)
 
 
 def accumulation_that_fits(cfg: TrainConfig, micro_fits: list[int]) -> int:

@@ -38,12 +38,17 @@ class ModelConfig:
     generator_mode: Literal["lora", "full"] = "lora"
     """``lora``: teacher + generator LoRA; ``full``: a trainable full copy of the teacher."""
     generator_lora_rank: int = 64
+    """LoRA rank of the generator adapter (``generator_mode lora``)."""
     generator_lora_alpha: float = 128.0
+    """LoRA alpha of the generator adapter (its scale is alpha / rank)."""
     critic_lora_rank: int = 32
+    """LoRA rank of the critic adapter on the teacher (the fake score)."""
     critic_lora_alpha: float = 32.0
+    """LoRA alpha of the critic adapter."""
     lora_targets: tuple[str, ...] = ()
     """Module-name suffixes (or ``re:`` regexes) that get LoRA; empty = the family's attention projections."""
     resolution: int = 1024
+    """Training image side in pixels (a multiple of 16)."""
     max_sequence_length: int = 256
     """Text tokens kept per prompt (longer prompts are truncated and counted)."""
     attention: str = "auto"
@@ -59,7 +64,9 @@ class DMDConfig:
     num_steps: int = 4
     """Generator sampling steps N (1 to 4 in practice)."""
     shift: float = 3.0
+    """SD3 time shift of the few-step levels (flows)."""
     t_min: float = 0.001
+    """The last few-step level and the smallest renoise level."""
     timesteps: tuple[float, ...] = ()
     """Fixed generator timesteps in the network's own units, one per step (SDXL: ``999,749,499,249``;
     its one-step generator ``399``); empty = ``num_steps`` shifted levels from ``linspace(1, t_min)``."""
@@ -79,9 +86,11 @@ class DMDConfig:
     guidance: float = 7.0
     """Real-score CFG scale w0; each generator step draws w ~ U[w0 - jitter, w0 + jitter]."""
     guidance_jitter: float = 0.5
+    """Half-width of the uniform jitter of the guidance scale."""
     fake_scale: float = 2.0
     """Critic-LoRA scale s_f of the fake score."""
     eps: float = 1e-8
+    """Added to the DMD gradient's per-sample normaliser."""
     weight: float = 1.0
     """Weight of the DMD loss in the generator loss; 0 trains the RL loss alone (the paper's "only RL" rows)."""
     decoupled: bool = False
@@ -93,7 +102,9 @@ class DMDConfig:
     ca_levels: Literal["shared", "beta"] = "shared"
     """Decoupled DMD: the CA term's renoise levels: the DM term's own (shared), or its own Beta(ca_alpha, ca_beta)."""
     ca_alpha: float = 1.0
+    """Decoupled DMD: Beta alpha of the CA term's own levels (``ca_levels beta``)."""
     ca_beta: float = 1.0
+    """Decoupled DMD: Beta beta of the CA term's own levels."""
 
 
 @dataclass
@@ -101,14 +112,19 @@ class DynamicConfig:
     """The dynamic cold start: DynaDG (critic LoRA in the real score) and DynaRS (biased renoise levels)."""
 
     dynadg: bool = True
+    """DynaDG: the critic LoRA in the real score at a scale decaying to 0."""
     real_scale_init: float = 0.5
     """s_r0: the real score's critic-LoRA scale at step 0, cosine-decayed to 0."""
     dynars: bool = True
+    """DynaRS: renoise levels from a Beta biased to high noise, decaying to ``end_alpha/end_beta``."""
     alpha: float = 4.0
+    """DynaRS: the Beta's alpha at step 0."""
     beta: float = 1.5
+    """DynaRS: the Beta's beta at step 0."""
     decay_steps: int = 2000
     """D, in generator steps, shared by DynaDG and DynaRS."""
     end_alpha: float = 1.0
+    """DynaRS: the Beta's alpha after ``decay_steps`` (see ``end_beta``)."""
     end_beta: float = 1.0
     """DynaRS decays to Beta(end_alpha, end_beta) (the paper: 1, 1, uniform levels). Above 1 / at most 1 keeps the
     renoise levels biased to high noise after the cold start (the shapes recipe: low levels, where the critic is
@@ -125,7 +141,9 @@ class RLConfig:
     method: Literal["none", "refl", "dpo", "grpo"] = "refl"
     """The RL branch (dmdr/losses/rl/): ReFL, on-policy DPO, or GRPO with DMD in place of the KL term."""
     start_step: int = 2000
+    """Generator step at which the RL branch, its learning rates and batch size start."""
     rewards: tuple[str, ...] = ("hps", "clip")
+    """Reward names (hps, clip, pickscore, srpo, brightness, color, ...)."""
     weights: tuple[float, ...] = (0.3, 0.3)
     """ReFL: each reward's loss weight w_r. DPO / GRPO rank samples by the weighted sum of the scores."""
     margin: float = 0.7
@@ -156,6 +174,7 @@ class RLConfig:
     hps_checkpoint: str = ""
     """Local HPSv2.1 checkpoint file (loaded into an open_clip ``hps_arch`` model)."""
     hps_arch: str = "ViT-H-14"
+    """open_clip architecture of the HPS checkpoint."""
     clip_model: str = ""
     """Local open_clip folder of the CLIP reward (DFN-CLIP: ``open_clip_config.json`` + weights)."""
     pickscore_model: str = ""
@@ -167,14 +186,23 @@ class OptimConfig:
     """AdamW for both networks; the learning rates switch to the RL stage's at ``rl.start_step``."""
 
     generator_lr: float = 1e-6
+    """Generator learning rate in the cold start."""
     critic_lr: float = 5e-7
+    """Critic learning rate in the cold start."""
     rl_generator_lr: float = 5e-7
+    """Generator learning rate from ``rl.start_step``."""
     rl_critic_lr: float = 2e-7
+    """Critic learning rate from ``rl.start_step``."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas of both optimizers."""
     adam_eps: float = 1e-8
+    """AdamW epsilon."""
     generator_weight_decay: float = 0.01
+    """AdamW weight decay of the generator."""
     critic_weight_decay: float = 0.0
+    """AdamW weight decay of the critic."""
     grad_clip: float = 1.0
+    """Gradient-norm clip of each optimizer step (0 disables)."""
     ema_decay: float = 0.0
     """0 turns EMA of the generator off (the default)."""
 
@@ -188,6 +216,7 @@ class DataConfig:
     weights: tuple[float, ...] = ()
     """Mixture weight per source (empty = equal)."""
     format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
+    """Prompt file format; ``auto`` goes by the extension."""
     field: str = "prompt"
     """JSONL field / Parquet column holding the prompt."""
     batch_size: int = 4
@@ -228,15 +257,21 @@ class ParallelConfig:
     dp_shard: int = -1
     """Shard group size; -1 = world_size // dp_replicate."""
     param_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """FSDP2 compute dtype of the parameters."""
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP2 gradient reduce-scatter dtype."""
     activation_checkpointing: Literal["none", "full", "every_k"] = "full"
+    """Recompute block activations in backward: every block, every ``ac_every``-th, or none."""
     ac_every: int = 2
+    """``every_k``: checkpoint one block in this many."""
     compile: bool = False
     """``torch.compile`` each transformer block (after activation checkpointing, before FSDP2)."""
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     """``aot_eager`` / ``eager``: dynamo's graphs without inductor's code generation (to bisect a compile issue)."""
     cpu_offload_teacher: bool = False
+    """Keep the teacher's shards in host memory and stream them in (slow; saves GPU memory)."""
     frozen_encoders: Literal["replicate", "shard"] = "replicate"
+    """Text encoders whole on every rank, or FSDP2-sharded (T5-XXL-sized encoders)."""
     timeout_s: int = 1800
     """Collective timeout in seconds, passed to ``init_process_group`` (a rank waiting longer in an all-gather or
     barrier fails instead of hanging); raise it when a large teacher's first all-gather reads from a slow

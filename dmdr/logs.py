@@ -49,11 +49,12 @@ KNOWN: tuple[Known, ...] = (
     Known("truncated-prompt", r"was truncated because",
           "a prompt is longer than a text encoder takes; its tail is cut (the pipeline's own limit, e.g. CLIP's 77 "
           "tokens; dmdr's training cuts are counted in data/truncated); shown once"),
-    # The single-file release is loaded (or written) in the dtype recorded with it; diffusers notes the cast of
-    # the rest of the pipeline to that dtype.
-    Known("single-file-dtype", r"(?i)(torch_dtype|dtype).*(float32|fp32)|(float32|fp32).*(cast|upcast|convert)",
-          "the single-file transformer is stored in the dtype the export recorded and the pipeline is cast to it "
-          "(fp32 when the checkpoint trained in fp32); pass --dtype to the tool to choose another; shown once"),
+    # Loading a single-file release, diffusers casts the transformer with ``to(dtype)`` and lists the modules that
+    # should have stayed in float32: for dmdr's families the list is empty, so nothing was cast that matters.
+    Known("single-file-fp32-modules-none", r"modules in \w+ that should be kept in float32: \[\]"),
+    Known("single-file-fp32-modules", r"modules in \w+ that should be kept in float32",
+          "the single-file transformer was cast to the release's dtype with to(); diffusers names modules it keeps "
+          "in float32 when loaded with torch_dtype instead (load it with --dtype fp32 to compare); shown once"),
 )
 
 

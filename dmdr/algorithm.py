@@ -101,10 +101,14 @@ def draw_guidance(w0: float, jitter: float, generator: torch.Generator | None = 
 
 
 def critic_step_loss(critic_fn: CriticFn, x0_sim: Tensor, cond: Any, t_g: Tensor, param: Parameterization,
-                     fake_scale: float, generator: torch.Generator | None = None) -> Tensor:
-    """The fake score's denoising loss on the generator's samples at levels ``t_g`` (DynaRS)."""
+                     fake_scale: float, generator: torch.Generator | None = None,
+                     noise: Tensor | None = None) -> Tensor:
+    """The fake score's denoising loss on the generator's samples at levels ``t_g`` (DynaRS).
+
+    ``noise``: the renoising noise, drawn by the caller (gradient accumulation draws it for the whole batch);
+    None draws it from ``generator``."""
     x0_sim = x0_sim.detach()
-    noise = randn_like(x0_sim, generator)
+    noise = randn_like(x0_sim, generator) if noise is None else noise
     x = param.renoise(x0_sim, noise, t_g)
     pred = critic_fn(x, t_g, cond, fake_scale)
     return critic_loss(pred, param.target(x0_sim, noise))
@@ -133,11 +137,13 @@ class DecoupledDMD:
         dm_weight / ca_weight: the DM and CA terms' weights (1 and 1: the coupled gradient).
         t_ca: the CA term's own renoise levels ``(B,)`` (renoised with their own noise); ``None`` shares the
             DM term's levels and noise.
+        ca_noise: that noise, drawn by the caller; None draws it after the DM term's.
     """
 
     dm_weight: float = 1.0
     ca_weight: float = 1.0
     t_ca: Tensor | None = None
+    ca_noise: Tensor | None = None
 
 
 def dmd_generator_loss(
@@ -154,21 +160,22 @@ def dmd_generator_loss(
     cat_cond: Callable[[list[Any]], Any] | None = None,
     eps: float = 1e-8,
     decoupled: DecoupledDMD | None = None,
+    noise: Tensor | None = None,
 ) -> DMDTerms:
     """Steps 2-5 of the generator update: renoise, score difference, the DMD loss.
 
     The three score evaluations (uncond and cond at ``s_r``, fake at ``s_f``) run as ONE forward of
     the critic over a 3x batch with per-sample LoRA scales ``(s_r, s_r, s_f)``. With ``decoupled`` the
     gradient is Decoupled DMD's; a CA term at its own levels adds uncond and cond there to the same one
-    forward (a 5x batch).
+    forward (a 5x batch). ``noise``: the renoising noise drawn by the caller (None: drawn from ``generator``).
     """
     cat_cond = cat_cond or _default_cat
     batch = x0.shape[0]
     if decoupled is not None:
         return _decoupled_loss(x0, cond, uncond, critic_fn, param, t_d, guidance, real_scale, fake_scale,
-                               generator, cat_cond, eps, decoupled)
+                               generator, cat_cond, eps, decoupled, noise)
     with torch.no_grad():
-        x_d = param.renoise(x0.detach(), randn_like(x0, generator), t_d)
+        x_d = param.renoise(x0.detach(), randn_like(x0, generator) if noise is None else noise, t_d)
         scales = torch.tensor([real_scale] * (2 * batch) + [fake_scale] * batch, device=x0.device,
                               dtype=torch.float32)
         preds = critic_fn(torch.cat([x_d, x_d, x_d]), torch.cat([t_d, t_d, t_d]),
@@ -180,14 +187,16 @@ def dmd_generator_loss(
 
 def _decoupled_loss(x0: Tensor, cond: Any, uncond: Any, critic_fn: CriticFn, param: Parameterization, t_d: Tensor,
                     guidance: float, real_scale: float, fake_scale: float, generator: torch.Generator | None,
-                    cat_cond: Callable[[list[Any]], Any], eps: float, d: DecoupledDMD) -> DMDTerms:
+                    cat_cond: Callable[[list[Any]], Any], eps: float, d: DecoupledDMD,
+                    noise: Tensor | None = None) -> DMDTerms:
     batch = x0.shape[0]
     with torch.no_grad():
-        x_d = param.renoise(x0.detach(), randn_like(x0, generator), t_d)
+        x_d = param.renoise(x0.detach(), randn_like(x0, generator) if noise is None else noise, t_d)
         xs, ts, conds = [x_d, x_d, x_d], [t_d, t_d, t_d], [uncond, cond, cond]
         scales = [real_scale] * (2 * batch) + [fake_scale] * batch
         if d.t_ca is not None:
-            x_ca = param.renoise(x0.detach(), randn_like(x0, generator), d.t_ca)
+            ca_noise = randn_like(x0, generator) if d.ca_noise is None else d.ca_noise
+            x_ca = param.renoise(x0.detach(), ca_noise, d.t_ca)
             xs, ts, conds = xs + [x_ca, x_ca], ts + [d.t_ca, d.t_ca], conds + [uncond, cond]
             scales += [real_scale] * (2 * batch)
         preds = critic_fn(torch.cat(xs), torch.cat(ts), cat_cond(conds),

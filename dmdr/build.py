@@ -7,6 +7,7 @@ the loaders' own checks here still fail with one line (library callers, files ch
 
 from __future__ import annotations
 
+import datetime
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -220,7 +221,7 @@ def prepare_text_encoders(cfg: TrainConfig, backbone: Backbone, mesh: Any, devic
 
 def build_run(cfg: TrainConfig) -> Session:
     """Everything a run needs, checked before the first step; resumes when a checkpoint exists."""
-    env = init_distributed(device=cfg.train.device)
+    env = init_distributed(device=cfg.train.device, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
     # Before anything reads or writes the folder: two launches into one folder would mix their checkpoints
     # and metrics. The lock dies with the process (kill -9 included), so it never needs manual cleanup.
     lock = lock_run_folder(cfg.train.output_dir, env)

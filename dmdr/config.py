@@ -8,9 +8,13 @@ Defaults are the authors' values from ALGORITHM.md; recipes change what their mo
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
 import json
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,12 +38,17 @@ class ModelConfig:
     generator_mode: Literal["lora", "full"] = "lora"
     """``lora``: teacher + generator LoRA; ``full``: a trainable full copy of the teacher."""
     generator_lora_rank: int = 64
+    """LoRA rank of the generator adapter (``generator_mode lora``)."""
     generator_lora_alpha: float = 128.0
+    """LoRA alpha of the generator adapter (its scale is alpha / rank)."""
     critic_lora_rank: int = 32
+    """LoRA rank of the critic adapter on the teacher (the fake score)."""
     critic_lora_alpha: float = 32.0
+    """LoRA alpha of the critic adapter."""
     lora_targets: tuple[str, ...] = ()
     """Module-name suffixes (or ``re:`` regexes) that get LoRA; empty = the family's attention projections."""
     resolution: int = 1024
+    """Training image side in pixels (a multiple of 16)."""
     max_sequence_length: int = 256
     """Text tokens kept per prompt (longer prompts are truncated and counted)."""
     attention: str = "auto"
@@ -55,7 +64,9 @@ class DMDConfig:
     num_steps: int = 4
     """Generator sampling steps N (1 to 4 in practice)."""
     shift: float = 3.0
+    """SD3 time shift of the few-step levels (flows)."""
     t_min: float = 0.001
+    """The last few-step level and the smallest renoise level."""
     timesteps: tuple[float, ...] = ()
     """Fixed generator timesteps in the network's own units, one per step (SDXL: ``999,749,499,249``;
     its one-step generator ``399``); empty = ``num_steps`` shifted levels from ``linspace(1, t_min)``."""
@@ -75,9 +86,11 @@ class DMDConfig:
     guidance: float = 7.0
     """Real-score CFG scale w0; each generator step draws w ~ U[w0 - jitter, w0 + jitter]."""
     guidance_jitter: float = 0.5
+    """Half-width of the uniform jitter of the guidance scale."""
     fake_scale: float = 2.0
     """Critic-LoRA scale s_f of the fake score."""
     eps: float = 1e-8
+    """Added to the DMD gradient's per-sample normaliser."""
     weight: float = 1.0
     """Weight of the DMD loss in the generator loss; 0 trains the RL loss alone (the paper's "only RL" rows)."""
     decoupled: bool = False
@@ -89,7 +102,9 @@ class DMDConfig:
     ca_levels: Literal["shared", "beta"] = "shared"
     """Decoupled DMD: the CA term's renoise levels: the DM term's own (shared), or its own Beta(ca_alpha, ca_beta)."""
     ca_alpha: float = 1.0
+    """Decoupled DMD: Beta alpha of the CA term's own levels (``ca_levels beta``)."""
     ca_beta: float = 1.0
+    """Decoupled DMD: Beta beta of the CA term's own levels."""
 
 
 @dataclass
@@ -97,14 +112,19 @@ class DynamicConfig:
     """The dynamic cold start: DynaDG (critic LoRA in the real score) and DynaRS (biased renoise levels)."""
 
     dynadg: bool = True
+    """DynaDG: the critic LoRA in the real score at a scale decaying to 0."""
     real_scale_init: float = 0.5
     """s_r0: the real score's critic-LoRA scale at step 0, cosine-decayed to 0."""
     dynars: bool = True
+    """DynaRS: renoise levels from a Beta biased to high noise, decaying to ``end_alpha/end_beta``."""
     alpha: float = 4.0
+    """DynaRS: the Beta's alpha at step 0."""
     beta: float = 1.5
+    """DynaRS: the Beta's beta at step 0."""
     decay_steps: int = 2000
     """D, in generator steps, shared by DynaDG and DynaRS."""
     end_alpha: float = 1.0
+    """DynaRS: the Beta's alpha after ``decay_steps`` (see ``end_beta``)."""
     end_beta: float = 1.0
     """DynaRS decays to Beta(end_alpha, end_beta) (the paper: 1, 1, uniform levels). Above 1 / at most 1 keeps the
     renoise levels biased to high noise after the cold start (the shapes recipe: low levels, where the critic is
@@ -121,7 +141,9 @@ class RLConfig:
     method: Literal["none", "refl", "dpo", "grpo"] = "refl"
     """The RL branch (dmdr/losses/rl/): ReFL, on-policy DPO, or GRPO with DMD in place of the KL term."""
     start_step: int = 2000
+    """Generator step at which the RL branch, its learning rates and batch size start."""
     rewards: tuple[str, ...] = ("hps", "clip")
+    """Reward names (hps, clip, pickscore, srpo, brightness, color, ...)."""
     weights: tuple[float, ...] = (0.3, 0.3)
     """ReFL: each reward's loss weight w_r. DPO / GRPO rank samples by the weighted sum of the scores."""
     margin: float = 0.7
@@ -132,8 +154,10 @@ class RLConfig:
     """DPO: beta of -log sigmoid(-beta [(e_theta(w) - e_ref(w)) - (e_theta(l) - e_ref(l))])."""
     dpo_weight: float = 1.0
     """DPO: lambda in L = L_dmd + lambda L_dpo."""
-    grpo_group_size: int = 4
-    """GRPO: G samples per prompt (a group lives on one rank; must divide the per-rank batch)."""
+    grpo_group_size: int = 0
+    """GRPO: G samples per prompt (a group lives on one rank and in one micro-batch: G divides the per-rank RL
+    batch / train.grad_accum); 0 = auto: 4 (Flow-GRPO's) when it divides it, else the largest G below 4 that does
+    (the paper-scale recipes' RL batch of 2 per GPU gives G = 2)."""
     grpo_clip: float = 1e-3
     """GRPO: eps of clip(rho, 1 - eps, 1 + eps) (Flow-GRPO's)."""
     grpo_weight: float = 1.0
@@ -150,6 +174,7 @@ class RLConfig:
     hps_checkpoint: str = ""
     """Local HPSv2.1 checkpoint file (loaded into an open_clip ``hps_arch`` model)."""
     hps_arch: str = "ViT-H-14"
+    """open_clip architecture of the HPS checkpoint."""
     clip_model: str = ""
     """Local open_clip folder of the CLIP reward (DFN-CLIP: ``open_clip_config.json`` + weights)."""
     pickscore_model: str = ""
@@ -161,14 +186,23 @@ class OptimConfig:
     """AdamW for both networks; the learning rates switch to the RL stage's at ``rl.start_step``."""
 
     generator_lr: float = 1e-6
+    """Generator learning rate in the cold start."""
     critic_lr: float = 5e-7
+    """Critic learning rate in the cold start."""
     rl_generator_lr: float = 5e-7
+    """Generator learning rate from ``rl.start_step``."""
     rl_critic_lr: float = 2e-7
+    """Critic learning rate from ``rl.start_step``."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas of both optimizers."""
     adam_eps: float = 1e-8
+    """AdamW epsilon."""
     generator_weight_decay: float = 0.01
+    """AdamW weight decay of the generator."""
     critic_weight_decay: float = 0.0
+    """AdamW weight decay of the critic."""
     grad_clip: float = 1.0
+    """Gradient-norm clip of each optimizer step (0 disables)."""
     ema_decay: float = 0.0
     """0 turns EMA of the generator off (the default)."""
 
@@ -182,6 +216,7 @@ class DataConfig:
     weights: tuple[float, ...] = ()
     """Mixture weight per source (empty = equal)."""
     format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
+    """Prompt file format; ``auto`` goes by the extension."""
     field: str = "prompt"
     """JSONL field / Parquet column holding the prompt."""
     batch_size: int = 4
@@ -222,34 +257,78 @@ class ParallelConfig:
     dp_shard: int = -1
     """Shard group size; -1 = world_size // dp_replicate."""
     param_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """FSDP2 compute dtype of the parameters."""
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP2 gradient reduce-scatter dtype."""
     activation_checkpointing: Literal["none", "full", "every_k"] = "full"
+    """Recompute block activations in backward: every block, every ``ac_every``-th, or none."""
     ac_every: int = 2
+    """``every_k``: checkpoint one block in this many."""
     compile: bool = False
     """``torch.compile`` each transformer block (after activation checkpointing, before FSDP2)."""
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     """``aot_eager`` / ``eager``: dynamo's graphs without inductor's code generation (to bisect a compile issue)."""
     cpu_offload_teacher: bool = False
+    """Keep the teacher's shards in host memory and stream them in (slow; saves GPU memory)."""
     frozen_encoders: Literal["replicate", "shard"] = "replicate"
+    """Text encoders whole on every rank, or FSDP2-sharded (T5-XXL-sized encoders)."""
+    timeout_s: int = 1800
+    """Collective timeout in seconds, passed to ``init_process_group`` (a rank waiting longer in an all-gather or
+    barrier fails instead of hanging); raise it when a large teacher's first all-gather reads from a slow
+    filesystem."""
 
 
 @dataclass
 class CheckpointConfig:
+    """Checkpoints: how often, how many are kept, what a launch resumes from."""
+
     interval: int = 250
     """Generator steps between checkpoints (0 = only at the end and on preemption)."""
     keep_last: int = 3
+    """Complete checkpoints kept (older ones are pruned; guard rollback targets are never pruned)."""
     async_save: bool = False
+    """Write checkpoints in the background (torch.distributed.checkpoint's async save)."""
     resume: str = "auto"
     """``auto`` (latest complete checkpoint in output_dir), ``never``, or a checkpoint folder."""
 
 
 @dataclass
 class LogConfig:
+    """Metrics, sample grids and the console."""
+
     interval: int = 10
+    """Generator steps between metric rows (``metrics.jsonl``, TensorBoard); without a progress bar (no TTY, or
+    ``progress_bar false``) also a plain log line."""
     tensorboard: bool = True
+    """Mirror the metrics to ``<output_dir>/tensorboard``."""
     sample_interval: int = 250
+    """Generator steps between sample grids of ``sample_prompts`` (0 = none)."""
     sample_prompts: tuple[str, ...] = ("a photo of a cat", "a red car in the rain", "an astronaut riding a horse")
+    """Fixed prompts of the sample grids (fixed noise too)."""
     progress_bar: bool = True
+    """A tqdm bar on rank 0 when stderr is a terminal; otherwise a log line every ``interval`` steps."""
+
+
+@dataclass
+class ProfileConfig:
+    """The torch profiler and the CUDA memory snapshot over a window of generator steps (off by default)."""
+
+    enabled: bool = False
+    """Trace generator steps ``start_step .. end_step`` with ``torch.profiler`` (CPU, and CUDA when on a GPU)."""
+    start_step: int = 5
+    """First traced generator step (the ones before warm up: allocator, compile, first all-gathers)."""
+    end_step: int = 7
+    """Last traced generator step (inclusive)."""
+    folder: str = "profile"
+    """Where traces go, relative to ``train.output_dir`` unless absolute: ``rank<R>.steps<N>-<M>.pt.trace.json``
+    (Perfetto, chrome://tracing; ``tensorboard --logdir`` with the torch-tb-profiler plugin)."""
+    memory_snapshot: bool = True
+    """On CUDA, also record the allocator's history over the window and dump ``rank<R>.memory.pickle``
+    (drag it onto https://pytorch.org/memory_viz)."""
+    record_shapes: bool = False
+    """Record operator input shapes (larger traces)."""
+    with_stack: bool = False
+    """Record Python stacks (much larger traces)."""
 
 
 @dataclass
@@ -299,13 +378,22 @@ class GuardConfig:
 
 @dataclass
 class RunConfig:
+    """The run: its folder, length, seed, device and step shape."""
+
     output_dir: str = "runs/dmdr"
+    """The run folder: config, checkpoints, metrics, samples (a relaunch into it resumes)."""
     max_steps: int = 4000
     """Generator steps to train for."""
     seed: int = 0
+    """Seeds the noise streams (per rank), the LoRA inits and the data order."""
     device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda``, or a registered out-of-tree device."""
     max_bad_steps: int = 10
     """Consecutive non-finite steps tolerated before the run stops."""
+    grad_accum: int = 1
+    """Micro-batches per step: every generator and critic step (and the RL branch) runs its per-rank batch in this
+    many equal slices, one backward each, then one optimizer step: the same update as the whole batch at the
+    activation memory of one slice (must divide ``data.batch_size`` and ``data.rl_batch_size``)."""
 
 
 @dataclass
@@ -323,6 +411,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     train: RunConfig = field(default_factory=RunConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -441,6 +530,15 @@ def apply_overrides(cfg: TrainConfig, argv: list[str], problems: list[tuple[str,
     return cfg
 
 
+def grpo_group_size(cfg: TrainConfig) -> int:
+    """GRPO's group size ``G``: ``rl.grpo_group_size``, or for 0 (auto) 4 when it divides the per-rank RL
+    micro-batch, else the largest ``G < 4`` that does (0 when not even 2 does)."""
+    if cfg.rl.grpo_group_size:
+        return cfg.rl.grpo_group_size
+    micro = (cfg.data.rl_batch_size or cfg.data.batch_size) // max(1, cfg.train.grad_accum)
+    return next((g for g in (4, 3, 2) if micro and micro % g == 0), 0)
+
+
 def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) -> None:
     """Range and consistency checks that types alone cannot express.
 
@@ -487,12 +585,22 @@ def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) ->
         _require(cfg.rl.dpo_k >= 2, "rl.dpo_k", f"DPO needs K >= 2 samples per prompt to form a pair, got "
                  f"{cfg.rl.dpo_k}")
         _require(cfg.rl.dpo_beta > 0, "rl.dpo_beta", "must be > 0")
+    accum = cfg.train.grad_accum
+    _require(accum >= 1, "train.grad_accum", "must be >= 1 (1 = no accumulation)")
+    accum = max(accum, 1)
+    for key, batch in (("data.batch_size", cfg.data.batch_size), ("data.rl_batch_size", cfg.data.rl_batch_size)):
+        _require(batch % accum == 0, "train.grad_accum",
+                 f"{accum} micro-batches do not divide {key} {batch} (per rank); use a divisor of it")
     if cfg.rl.method == "grpo":
-        g = cfg.rl.grpo_group_size
-        _require(g >= 2, "rl.grpo_group_size", f"GRPO needs groups of >= 2 samples, got {g}")
-        _require(rl_batch % g == 0, "rl.grpo_group_size",
-                 f"{g} does not divide the per-rank RL batch {rl_batch} (data.rl_batch_size or data.batch_size); "
-                 "a group must live on one rank")
+        g = grpo_group_size(cfg)
+        _require(g >= 2, "rl.grpo_group_size", f"GRPO needs groups of >= 2 samples, got {g}" if cfg.rl.grpo_group_size
+                 else f"auto finds no group of >= 2 in the per-rank RL micro-batch {rl_batch // accum} "
+                      f"(data.rl_batch_size or data.batch_size / train.grad_accum); raise it to 2 or more")
+        micro = rl_batch // accum
+        _require(rl_batch % accum or micro % g == 0, "rl.grpo_group_size",
+                 f"{g} does not divide the per-rank RL batch {rl_batch} (data.rl_batch_size or data.batch_size)"
+                 + (f" / train.grad_accum {accum} = {micro}" if accum > 1 else "")
+                 + "; a group must live on one rank" + (" and in one micro-batch" if accum > 1 else ""))
         _require(cfg.dmd.num_steps >= 2, "dmd.num_steps",
                  "GRPO needs >= 2 sampler steps (the last step is deterministic and carries no log-prob)")
         _require(cfg.rl.grpo_clip > 0, "rl.grpo_clip", "must be > 0")
@@ -528,6 +636,10 @@ def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) ->
     _require(0 < cfg.guard.rollback_factor < 1, "guard.rollback_factor", "must be in (0, 1)")
     _require(cfg.guard.max_rollbacks >= 0, "guard.max_rollbacks", "must be >= 0")
     _require(cfg.guard.trend_window >= 0, "guard.trend_window", "must be >= 0")
+    _require(cfg.parallel.timeout_s >= 1, "parallel.timeout_s", "must be >= 1 (seconds)")
+    if cfg.profile.enabled:
+        _require(0 <= cfg.profile.start_step <= cfg.profile.end_step, "profile.end_step",
+                 f"the window {cfg.profile.start_step}..{cfg.profile.end_step} must have 0 <= start_step <= end_step")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -551,6 +663,39 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
                 set_value(cfg, key, str(value))
     validate(cfg)
     return cfg
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a config dataclass (the string literal under each field), by field name.
+
+    Python keeps them only in the source, so they are read with :mod:`ast`; ``--help`` prints them."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):  # no source (a frozen build): help without descriptions
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe_fields(cfg: TrainConfig, width: int = 110) -> list[str]:
+    """``--help``'s body: per section its description, then every field with its value and docstring."""
+    lines: list[str] = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        summary = " ".join((type(sub).__doc__ or "").split())
+        lines += ["", f"{section.name}: {summary}" if summary else f"{section.name}:"]
+        docs = field_docs(type(sub))
+        for f in dataclasses.fields(sub):
+            lines.append(f"  --{section.name}.{f.name} {getattr(sub, f.name)!r}")
+            if f.name in docs:
+                lines += textwrap.wrap(docs[f.name], width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return lines
 
 
 def save_config(cfg: TrainConfig, output_dir: str | Path) -> Path:

@@ -38,17 +38,26 @@ from dmdr.algorithm import (
     generator_input,
     simulate_chain,
 )
-from dmdr.config import TrainConfig
+from dmdr.config import TrainConfig, grpo_group_size
 from dmdr.errors import ConfigError
 from dmdr.losses.rl import PolicyAccess, RLBatch, build_rl_method
+from dmdr.micro_batches import chunked, merge_stats, micro_slices, rows
 from dmdr.models.base import Conditioning, Denoiser, index_conditioning
 from dmdr.parameterization import Parameterization
 from dmdr.rewards.base import Reward
-from dmdr.sampling import _default_cat
+from dmdr.sampling import _default_cat, randn_like
 from dmdr.schedules import DynaRSSampler, beta_levels, dynadg_real_scale, generator_levels
 from dmdr.snapshots import EMA, FrozenReference
 
 log = logging.getLogger("dmdr.trainer")  # the loop's logger, as before the engine had a module of its own
+
+
+def _rows_of(decoupled: DecoupledDMD | None, s: slice) -> DecoupledDMD | None:
+    """Decoupled DMD's per-sample draws for the slice ``s`` of the batch."""
+    if decoupled is None or decoupled.t_ca is None:
+        return decoupled
+    return DecoupledDMD(dm_weight=decoupled.dm_weight, ca_weight=decoupled.ca_weight, t_ca=decoupled.t_ca[s],
+                        ca_noise=None if decoupled.ca_noise is None else decoupled.ca_noise[s])
 
 
 class TrainingDiverged(RuntimeError):
@@ -141,7 +150,7 @@ class StepEngine:
         self.ema = EMA(roles.generator_params, o.ema_decay, roles.generator_param_names) if o.ema_decay > 0 else None
         # The RL branch (dmdr/losses/rl/): one method called per generator step, plus what it declares it
         # needs: a frozen reference snapshot (DPO, GRPO's KL term) and per-rank sampler state (GRPO).
-        self.rl = build_rl_method(cfg.rl, sampler=cfg.dmd.backward_simulation)
+        self.rl = build_rl_method(cfg.rl, sampler=cfg.dmd.backward_simulation, group_size=grpo_group_size(cfg))
         self.reference = (FrozenReference(roles.generator_params)
                           if self.rl is not None and self.rl.needs_reference else None)
         self._fake_losses: list[float] = []
@@ -161,6 +170,11 @@ class StepEngine:
     def iterations_per_generator_step(self) -> int:
         """``dmd.ratio`` (critic steps per generator step); 1 when no critic is trained."""
         return self.cfg.dmd.ratio if self.trains_critic else 1
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per step (``train.grad_accum``)."""
+        return max(1, self.cfg.train.grad_accum)
 
     def generator_step_due(self) -> bool:
         """Whether this iteration ends with a generator step (the last of every ``ratio`` iterations)."""
@@ -234,79 +248,116 @@ class StepEngine:
     def simulate(self, noise: Tensor, cond: Conditioning) -> tuple[Tensor, LevelInput | None]:
         """This iteration's ``x0_sim`` and, when drawn up front (``sde``, or a critic on the level's estimate), the
         generator's input with its clean estimate; None: the generator step draws its input from ``x0_sim``."""
-        d, r = self.cfg.dmd, self.roles
+        d = self.cfg.dmd
+        fn = chunked(self.roles.generator_fn, self.grad_accum)  # no grad: grad_accum chunks, same values
         if d.backward_simulation == "sde":
-            chain = simulate_chain(r.generator_fn, noise, cond, self.timesteps, self.param, generator=self.rng)
+            chain = simulate_chain(fn, noise, cond, self.timesteps, self.param, generator=self.rng)
             return chain.sample, chain_input(chain, self.timesteps, self.rng)
-        x0_sim = backward_simulate(r.generator_fn, noise, cond, self.timesteps, self.param, mode="ode",
-                                   generator=self.rng)
+        x0_sim = backward_simulate(fn, noise, cond, self.timesteps, self.param, mode="ode", generator=self.rng)
         if d.critic_samples != "level":
             return x0_sim, None
         x_t, t = generator_input(x0_sim, self.timesteps, self.param, self.rng)
         with torch.no_grad():
-            clean = generator_clean_estimate(r.generator_fn, x_t, t, cond, self.param)
+            clean = generator_clean_estimate(fn, x_t, t, cond, self.param)
         return x0_sim, LevelInput(x_t=x_t, t=t, clean=clean)
 
     def generator_update(self, x0_sim: Tensor, cond: Conditioning, uncond: Conditioning, prompts: list[str],
                          level: LevelInput | None = None) -> dict[str, float]:
         """The generator's DMD (+ RL) step at ``k``; skipped (and counted) when its loss or gradient is not finite.
 
-        ``level``: the input drawn by :meth:`simulate` (None: drawn here from ``x0_sim``)."""
+        ``level``: the input drawn by :meth:`simulate` (None: drawn here from ``x0_sim``). With
+        ``train.grad_accum K`` every draw is made for the whole batch first, in the order of a one-slice step, and
+        each of the ``K`` slices then runs its forward, losses and backward (:mod:`dmdr.micro_batches`)."""
         k = self.step
         cfg = self.cfg
         r = self.roles
         self.apply_learning_rates(k)
-        if level is None:
-            x_t, t = generator_input(x0_sim, self.timesteps, self.param, self.rng)
-        else:
-            x_t, t = level.x_t, level.t
-        x0 = generator_clean_estimate(r.generator_fn, x_t, t, cond, self.param)
-        s_r = self.real_scale(k)
-        metrics = {"schedule/lora_scale_real": s_r, "schedule/dynars_mean": self.dynars.mean(k)}
-        loss = x0.new_zeros((), dtype=torch.float32)
-        if cfg.dmd.weight > 0:  # 0: the RL loss alone (an ablation), no score passes at all
-            t_d = self.dynars.sample(k, x0.shape[0], self.rng, device=self.device)
-            w = draw_guidance(cfg.dmd.guidance, cfg.dmd.guidance_jitter, self.rng)
-            terms = dmd_generator_loss(x0, cond, uncond, r.critic_fn, self.param, t_d, w, s_r, cfg.dmd.fake_scale,
-                                       generator=self.rng, eps=cfg.dmd.eps, decoupled=self.decoupled(x0.shape[0]))
-            loss = cfg.dmd.weight * terms.loss
-            metrics.update({"loss/dmd": terms.loss.item(), "schedule/guidance": w,
-                            "dmd/grad_abs_mean": terms.grad.abs().mean().item()})
         if not self.trains_critic and not self.rl_active(k):
             raise ConfigError(f"dmd.weight 0 trains the RL loss alone, but generator step {k} has no RL loss "
                               f"(rl.method {cfg.rl.method}, rl.start_step {cfg.rl.start_step}, rl.rewards "
                               f"{', '.join(cfg.rl.rewards) or 'none'}): start RL at or before step {k}")
-        if self.rl_active(k):
-            rl, stats = self.rl.loss(RLBatch(x0=x0, prompts=prompts, cond=cond), self.policy_access(), self.rewards)
-            loss = loss + rl
-            metrics["loss/rl"] = rl.item()
-            metrics.update(stats)
-        loss.backward()
-        norm, finite = self._clip_and_check(r.generator_params, loss)
+        if level is None:
+            x_t, t = generator_input(x0_sim, self.timesteps, self.param, self.rng)
+        else:
+            x_t, t = level.x_t, level.t
+        batch = x_t.shape[0]
+        slices = micro_slices(batch, self.grad_accum)
+        first = slices[0]
+        x0_first = generator_clean_estimate(r.generator_fn, x_t[first], t[first], rows(cond, first, batch), self.param)
+        s_r = self.real_scale(k)
+        metrics: dict[str, float] = {"schedule/lora_scale_real": s_r, "schedule/dynars_mean": self.dynars.mean(k)}
+        dmd = None
+        if cfg.dmd.weight > 0:  # 0: the RL loss alone (an ablation), no score passes at all
+            template = torch.empty((batch, *x0_first.shape[1:]), dtype=x0_first.dtype, device=x0_first.device)
+            t_d = self.dynars.sample(k, batch, self.rng, device=self.device)
+            w = draw_guidance(cfg.dmd.guidance, cfg.dmd.guidance_jitter, self.rng)
+            decoupled = self.decoupled(batch)
+            noise = randn_like(template, self.rng)
+            if decoupled is not None and decoupled.t_ca is not None:
+                decoupled.ca_noise = randn_like(template, self.rng)
+            dmd = (t_d, w, decoupled, noise)
+            metrics["schedule/guidance"] = w
+        rl_on = self.rl_active(k)
+        access = self.policy_access() if rl_on else None
+        prepared, rl_stats = self.rl.prepare(prompts, cond, access, self.rewards) if rl_on else (None, {})
+        parts: list[tuple[float, dict[str, float]]] = []
+        total = x0_first.new_zeros((), dtype=torch.float32)
+        for s in slices:
+            share = (s.stop - s.start) / batch
+            c = rows(cond, s, batch)
+            x0 = x0_first if s is first else generator_clean_estimate(r.generator_fn, x_t[s], t[s], c, self.param)
+            loss = x0.new_zeros((), dtype=torch.float32)
+            part: dict[str, float] = {}
+            if dmd is not None:
+                t_d, w, decoupled, noise = dmd
+                terms = dmd_generator_loss(x0, c, rows(uncond, s, batch), r.critic_fn, self.param, t_d[s], w, s_r,
+                                           cfg.dmd.fake_scale, eps=cfg.dmd.eps, decoupled=_rows_of(decoupled, s),
+                                           noise=noise[s])
+                loss = cfg.dmd.weight * terms.loss
+                part.update({"loss/dmd": terms.loss.item(), "dmd/grad_abs_mean": terms.grad.abs().mean().item()})
+            if rl_on:
+                rl, stats = self.rl.micro_loss(prepared, RLBatch(x0=x0, prompts=prompts[s], cond=c), access,
+                                               self.rewards, s)
+                loss = loss + rl
+                part["loss/rl"] = rl.item()
+                part.update(stats)
+            (share * loss).backward()
+            total = total + share * loss.detach()
+            parts.append((share, part))
+        metrics.update(merge_stats(parts))
+        metrics.update(rl_stats)
+        norm, finite = self._clip_and_check(r.generator_params, total)
         if finite:
             self.generator_opt.step()
             if self.ema is not None:
                 self.ema.update()
         self._record_step("generator", finite)
         self.generator_opt.zero_grad(set_to_none=True)
-        metrics.update({"loss/generator": loss.item(), "grad_norm/generator": norm,
+        metrics.update({"loss/generator": total.item(), "grad_norm/generator": norm,
                         "lr/generator": self.generator_opt.param_groups[0]["lr"]})
         return metrics
 
     def critic_update(self, x0_sim: Tensor, cond: Conditioning) -> dict[str, float]:
-        """The critic's denoising step on this iteration's ``x0_sim`` at DynaRS levels."""
+        """The critic's denoising step on this iteration's ``x0_sim`` at DynaRS levels (in ``grad_accum``
+        slices, levels and noise drawn for the whole batch first)."""
         k = self.step
         self.apply_learning_rates(k)
-        t_g = self.dynars.sample(k, x0_sim.shape[0], self.rng, device=self.device)
-        loss = critic_step_loss(self.roles.critic_fn, x0_sim, cond, t_g, self.param, self.cfg.dmd.fake_scale,
-                                generator=self.rng)
-        loss.backward()
-        norm, finite = self._clip_and_check(self.roles.critic_params, loss)
+        batch = x0_sim.shape[0]
+        t_g = self.dynars.sample(k, batch, self.rng, device=self.device)
+        noise = randn_like(x0_sim, self.rng)
+        total = x0_sim.new_zeros((), dtype=torch.float32)
+        for s in micro_slices(batch, self.grad_accum):
+            share = (s.stop - s.start) / batch
+            loss = critic_step_loss(self.roles.critic_fn, x0_sim[s], rows(cond, s, batch), t_g[s], self.param,
+                                    self.cfg.dmd.fake_scale, noise=noise[s])
+            (share * loss).backward()
+            total = total + share * loss.detach()
+        norm, finite = self._clip_and_check(self.roles.critic_params, total)
         if finite:
             self.critic_opt.step()
         self._record_step("critic", finite)
         self.critic_opt.zero_grad(set_to_none=True)
-        return {"loss/fake": loss.item(), "grad_norm/critic": norm, "lr/critic": self.critic_opt.param_groups[0]["lr"]}
+        return {"loss/fake": total.item(), "grad_norm/critic": norm, "lr/critic": self.critic_opt.param_groups[0]["lr"]}
 
     def policy_access(self) -> PolicyAccess:
         """What the RL method may call: the generator, its reference (taken at the first RL step), the noise."""
@@ -315,9 +366,11 @@ class StepEngine:
             if not self.reference.taken:
                 self.reference.take()
             reference_fn = self.reference.wrap(self.roles.generator_fn)
-        return PolicyAccess(fn=self.roles.generator_fn, param=self.param, timesteps=self.timesteps, rng=self.rng,
-                            noise=self.noise, decode=self.decode, select=index_conditioning, cat=_default_cat,
-                            reference_fn=reference_fn)
+        # Sampling without grad (DPO's candidates, GRPO's group) runs in grad_accum chunks: one slice's activations.
+        return PolicyAccess(fn=chunked(self.roles.generator_fn, self.grad_accum), param=self.param,
+                            timesteps=self.timesteps, rng=self.rng, noise=self.noise,
+                            decode=chunked(self.decode, self.grad_accum), select=index_conditioning,
+                            cat=_default_cat, reference_fn=reference_fn)
 
     def _clip_and_check(self, params: list[torch.nn.Parameter], loss: Tensor) -> tuple[float, bool]:
         """Clip (if configured) and agree across ranks whether the loss and the grads are finite."""

@@ -10,6 +10,9 @@ class UserError(Exception):
 
     reported_elsewhere: bool = False
     """Set on the ranks of a job whose rank 0 prints the same line (the launcher prints it once)."""
+    rank_local: bool = False
+    """Set where the error is this rank's own (its data shard): that rank prints it, prefixed ``[rank R]``. Every
+    other error is printed once per node (rank 0 and each node's local rank 0), not once per rank."""
 
 
 class ConfigError(UserError, ValueError):

@@ -19,11 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dmdr.build import build_run
-from dmdr.config import TrainConfig, all_keys, apply_overrides, to_dict
+from dmdr.config import TrainConfig, apply_overrides, describe_fields, to_dict
 from dmdr.distributed.env import collect_released_objects
 from dmdr.engine import TrainingDiverged
 from dmdr.errors import ConfigError, UserError
 from dmdr.guard import GuardStopped
+from dmdr.logs import setup_logging
 from dmdr.preflight import PreflightError, Problem, job_shape, preflight_run, problem_from, reports
 from dmdr.preflight.files import writable_problem
 from dmdr.preflight.plan import describe
@@ -64,7 +65,6 @@ def main(recipe: Callable[[], TrainConfig], argv: list[str] | None = None,
     create its own model folder and prompt file on first use). ``--dry-run`` anywhere in ``argv``:
     preflight, print the resolved config and the plan, exit 0 without loading weights.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s dmdr %(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(_help(recipe))
@@ -72,6 +72,7 @@ def main(recipe: Callable[[], TrainConfig], argv: list[str] | None = None,
     dry_run = DRY_RUN in argv
     argv = [a for a in argv if a != DRY_RUN]
     rank, local_rank, _ = job_shape()
+    setup_logging(rank)
     try:
         cfg, problems = resolve(recipe, argv)
         if prepare is not None and not writable_problem(cfg.train.output_dir):
@@ -89,22 +90,26 @@ def main(recipe: Callable[[], TrainConfig], argv: list[str] | None = None,
     except PreflightError as err:
         # Every rank checks the same inputs; one message per node, not one per rank.
         if reports(rank, local_rank):
-            where = "" if rank == 0 else f"[rank {rank}] "
-            print(f"{where}error: {err}", file=sys.stderr)
+            print(f"{_where(rank)}error: {err}", file=sys.stderr)
         return 2
     except GuardStopped as err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return GUARD_STOP_EXIT
     except UserError as err:
-        if not err.reported_elsewhere:
-            print(f"error: {err}", file=sys.stderr)
+        if not err.reported_elsewhere and (reports(rank, local_rank) or err.rank_local):
+            print(f"{_where(rank)}error: {err}", file=sys.stderr)
         return 2
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
+    except TrainingDiverged as err:  # every rank agrees on finiteness: the same line everywhere
+        if reports(rank, local_rank):
+            print(f"{_where(rank)}error: {err}", file=sys.stderr)
         return 3
     finally:
         collect_released_objects()  # a finished run must not abort at interpreter exit (see its docstring)
+
+
+def _where(rank: int) -> str:
+    return "" if rank == 0 else f"[rank {rank}] "
 
 
 def run(cfg: TrainConfig) -> int:
@@ -122,11 +127,8 @@ def run(cfg: TrainConfig) -> int:
 
 def _help(recipe: Callable[[], TrainConfig]) -> str:
     cfg = recipe()
-    lines = [f"{recipe.__name__}: override any field with --section.field value", "",
+    lines = [f"{recipe.__name__}: override any field with --section.field value (or --section.field=value);",
+             "every field below shows the recipe's value and what it does.", "",
              f"  {DRY_RUN}  check every path and setting (nothing is loaded), print the resolved config and",
-             "             the plan of the run (model, roles, mesh, stages, learning rates, sharding, outputs), exit",
-             ""]
-    for key in all_keys(cfg):
-        section, _, name = key.partition(".")
-        lines.append(f"  --{key} {getattr(getattr(cfg, section), name)!r}")
-    return "\n".join(lines)
+             "             the plan of the run (model, roles, mesh, stages, learning rates, sharding, outputs), exit"]
+    return "\n".join(lines + describe_fields(cfg))

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -242,14 +243,22 @@ def gpu_peak_tflops(device: torch.device) -> float | None:
 
 
 class ProgressBar:
-    """A rank-0 tqdm bar over generator steps with ETA; silent elsewhere or when disabled."""
+    """A rank-0 tqdm bar over generator steps with ETA, on a terminal only; silent elsewhere or when disabled.
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    Without a terminal (a SLURM log file, a pipe) the trainer logs :func:`step_line` every ``log.interval`` steps
+    instead: a bar redrawn into a file is noise, and nothing at all gives no sign of life."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, stream=None):
         self._bar = None
-        if enabled:
+        stream = sys.stderr if stream is None else stream
+        if enabled and getattr(stream, "isatty", lambda: False)():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc="dmdr", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=initial, desc="dmdr", unit="step", dynamic_ncols=True, file=stream)
+
+    @property
+    def shown(self) -> bool:
+        return self._bar is not None
 
     def update(self, n: int, postfix: dict[str, float] | None = None) -> None:
         if self._bar is None:
@@ -261,3 +270,21 @@ class ProgressBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+STEP_LINE_KEYS = (("dmd", "loss/dmd"), ("rl", "loss/rl"), ("fake", "loss/fake"), ("gnorm", "grad_norm/generator"))
+
+
+def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    """``step 120/4000 (3.0%) | dmd 0.0123 rl 0.41 fake 0.087 gnorm 0.52 | 1.84 s/step | ETA 1h59m``."""
+    parts = [f"step {step}/{total} ({100.0 * step / max(total, 1):.1f}%)"]
+    losses = " ".join(f"{short} {metrics[key]:.4g}" for short, key in STEP_LINE_KEYS if key in metrics)
+    if losses:
+        parts.append(losses)
+    seconds = metrics.get("perf/step_time")
+    if seconds:
+        left = seconds * max(total - step, 0)
+        hours, rest = divmod(int(left), 3600)
+        eta = f"ETA {hours}h{rest // 60:02d}m" if hours else f"ETA {rest // 60}m{rest % 60:02d}s"
+        parts += [f"{seconds:.3g} s/step", eta]
+    return " | ".join(parts)

@@ -35,8 +35,9 @@ from dmdr.errors import DataError
 from dmdr.generate import autocast, sample_images
 from dmdr.losses.rl import RLMethod
 from dmdr.models.base import Backbone, Conditioning, conditioning_to, repeat_conditioning
-from dmdr.observability import MetricsLogger, ProgressBar, StepPerf, data_metrics, reduce_over_ranks
+from dmdr.observability import MetricsLogger, ProgressBar, StepPerf, data_metrics, reduce_over_ranks, step_line
 from dmdr.parameterization import Parameterization
+from dmdr.profiling import StepProfiler
 from dmdr.rewards.base import Reward
 from dmdr.snapshots import EMA, FrozenReference
 
@@ -188,8 +189,13 @@ class DMDRTrainer:
             batch = merge_batches(parts)
         except DataError as err:
             error = err
+            error.rank_local = True  # this rank's shard: it prints the line, the others stay quiet
         if self.dist is not None and self.dist.any_rank(error is not None):
-            raise error or DataError("another data-parallel rank stopped on bad data (see its error line)")
+            if error is None:
+                mirror = DataError("another data-parallel rank stopped on bad data (see its error line)")
+                mirror.reported_elsewhere = True
+                raise mirror
+            raise error
         if error is not None:
             raise error
         return batch
@@ -254,10 +260,11 @@ class DMDRTrainer:
         bar = ProgressBar(cfg.train.max_steps, self.step, enabled=cfg.log.progress_bar and is_main)
         perf = StepPerf(self.device)
         world = self.dist.world_size if self.dist is not None else 1
+        profiler = StepProfiler(cfg, self.dist.rank if self.dist is not None else 0, self.device)
         try:
             while self.step < cfg.train.max_steps:
                 stage = self.rl_active()
-                with perf.measure(stage) as measured:
+                with perf.measure(stage) as measured, profiler.iteration(self.step, lambda: self.step):
                     metrics = self.train_iteration()
                 if metrics is None:
                     continue
@@ -273,6 +280,8 @@ class DMDRTrainer:
                     if self.skip_monitor is not None:
                         metrics.update(data_metrics(self.skip_monitor, self.dist, SKIP_REASONS))
                     logger.log(k, metrics)
+                    if is_main and not bar.shown:
+                        log.info(step_line(k, cfg.train.max_steps, metrics))
                 shown = (("dmd", "loss/dmd"), ("rl", "loss/rl"), ("fake", "loss/fake"))
                 bar.update(1, {short: metrics[key] for short, key in shown if key in metrics})
                 if cfg.log.sample_interval and k % cfg.log.sample_interval == 0 and cfg.log.sample_prompts:
@@ -289,4 +298,5 @@ class DMDRTrainer:
                     break
         finally:
             bar.close()
+            profiler.close()
         return self.step

@@ -49,6 +49,7 @@ from dmdr.devices import DTYPES
 from dmdr.errors import ConfigError, UserError
 from dmdr.export import card as model_card
 from dmdr.export import release
+from dmdr.logs import setup_logging
 from dmdr.models import GENERATOR
 from dmdr.models.loading import read_model_index
 from dmdr.preflight import raise_problems
@@ -172,7 +173,7 @@ def convert(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s dmdr %(levelname)s %(message)s")
+    setup_logging()
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
         out = convert(args)

@@ -33,6 +33,8 @@ from dmdr.evaluation import select_metrics
 from dmdr.evaluation.report import markdown_table, summaries, write_report
 from dmdr.evaluation.runner import evaluate_model
 from dmdr.evaluation.samplers import load_model, model_kind
+from dmdr.export import SETTINGS_FILE
+from dmdr.logs import setup_logging
 
 METRIC_FLAGS = {
     "clip_model": "CLIP folder (open_clip or transformers) for the CLIP score",
@@ -52,7 +54,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     which.add_argument("--compare", nargs="+", metavar="MODEL", help="several models on the same prompts and noise")
     parser.add_argument("--prompts", required=True, help="a UTF-8 text file, one prompt a line")
     parser.add_argument("--out", default="eval", help="output folder (default: eval)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: each model's own; base 28)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: each model's own; base 28); with --compare the base "
+                             "models' only")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale of base models (default 7.0)")
     parser.add_argument("--seeds", type=int, default=1, help="images per prompt, seeds --seed .. --seed+S-1")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
@@ -117,6 +121,25 @@ def import_plugins(modules: list[str]) -> None:
             raise ConfigError(f"--plugin {name}: cannot import it ({e})") from None
 
 
+def shapes_world(path: str) -> bool:
+    """Whether ``path`` is a shapes-world model: ``world.json`` in it, or in the teacher its export or run records."""
+    import json
+
+    p = Path(path).expanduser()
+    if (p / "world.json").is_file():
+        return True
+    teacher = ""
+    try:
+        if (p / SETTINGS_FILE).is_file():
+            teacher = json.loads((p / SETTINGS_FILE).read_text()).get("source", {}).get("teacher", "")
+        else:
+            run = p if (p / "config.json").is_file() else p.parent.parent
+            teacher = json.loads((run / "config.json").read_text()).get("model", {}).get("path", "")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(teacher) and (Path(teacher) / "world.json").is_file()
+
+
 def run(args: argparse.Namespace, env) -> int:
     if args.seeds < 1 or args.seed < 0 or args.batch_size < 1 or args.grid_prompts < 0:
         raise ConfigError("--seeds and --batch-size must be >= 1, --seed and --grid-prompts >= 0")
@@ -125,15 +148,21 @@ def run(args: argparse.Namespace, env) -> int:
     prompts = read_prompts(args.prompts)
     import_plugins(args.plugin)
     paths = [args.model] if args.model else list(args.compare)
-    for path in paths:  # every path checked before any slow load
-        model_kind(path)
+    kinds = [model_kind(path) for path in paths]  # every path checked before any slow load
     weights = "ema" if args.ema else args.weights
     seeds = list(range(args.seed, args.seed + args.seeds))
     options = metric_options(args)
     device = pick_device(args.device, auto=env.device)
     log = logging.getLogger("dmdr")
+    wanted = args.metrics
+    worlds = [p for p in paths if shapes_world(p)]
+    if wanted is None and worlds:
+        wanted = ["shapeeval", *(m.name for m in select_metrics(None))]
+        if env.is_main:
+            log.info("%s: a shapes-world model (world.json), so ShapeEval is scored too (--metrics chooses)",
+                     Path(worlds[0]).name)
     chosen, skipped = [], {}
-    for metric in select_metrics(args.metrics):
+    for metric in select_metrics(wanted):
         note = metric.check(options)
         if note is None and args.seeds < metric.min_seeds:
             note = f"needs --seeds >= {metric.min_seeds}"
@@ -143,13 +172,23 @@ def run(args: argparse.Namespace, env) -> int:
             skipped[metric.name] = note
             if env.is_main:
                 log.info("metric %s skipped: %s", metric.name, note)
+    if not chosen and env.is_main:
+        log.warning("no metric can run, so the table has only NFE and speed: give a metric's checkpoint (%s), or "
+                    "--metrics shapeeval for a shapes-world model", ", ".join(f"--{k.replace('_', '-')}"
+                                                                                for k in METRIC_FLAGS))
     scorers = [(m, m.load(options, device)) for m in chosen]  # a wrong checkpoint fails here, before sampling
     results, names = [], []
     for i, path in enumerate(paths):
         name = Path(path).expanduser().resolve().name
         name = name if name not in names else f"{name}-{i}"
         names.append(name)
-        model = load_model(path, device=device, dtype=DTYPES[args.dtype], steps=args.steps, guidance=args.guidance,
+        # --compare: --steps is the base models' (a teacher at 25 steps next to a 2-step student keeps the student's
+        # own steps); a single --model takes it whatever it is.
+        steps = args.steps if (args.model or kinds[i] == "base") else None
+        if args.steps is not None and steps is None and env.is_main:
+            log.info("%s: a few-step generator, sampled at its own steps (--steps applies to the base models in "
+                     "--compare; score it alone with --model to change its steps)", name)
+        model = load_model(path, device=device, dtype=DTYPES[args.dtype], steps=steps, guidance=args.guidance,
                            weights=weights, resolution=args.resolution or (results[0].resolution if results else None),
                            name=name)
         if model.guidance is None and args.guidance is not None and env.is_main:
@@ -172,7 +211,7 @@ def run(args: argparse.Namespace, env) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s dmdr %(levelname)s %(message)s")
+    setup_logging()
     args = parse(sys.argv[1:] if argv is None else argv)
 
     env = None

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from dmdr.logs import setup_logging
 from dmdr.models import load_backbone
 from dmdr.provenance import source_commit
 from dmdr.worlds.shapes.evaluation import Sampler, evaluate_model, heldout_prompts
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rescore", action="store_true",
                         help="do not train: score the existing --out teacher again and rewrite its report")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s dmdr %(message)s")
+    setup_logging()
     torch.set_num_threads(args.threads)
 
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})

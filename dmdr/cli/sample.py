@@ -22,7 +22,6 @@ Bad input prints one ``error:`` line and exits 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from dmdr.cli import error_exit
 from dmdr.devices import pick_device
 from dmdr.errors import ConfigError, UserError
 from dmdr.export import InferenceSettings, load_release
+from dmdr.logs import setup_logging
 from dmdr.preflight import raise_problems
 from dmdr.preflight.tools import sample_problems
 
@@ -118,7 +118,7 @@ def save(images: Tensor, out: Path, nrow: int) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s dmdr %(levelname)s %(message)s")
+    setup_logging()
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
         raise_problems(sample_problems(args))  # every bad path in one message, before anything loads

@@ -31,7 +31,9 @@ def load_clip_encoder(folder: str, flag: str, device: torch.device) -> Any:
     field = flag.lstrip("-")
     if (Path(folder).expanduser() / "open_clip_config.json").is_file():
         return CLIPReward(folder, device=device, field=field)
-    return PickScoreReward(folder, device=device, scale=1.0, field=field)
+    return PickScoreReward(folder, device=device, scale=1.0, field=field,
+                           what=f"{WHAT} (open_clip_config.json + weights, or a CLIPModel save_pretrained layout with "
+                                "its tokenizer)")
 
 
 def cosine(encoder: Any, images: Tensor, prompts: list[str]) -> Tensor:

@@ -98,11 +98,23 @@ class EvalModel:
         return next(self.backbone.teacher.parameters()).dtype
 
 
+def release_form(path: str | Path) -> str:
+    """An export's form from its ``dmdr_inference.json`` (``pipeline``, ``lora``, ``single-file``); ``""`` if none."""
+    try:
+        source = json.loads((Path(path) / SETTINGS_FILE).read_text()).get("source", {})
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return str(source.get("form", "pipeline")) if isinstance(source, dict) else "pipeline"
+
+
 def model_kind(path: str | Path) -> str:
-    """``export``, ``base``, ``run`` or ``checkpoint``; anything else is one :class:`ModelLoadError` line."""
+    """``export``, ``release`` (a ``--lora`` / ``--single-file`` export, loaded onto its base), ``base``, ``run`` or
+    ``checkpoint``; anything else is one :class:`ModelLoadError` line."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ModelLoadError(f"--model {p} {'does not exist' if not p.exists() else NOT_A_MODEL}")
+    if release_form(p) in ("lora", "single-file"):
+        return "release"
     if (p / "model_index.json").is_file():
         return "export" if (p / SETTINGS_FILE).is_file() else "base"
     if (p / "config.json").is_file() and (p / "checkpoints").is_dir():
@@ -134,6 +146,8 @@ def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype = t
         return EvalModel(name, str(p), kind, backbone, backbone.teacher, n, resolution or s.resolution,
                          timesteps=few_step_timesteps(n, s.shift, s.t_min), shift=s.shift,
                          info={"source": json.loads((p / SETTINGS_FILE).read_text()).get("source", {})})
+    if kind == "release":
+        return _load_release(p, name, device, dtype, steps, resolution)
     if kind == "base":
         backbone = load_backbone(p, dtype=dtype, device=device)
         shift = float(backbone.extras.get("scheduler_config", {}).get("shift", 1.0))
@@ -142,6 +156,30 @@ def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype = t
         return EvalModel(name, str(p), kind, backbone, backbone.teacher, steps or TEACHER_STEPS, res,
                          guidance=TEACHER_GUIDANCE if guidance is None else float(guidance), shift=shift)
     return _load_checkpoint(p, kind, name, device, dtype, steps, weights, resolution)
+
+
+def _load_release(p: Path, name: str, device: torch.device, dtype: torch.dtype, steps: int | None,
+                  resolution: int | None) -> EvalModel:
+    """A ``--lora`` / ``--single-file`` export scored as its card loads it: :func:`dmdr.export.load_release` builds
+    the stock pipeline on the recorded base (the LoRA fused), and its denoiser's weights replace the base's in
+    dmdr's backbone of that base, sampled on the export's saved levels like a merged export."""
+    s = InferenceSettings.read(p)
+    source = json.loads((p / SETTINGS_FILE).read_text()).get("source", {})
+    base = Path(source.get("teacher", ""))
+    pipe: Any = export.load_release(p)  # one line if the recorded base is gone
+    if release_form(p) == "lora":
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    weights = getattr(pipe, s.denoiser_component).state_dict()
+    del pipe
+    backbone = load_backbone(base, dtype=dtype, device=device, t_min=s.t_min, max_sequence_length=s.max_sequence_length)
+    missing, unexpected = backbone.teacher.net.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(f"--model {p}: the {release_form(p)} export does not match its base {base} "
+                             f"({len(missing)} missing, {len(unexpected)} unexpected weights)")
+    n = steps or s.num_inference_steps
+    return EvalModel(name, str(p), "release", backbone, backbone.teacher, n, resolution or s.resolution,
+                     timesteps=few_step_timesteps(n, s.shift, s.t_min), shift=s.shift, info={"source": source})
 
 
 def _load_checkpoint(p: Path, kind: str, name: str, device: torch.device, dtype: torch.dtype, steps: int | None,

@@ -19,6 +19,7 @@ CLI: ``tools/plan.py``. Extension point for a new family (SDXL is being added): 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dmdr.config import TrainConfig
@@ -36,19 +37,33 @@ class PlanResult:
     frozen: FrozenCosts
 
 
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
 def make_plan(cfg: TrainConfig, gpu_key: str, gpu: GPU, world: int, recipe: str = "", model: str = "",
-              mfu: float = DEFAULT_MFU) -> PlanResult:
-    """Build the model spec of ``cfg``, plan it on ``world`` GPUs and advise."""
+              mfu: float = DEFAULT_MFU, progress: Progress = _quiet) -> PlanResult:
+    """Build the model spec of ``cfg``, plan it on ``world`` GPUs and advise; ``progress(line)`` hears each phase
+    (building the models on the meta device and costing the frozen ones take most of the time)."""
+    progress("building the model specs on the meta device (teacher, text encoders, VAE, reward models)")
     spec = build_model_spec(cfg, recipe, model)
+    progress("costing the frozen networks' activations (VAE decoder, reward models)")
     frozen = frozen_costs(spec, cfg)
+    progress("planning memory and FLOPs per stage")
     p = plan(cfg, spec, gpu_key, gpu, world, recipe, mfu, frozen)
+    if not p.fits:
+        progress("does not fit: searching the cheapest change that does")
     return PlanResult(p, advise(cfg, spec, p, frozen), spec, frozen)
 
 
-def largest_batch_table(cfg: TrainConfig, result: PlanResult) -> dict[str, list[int]]:
+def largest_batch_table(cfg: TrainConfig, result: PlanResult, progress: Progress = _quiet) -> dict[str, list[int]]:
     """The largest per-GPU batch that fits per stage, for each activation-checkpointing policy."""
     out = {}
     for ac in ("none", "every_k", "full"):
+        progress(f"largest batch with activation checkpointing {ac}")
         c = with_overrides(cfg, (("parallel.activation_checkpointing", ac),))
         out[ac] = largest_batches(c, result.spec, result.plan, result.frozen)
     return out

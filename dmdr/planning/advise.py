@@ -2,10 +2,12 @@
 
 Changes are tried in the order of what they cost the run (throughput first, the algorithm last):
 shard the text encoders, use the text-embedding cache, stronger activation checkpointing, a larger
-shard group, offload the teacher to the host, and only then a smaller batch (which changes the
-recipe's training signal). The first single change that fits is the advice; if none does, they are
-accumulated in that order until the plan fits. The project offers no 8-bit optimizer and no reward
-model sharding or offload (reward models load whole in fp32), so neither is proposed.
+shard group, gradient accumulation (``train.grad_accum K``: the same update from K micro-batches, each forward
+and backward at 1/K of the activations; no extra FLOPs, only the matmuls get smaller), offload the teacher to the
+host, and only if even a micro-batch of one does not fit a smaller batch (which changes the recipe's training
+signal). The first single change that fits is the advice; if none does, they are accumulated in that order until
+the plan fits. The project offers no 8-bit optimizer and no reward model sharding or offload (reward models load
+whole in fp32), so neither is proposed.
 """
 
 from __future__ import annotations
@@ -93,14 +95,20 @@ def advise(cfg: TrainConfig, spec: ModelSpec, base: Plan, frozen: FrozenCosts) -
         if p.fits:
             return Advice(True, change.overrides, [change.cost], p)
     acc: tuple[tuple[str, str], ...] = ()
-    notes = []
+    notes: list[str] = []
     p = base
     for change in changes:
+        # Accumulation costs no FLOPs: it comes before streaming the teacher from the host.
+        if "parallel.cpu_offload_teacher" in dict(change.overrides):
+            if (fit := _with_accumulation(cfg, spec, base, frozen, acc, notes)) is not None:
+                return fit
         acc = _merge(acc, change.overrides)
         notes.append(change.cost)
         p = _plan_with(cfg, spec, base, frozen, acc)
         if p.fits:
             return Advice(True, acc, notes, p)
+    if (fit := _with_accumulation(cfg, spec, base, frozen, acc, notes)) is not None:
+        return fit
     batches = largest_batches(with_overrides(cfg, acc), spec, base, frozen)
     if all(b >= 1 for b in batches):
         acc = _merge(acc, (("data.batch_size", str(batches[0])),) +
@@ -109,6 +117,35 @@ def advise(cfg: TrainConfig, spec: ModelSpec, base: Plan, frozen: FrozenCosts) -
         return Advice(True, acc, notes, _plan_with(cfg, spec, base, frozen, acc))
     notes.append("does not fit at batch 1 with every setting the project offers: add GPUs or use a larger GPU")
     return Advice(False, acc, notes, p)
+
+
+def _with_accumulation(cfg: TrainConfig, spec: ModelSpec, base: Plan, frozen: FrozenCosts,
+                       acc: tuple[tuple[str, str], ...], notes: list[str]) -> Advice | None:
+    """``acc`` plus the smallest ``train.grad_accum`` that makes the plan fit, or None."""
+    accum = accumulation_that_fits(cfg, largest_batches(with_overrides(cfg, acc), spec, base, frozen))
+    if accum <= max(1, cfg.train.grad_accum):
+        return None
+    with_accum = _merge(acc, (("train.grad_accum", str(accum)),))
+    p = _plan_with(cfg, spec, base, frozen, with_accum)
+    if not p.fits:
+        return None
+    return Advice(True, with_accum, [*notes, f"{accum} micro-batches per step keep the recipe's batch and its update "
+                                              f"(each forward and backward runs 1/{accum} of it; no extra FLOPs, "
+                                              "smaller matmuls)"], p)
+
+
+def accumulation_that_fits(cfg: TrainConfig, micro_fits: list[int]) -> int:
+    """The smallest ``train.grad_accum`` whose micro-batches fit (``micro_fits``: the largest per stage) and
+    divide every stage's batch, GRPO's groups whole in a micro-batch; 0 if none."""
+    batches = [cfg.data.batch_size] + ([cfg.data.rl_batch_size or cfg.data.batch_size] if len(micro_fits) > 1 else [])
+    for k in range(1, max(batches) + 1):
+        if any(b % k for b in batches):
+            continue
+        if cfg.rl.method == "grpo" and (batches[-1] // k) % (cfg.rl.grpo_group_size or 2):
+            continue
+        if all(b // k <= fit for b, fit in zip(batches, micro_fits)):
+            return k
+    return 0
 
 
 def _merge(a: tuple[tuple[str, str], ...], b: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
@@ -132,7 +169,9 @@ def _largest(fits: Callable[[int], bool]) -> int:
 
 
 def largest_batches(cfg: TrainConfig, spec: ModelSpec, base: Plan, frozen: FrozenCosts) -> list[int]:
-    """The largest per-GPU batch that fits, per stage (cold start, RL)."""
+    """The largest per-GPU batch that fits without accumulation, per stage (cold start, RL): with
+    ``train.grad_accum K`` the largest micro-batch."""
+    cfg = with_overrides(cfg, (("train.grad_accum", "1"),))
 
     def stage_fits(stage: int, key: str) -> Callable[[int], bool]:
         def fits(b: int) -> bool:

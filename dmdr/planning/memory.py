@@ -110,7 +110,9 @@ class StageMemory:
     items: dict[str, int] = field(default_factory=dict)
     """Static bytes per rank by item."""
     activations: dict[str, int] = field(default_factory=dict)
-    """Activation bytes per phase (critic step, generator step)."""
+    """Activation bytes per phase (critic step, generator step), of one micro-batch."""
+    micro_batch: int = 0
+    """Samples per forward with grad (``batch / train.grad_accum``; 0: ``batch``)."""
 
     @property
     def static(self) -> int:
@@ -161,8 +163,10 @@ def stage_memory(spec: ModelSpec, cfg: TrainConfig, layout: Layout, rl: bool,
     ``reward_acts`` / ``vae_act``: saved bytes per sample of each reward model's image tower and of the
     VAE decoder (ReFL backward), from :func:`dmdr.planning.planner.frozen_activations`.
     """
-    batch = (cfg.data.rl_batch_size or cfg.data.batch_size) if rl else cfg.data.batch_size
-    out = StageMemory("RL" if rl else "cold start", batch)
+    # Activations are one micro-batch's (train.grad_accum slices run their forward and backward one at a time).
+    full = (cfg.data.rl_batch_size or cfg.data.batch_size) if rl else cfg.data.batch_size
+    batch = max(1, full // max(1, cfg.train.grad_accum))
+    out = StageMemory("RL" if rl else "cold start", full, micro_batch=batch)
     st = state_bytes(spec, cfg, layout, text_encoders=False)
     d = spec.denoiser
     s = layout.dp_shard

@@ -29,7 +29,8 @@ def to_json(p: Plan, advice: Advice | None = None, largest: dict[str, list[int]]
     }
     for i, s in enumerate(p.stages):
         out["stages"].append({
-            "stage": s.stage, "batch_per_gpu": s.batch, "generator_steps": p.steps[i],
+            "stage": s.stage, "batch_per_gpu": s.batch, "micro_batch_per_gpu": s.micro_batch or s.batch,
+            "generator_steps": p.steps[i],
             "memory_bytes": dict(s.items), "activation_bytes": dict(s.activations),
             "peak_bytes": s.peak, "fits": s.peak <= p.usable,
             "flops_per_generator_step": dict(p.flops[i].parts), "flops_total": p.flops[i].total,
@@ -47,7 +48,8 @@ def to_table(p: Plan, advice: Advice | None = None, largest: dict[str, list[int]
     lay = p.layout
     lines = [f"plan: {p.recipe or '-'} | model {p.model} | {lay.world} x {p.gpu.name} "
              f"(dp_replicate {lay.dp_replicate} x dp_shard {lay.dp_shard}) | MFU {p.mfu:.2f} (stated, not measured)"]
-    names = [f"{s.stage} (bs {s.batch})" for s in p.stages]
+    names = [f"{s.stage} (bs {s.batch}" + (f" = {s.batch // s.micro_batch} x {s.micro_batch})"
+                                         if s.micro_batch and s.micro_batch < s.batch else ")") for s in p.stages]
     rows: list[tuple[str, list[str]]] = []
     keys = list(dict.fromkeys(k for s in p.stages for k in s.items))
     for k in keys:
@@ -73,7 +75,7 @@ def to_table(p: Plan, advice: Advice | None = None, largest: dict[str, list[int]
                  f"(usable = memory x {1 - RESERVE_FRACTION:.2f} - {RESERVE_BYTES / GiB:.0f} GiB)")
     if largest:
         for ac, batches in largest.items():
-            lines.append(f"largest batch per GPU that fits, AC {ac}: "
+            lines.append(f"largest (micro-)batch per GPU that fits, AC {ac}: "
                          + ", ".join(f"{s.stage} {b}" for s, b in zip(p.stages, batches)))
     if advice is not None:
         if p.fits:

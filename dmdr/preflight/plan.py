@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dmdr.config import to_dict
+from dmdr.config import grpo_group_size, to_dict
 from dmdr.distributed.checkpoint import read_marker
 from dmdr.preflight import RunContext
 from dmdr.preflight.rewards import rl_reached
@@ -62,7 +62,12 @@ def plan_lines(cfg: Any, ctx: RunContext) -> list[str]:
                                 f"{'; teacher offloaded to CPU' if p.cpu_offload_teacher else ''}"))
     else:
         rows.append(("sharded", "nothing (one process)"))
-    rows.append(("", f"activation checkpointing {p.activation_checkpointing}, compile {p.compile}"))
+    rows.append(("", f"activation checkpointing {p.activation_checkpointing}, compile {p.compile}, collective "
+                     f"timeout {p.timeout_s} s"))
+    k = cfg.train.grad_accum
+    if k > 1:
+        rows.append(("", f"gradient accumulation: {k} micro-batches per step ({d.batch_size // k} prompts per "
+                         f"forward in the cold start, {(d.rl_batch_size or d.batch_size) // k} in the RL stage)"))
     start = min(cfg.rl.start_step, cfg.train.max_steps) if cfg.rl.method != "none" else cfg.train.max_steps
     rows.append(("stages", f"cold start: generator steps [0, {start}): lr generator {cfg.optim.generator_lr:g}, "
                            f"critic {cfg.optim.critic_lr:g}; {d.batch_size} prompts per rank ({d.batch_size * w} "
@@ -72,7 +77,8 @@ def plan_lines(cfg: Any, ctx: RunContext) -> list[str]:
         rl_batch = d.rl_batch_size or d.batch_size
         rows.append(("", f"RL ({cfg.rl.method}): generator steps [{start}, {cfg.train.max_steps}): lr generator "
                          f"{cfg.optim.rl_generator_lr:g}, critic {cfg.optim.rl_critic_lr:g}; {rl_batch} prompts per "
-                         f"rank ({rl_batch * w} per step); rewards {rewards}, margin {cfg.rl.margin:g}"))
+                         f"rank ({rl_batch * w} per step); rewards {rewards}, margin {cfg.rl.margin:g}"
+                         + (f"; GRPO groups of {grpo_group_size(cfg)}" if cfg.rl.method == "grpo" else "")))
     else:
         rows.append(("", f"RL: not reached (rl.method {cfg.rl.method}, rl.start_step {cfg.rl.start_step}, "
                          f"train.max_steps {cfg.train.max_steps})"))

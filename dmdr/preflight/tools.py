@@ -46,6 +46,8 @@ def run_problems(run: str, step: str, model_path: str, weights: str = "auto",
     folder = Path(run)
     if not folder.is_dir():
         return [Problem("run", run, "does not exist (pass the training run's train.output_dir)")]
+    if teacher := teacher_folder_problem("run", run):
+        return [teacher]
     file = folder / "config.json"
     try:
         import json
@@ -92,9 +94,27 @@ def export_problems(args: Any) -> list[Problem]:
     return problems
 
 
+TEACHER_INSTEAD = ("is a base diffusers pipeline (a teacher: model_index.json, no {settings}), not a dmdr run or "
+                   "export; sample a teacher with tools/eval.py --model {path} (its multi-step CFG sampler, "
+                   "--save-images) or diffusers' own pipeline; this tool takes a training run (--run "
+                   "<train.output_dir>) or, tools/sample.py, an export (--pipeline <folder written by "
+                   "tools/convert_to_diffusers.py>)")
+
+
+def teacher_folder_problem(flag: str, path: str) -> Problem | None:
+    """The one line for a teacher folder given where a run or an export belongs, naming what to use instead."""
+    folder = Path(path)
+    if (folder / "model_index.json").is_file() and not (folder / SETTINGS_FILE).is_file():
+        return Problem(flag, path, TEACHER_INSTEAD.format(settings=SETTINGS_FILE, path=path))
+    return None
+
+
 def pipeline_problems(path: str) -> list[Problem]:
     """An exported folder: a diffusers pipeline with every declared component present and its settings file."""
     import json
+
+    if teacher := teacher_folder_problem("pipeline", path):
+        return [teacher]
 
     try:  # a --lora / --single-file export (dmdr.export.release) has no model_index.json: it loads onto its base
         form = json.loads((Path(path) / SETTINGS_FILE).read_text()).get("source", {}).get("form", "pipeline")

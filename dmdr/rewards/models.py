@@ -227,10 +227,10 @@ class PickScoreReward(_FrozenModelReward):
     name = "pickscore"
 
     def __init__(self, folder: str | Path, device: torch.device | str = "cpu", resolution: int = 224,
-                 scale: float = 0.01, field: str = "rl.pickscore_model"):
+                 scale: float = 0.01, field: str = "rl.pickscore_model", what: str = ""):
         from transformers import AutoTokenizer, CLIPModel
 
-        what = "a local PickScore folder (CLIPModel save_pretrained layout with its tokenizer)"
+        what = what or "a local PickScore folder (CLIPModel save_pretrained layout with its tokenizer)"
         path = _need_dir(field, folder, what, required=("config.json",))
         try:
             model = CLIPModel.from_pretrained(str(path), local_files_only=True)

@@ -15,10 +15,11 @@ from dmdr.losses.rl.refl import ReFL
 METHODS = ("none", "refl", "dpo", "grpo")
 
 
-def build_rl_method(rl: Any, sampler: str = "ode") -> RLMethod | None:
+def build_rl_method(rl: Any, sampler: str = "ode", group_size: int = 0) -> RLMethod | None:
     """The branch named ``rl.method`` with its hyperparameters (None for ``none``).
 
-    ``sampler``: the generator's backward-simulation mode, which DPO's candidates use.
+    ``sampler``: the generator's backward-simulation mode, which DPO's candidates use. ``group_size``: GRPO's
+    resolved ``G`` (:func:`dmdr.config.grpo_group_size`; 0: ``rl.grpo_group_size`` as given, its auto 0 as 4).
     """
     if rl.method == "none":
         return None
@@ -27,7 +28,7 @@ def build_rl_method(rl: Any, sampler: str = "ode") -> RLMethod | None:
     if rl.method == "dpo":
         return OnPolicyDPO(rl.dpo_k, rl.dpo_beta, rl.dpo_weight, sampler=sampler)
     if rl.method == "grpo":
-        return GRPO(rl.grpo_group_size, rl.grpo_clip, rl.grpo_weight, rl.grpo_inner_updates,
+        return GRPO(group_size or rl.grpo_group_size or 4, rl.grpo_clip, rl.grpo_weight, rl.grpo_inner_updates,
                     kl_weight=rl.grpo_kl_weight)
     raise ValueError(f"unknown rl.method {rl.method!r} (known: {', '.join(METHODS)})")
 

@@ -10,8 +10,9 @@ The trainer (and the toy world) build two small objects per generator step and c
 A method declares what it needs from its owner as attributes: ``needs_reference`` (a frozen
 snapshot of the generator at the RL start, see :mod:`dmdr.losses.rl.reference`) and ``stateful``
 (sampler state kept across generator steps, e.g. GRPO's group; then the method's ``state_dict`` /
-``load_state_dict`` go into the checkpoint, per rank). Randomness comes only from
-``PolicyAccess.rng``, so a resumed run redraws the same samples.
+``load_state_dict`` go into the checkpoint, per rank). Randomness comes only from ``PolicyAccess.rng``, so a
+resumed run redraws the same samples. Under gradient accumulation the step engine calls ``prepare`` once on the
+whole batch and ``micro_loss`` per slice: a DPO pair or a GRPO group is never split.
 
 A reward that returns non-finite scores makes the method's loss NaN: the trainer's non-finite skip
 path then skips the step on every rank and counts it (``train/skipped_steps``).
@@ -75,6 +76,18 @@ class RLMethod(Protocol):
 
     def loss(self, batch: RLBatch, generator: PolicyAccess,
              rewards: Sequence[tuple[Reward, float]]) -> tuple[Tensor, dict[str, float]]: ...
+
+    def prepare(self, prompts: list[str], cond: Any, generator: PolicyAccess,
+                rewards: Sequence[tuple[Reward, float]]) -> tuple[Any, dict[str, float]]:
+        """What the step draws for the whole per-rank batch, without grad (DPO's pairs, GRPO's group), and its
+        stats; ``loss`` is ``prepare`` then :meth:`micro_loss` on every row."""
+        ...
+
+    def micro_loss(self, prepared: Any, batch: RLBatch, generator: PolicyAccess,
+                   rewards: Sequence[tuple[Reward, float]], rows: slice) -> tuple[Tensor, dict[str, float]]:
+        """The loss (a mean over its rows) of the slice ``rows`` of the step's batch, whose clean estimate, prompts
+        and conditioning ``batch`` holds (gradient accumulation: :mod:`dmdr.micro_batches`)."""
+        ...
 
 
 def score(rewards: Sequence[tuple[Reward, float]], images: Tensor,

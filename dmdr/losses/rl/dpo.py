@@ -17,7 +17,7 @@ Cost per generator step (B prompts, N steps): ``N`` no-grad forwards of ``K B`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,16 +60,19 @@ class OnPolicyDPO:
             raise ValueError(f"DPO needs K >= 2 samples per prompt, got {k}")
         self.k, self.beta, self.weight, self.sampler = int(k), float(beta), float(weight), sampler
 
-    def loss(self, batch: RLBatch, generator: PolicyAccess,
-             rewards: Sequence[tuple[Reward, float]]) -> tuple[Tensor, dict[str, float]]:
+    def prepare(self, prompts: list[str], cond: Any, generator: PolicyAccess,
+                rewards: Sequence[tuple[Reward, float]]) -> tuple[dict[str, Any], dict[str, float]]:
+        """The step's pairs for the whole batch (no grad): ``K`` candidates per prompt, scored; best and worst;
+        one level and one noise per pair. Drawn before any slice's loss, so accumulation draws what one batch
+        draws."""
         g, param = generator, generator.param
         if g.reference_fn is None:
             raise ValueError("DPO needs the frozen reference (PolicyAccess.reference_fn)")
-        n, k = len(batch.prompts), self.k
-        device = batch.x0.device
+        n, k = len(prompts), self.k
+        device = g.timesteps.device
         rep = repeat_index(n, k, device)
-        cond_k = g.select(batch.cond, rep)
-        prompts_k = [p for p in batch.prompts for _ in range(k)]  # = prompts[rep], without a device sync
+        cond_k = g.select(cond, rep)
+        prompts_k = [p for p in prompts for _ in range(k)]  # = prompts[rep], without a device sync
         with torch.no_grad():
             samples = few_step_sample(g.fn, g.noise(n * k), cond_k, g.timesteps, param, mode=self.sampler,
                                       generator=g.rng)
@@ -83,6 +86,14 @@ class OnPolicyDPO:
         idx = torch.randint(0, levels, (n,), generator=g.rng, device=g.rng.device).to(device)
         t = g.timesteps.to(device)[idx]
         eps = randn_like(x_w, g.rng)
+        stats["rl/dpo_reward_gap"] = (grid.max(dim=1).values - grid.min(dim=1).values).mean().item()
+        return {"x_w": x_w, "x_l": x_l, "t": t, "eps": eps, "finite": finite}, stats
+
+    def micro_loss(self, pairs: dict[str, Any], batch: RLBatch, generator: PolicyAccess,
+                   rewards: Sequence[tuple[Reward, float]], rows: slice) -> tuple[Tensor, dict[str, float]]:
+        """The DPO loss (mean over pairs) of the pairs ``rows``, whose prompts and conditioning ``batch`` holds."""
+        g, param = generator, generator.param
+        x_w, x_l, t, eps = (pairs[key][rows] for key in ("x_w", "x_l", "t", "eps"))
         x_t = torch.cat([param.renoise(x_w, eps, t), param.renoise(x_l, eps, t)])
         t2, cond2, x2 = torch.cat([t, t]), g.cat([batch.cond, batch.cond]), torch.cat([x_w, x_l])
         e = clean_estimate_error(param, x_t, t2, g.fn(x_t, t2, cond2), x2)
@@ -92,6 +103,11 @@ class OnPolicyDPO:
         loss = dpo_loss(e_w, e_ref_w, e_l, e_ref_l, self.beta)
         with torch.no_grad():
             margin = -((e_w - e_ref_w) - (e_l - e_ref_l))
-            stats.update({"rl/dpo_loss": loss.item(), "rl/dpo_accuracy": (margin > 0).float().mean().item(),
-                          "rl/dpo_reward_gap": (grid.max(dim=1).values - grid.min(dim=1).values).mean().item()})
-        return poison_if(self.weight * loss, not finite), stats
+            stats = {"rl/dpo_loss": loss.item(), "rl/dpo_accuracy": (margin > 0).float().mean().item()}
+        return poison_if(self.weight * loss, not pairs["finite"]), stats
+
+    def loss(self, batch: RLBatch, generator: PolicyAccess,
+             rewards: Sequence[tuple[Reward, float]]) -> tuple[Tensor, dict[str, float]]:
+        pairs, stats = self.prepare(batch.prompts, batch.cond, generator, rewards)
+        loss, micro = self.micro_loss(pairs, batch, generator, rewards, slice(0, len(batch.prompts)))
+        return loss, {**stats, **micro}

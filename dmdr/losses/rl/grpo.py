@@ -96,14 +96,15 @@ class GRPO:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.group = state["group"]
 
-    def _draw_group(self, batch: RLBatch, g: PolicyAccess, rewards: Sequence[tuple[Reward, float]]) -> dict:
-        n = len(batch.prompts)
+    def _draw_group(self, prompts: list[str], cond: Any, g: PolicyAccess,
+                    rewards: Sequence[tuple[Reward, float]]) -> dict:
+        n = len(prompts)
         if n % self.group_size:
             raise ValueError(f"GRPO: a batch of {n} prompts is not divisible by the group size {self.group_size}")
         groups = n // self.group_size
-        rep = repeat_index(groups, self.group_size, batch.x0.device)
-        cond = g.select(batch.cond, rep)
-        prompts = [p for p in batch.prompts[:groups] for _ in range(self.group_size)]  # = prompts[rep], no sync
+        rep = repeat_index(groups, self.group_size, g.timesteps.device)
+        cond = g.select(cond, rep)
+        prompts = [p for p in prompts[:groups] for _ in range(self.group_size)]  # = prompts[rep], no sync
         with torch.no_grad():
             traj = sde_sample_with_log_probs(g.fn, g.noise(n), cond, g.timesteps, g.param, generator=g.rng)
         scores, stats, finite = score(rewards, g.decode(traj.sample), prompts)
@@ -111,29 +112,39 @@ class GRPO:
                 "advantages": group_advantages(scores, self.group_size, self.adv_eps), "cond": cond,
                 "uses_left": self.inner_updates, "stats": stats, "finite": finite}
 
-    def loss(self, batch: RLBatch, generator: PolicyAccess,
-             rewards: Sequence[tuple[Reward, float]]) -> tuple[Tensor, dict[str, float]]:
-        g, param = generator, generator.param
-        steps = g.timesteps.numel() - 2  # stochastic steps: all but the last
-        if steps < 1:
+    def prepare(self, prompts: list[str], cond: Any, generator: PolicyAccess,
+                rewards: Sequence[tuple[Reward, float]]) -> tuple[dict[str, Any], dict[str, float]]:
+        """This step's group (drawn for the whole batch, or the one still in use), its uses counted."""
+        if generator.timesteps.numel() - 2 < 1:
             raise ValueError("GRPO needs dmd.num_steps >= 2 (a 1-step sampler has no stochastic step)")
         if self.group is None or self.group["uses_left"] <= 0:
-            self.group = self._draw_group(batch, g, rewards)
+            self.group = self._draw_group(prompts, cond, generator, rewards)
         group = self.group
         group["uses_left"] -= 1
-        states = group["states"]
+        self.last_advantages = group["advantages"]
+        if not group["finite"]:  # a group scored non-finite is skipped once, then redrawn
+            self.group = None
+        return group, dict(group["stats"])
+
+    def micro_loss(self, group: dict[str, Any], batch: RLBatch, generator: PolicyAccess,
+                   rewards: Sequence[tuple[Reward, float]], rows: slice) -> tuple[Tensor, dict[str, float]]:
+        """The clipped policy loss (mean over trajectories and stochastic steps) of the trajectories ``rows``."""
+        g, param = generator, generator.param
+        steps = g.timesteps.numel() - 2  # stochastic steps: all but the last
+        states = [s[rows] for s in group["states"]]
         n = states[0].shape[0]
         device = states[0].device
+        index = torch.arange(rows.start, rows.stop, device=device)
         x = torch.cat(states[:steps])
         x_next = torch.cat(states[1:steps + 1])
         t = torch.cat([g.timesteps[i].to(device).expand(n) for i in range(steps)])
         t_next = torch.cat([g.timesteps[i + 1].to(device).expand(n) for i in range(steps)])
-        cond = g.cat([group["cond"]] * steps)
+        cond = g.cat([g.select(group["cond"], index)] * steps)
+        old_log_probs, advantages = group["old_log_probs"][rows], group["advantages"][rows]
         x0_hat = param.to_x0(x, t, g.fn(x, t, cond))  # every stochastic step in one forward, with grad
         log_prob = sde_step_log_prob(param, x_next, x0_hat, t_next).view(steps, n).t()
-        loss = clipped_policy_loss(log_prob, group["old_log_probs"], group["advantages"], self.clip)
-        self.last_advantages = group["advantages"]
-        stats = dict(group["stats"])
+        loss = clipped_policy_loss(log_prob, old_log_probs, advantages, self.clip)
+        stats: dict[str, float] = {}
         if self.kl_weight > 0:
             with torch.no_grad():
                 x0_ref = param.to_x0(x, t, g.reference_fn(x, t, cond))
@@ -141,9 +152,13 @@ class GRPO:
             loss = loss + self.kl_weight * kl
             stats["rl/grpo_kl"] = kl.item()
         with torch.no_grad():
-            ratio = torch.exp(log_prob - group["old_log_probs"])
+            ratio = torch.exp(log_prob - old_log_probs)
             stats.update({"rl/grpo_loss": loss.item(), "rl/grpo_ratio_dev": (ratio - 1).abs().mean().item(),
                           "rl/grpo_clipped": ((ratio - 1).abs() > self.clip).float().mean().item()})
-        if not group["finite"]:  # a group scored non-finite is skipped once, then redrawn
-            self.group = None
         return poison_if(self.weight * loss, not group["finite"]), stats
+
+    def loss(self, batch: RLBatch, generator: PolicyAccess,
+             rewards: Sequence[tuple[Reward, float]]) -> tuple[Tensor, dict[str, float]]:
+        group, stats = self.prepare(batch.prompts, batch.cond, generator, rewards)
+        loss, micro = self.micro_loss(group, batch, generator, rewards, slice(0, group["states"][0].shape[0]))
+        return loss, {**stats, **micro}

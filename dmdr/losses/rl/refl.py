@@ -7,7 +7,7 @@ decoded clean estimate ``x0`` of the generator step, inside the graph.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -52,6 +52,15 @@ class ReFL:
 
     def __init__(self, margin: float = 0.7):
         self.margin = float(margin)
+
+    def prepare(self, prompts: list[str], cond: Any, generator: PolicyAccess,
+                rewards: Sequence[tuple[Reward, float]]) -> tuple[None, dict[str, float]]:
+        """Nothing to draw for the whole batch: each slice scores its own clean estimate."""
+        return None, {}
+
+    def micro_loss(self, prepared: None, batch: RLBatch, generator: PolicyAccess,
+                   rewards: Sequence[tuple[Reward, float]], rows: slice) -> tuple[Tensor, dict[str, float]]:
+        return refl_loss(generator.decode(batch.x0), batch.prompts, rewards, self.margin)
 
     def loss(self, batch: RLBatch, generator: PolicyAccess,
              rewards: Sequence[tuple[Reward, float]]) -> tuple[Tensor, dict[str, float]]:

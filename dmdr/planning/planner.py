@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from dmdr.config import TrainConfig
+from dmdr.gpus import GPU, GiB
 from dmdr.planning.activations import saved_bytes_on_meta
 from dmdr.planning.flops import meta_flops
-from dmdr.planning.gpus import GPU, GiB
 from dmdr.planning.memory import Layout, StageMemory, stage_memory, tokens_of
 from dmdr.planning.specs import Component, ModelSpec, plan_hooks, resolve_hook
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_helpers import tiny_config
 
 from dmdr.launch import run
+from tests.tiny_helpers import tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ assembling package is an upward arrow (issue 25 removed the last two: observabil
 ``dmdr.gpus``; rewards -> worlds for the shapes reward, now registered by the world).
 """
 
-from import_graph import cycles, edges, modules
+from tests.layout.import_graph import cycles, edges, modules
 
 BUILDING_BLOCKS = {
     "algorithm", "config", "data", "devices", "distributed", "errors", "generate", "gpus", "kernels", "losses",

@@ -198,8 +198,8 @@ def worker(args: argparse.Namespace) -> int:
 
 def predicted(args: argparse.Namespace, folder: Path, prompts: Path, cache: Path) -> dict:
     """tools/plan.py's per-rank memory for the same setting (cold-start stage)."""
+    from dmdr.gpus import get_gpu
     from dmdr.planning import make_plan
-    from dmdr.planning.gpus import get_gpu
 
     cfg = recipe_config(run_overrides(args, folder, prompts, cache))
     result = make_plan(cfg, "h100-80", get_gpu("h100-80"), args.world, recipe="sd3m_dmdr", model=str(folder))

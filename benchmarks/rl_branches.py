@@ -74,10 +74,11 @@ def _measure(method: str, mode: str, steps: int, root: Path) -> dict:
             trainer.train_iteration()
         elapsed = (time.perf_counter() - start) / steps
     gen_bytes = sum(p.numel() * p.element_size() for p in trainer.roles.generator_params)
-    ref_bytes = sum(v.numel() * v.element_size() for v in trainer.reference.values) if trainer.reference else 0
+    reference, rl = trainer.engine.reference, trainer.engine.rl
+    ref_bytes = sum(v.numel() * v.element_size() for v in reference.values) if reference else 0
     group_bytes = 0
-    if trainer.rl is not None and trainer.rl.stateful and getattr(trainer.rl, "group", None):
-        group = trainer.rl.group
+    if rl is not None and rl.stateful and getattr(rl, "group", None):
+        group = rl.group
         tensors = [*group["states"], group["old_log_probs"], group["advantages"], *group["cond"].values()]
         group_bytes = sum(t.numel() * t.element_size() for t in tensors)
     session.close()

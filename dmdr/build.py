@@ -39,6 +39,7 @@ from dmdr.rewards import build_reward
 from dmdr.rewards.base import Reward
 from dmdr.run_folder import lock_run_folder
 from dmdr.trainer import DMDRTrainer
+from dmdr.worlds.shapes import reward as _shapes_reward  # noqa: F401  registers --rl.rewards shapes
 
 log = logging.getLogger("dmdr")
 

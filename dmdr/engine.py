@@ -46,7 +46,14 @@ from dmdr.models.base import Conditioning, Denoiser, index_conditioning
 from dmdr.parameterization import Parameterization
 from dmdr.rewards.base import Reward
 from dmdr.sampling import _default_cat, randn_like
-from dmdr.schedules import DynaRSSampler, beta_levels, dynadg_real_scale, generator_levels
+from dmdr.schedules import (
+    DynaRSSampler,
+    beta_levels,
+    critic_steps_per_generator_step,
+    dynadg_real_scale,
+    generator_levels,
+    iterations_per_generator_step,
+)
 from dmdr.snapshots import EMA, FrozenReference
 
 log = logging.getLogger("dmdr.trainer")  # the loop's logger, as before the engine had a module of its own
@@ -164,12 +171,12 @@ class StepEngine:
     @property
     def trains_critic(self) -> bool:
         """Whether the critic is trained: only the DMD loss reads it (``dmd.weight 0`` runs the RL loss alone)."""
-        return self.cfg.dmd.weight > 0
+        return critic_steps_per_generator_step(self.cfg.dmd.ratio, self.cfg.dmd.weight) > 0
 
     @property
     def iterations_per_generator_step(self) -> int:
         """``dmd.ratio`` (critic steps per generator step); 1 when no critic is trained."""
-        return self.cfg.dmd.ratio if self.trains_critic else 1
+        return iterations_per_generator_step(self.cfg.dmd.ratio, self.cfg.dmd.weight)
 
     @property
     def grad_accum(self) -> int:

@@ -22,6 +22,8 @@ import torch.distributed as tdist
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
+from dmdr.gpus import match_cuda_name
+
 
 class MetricsLogger:
     """Appends one JSON object per logged step to ``<output_dir>/metrics.jsonl`` and mirrors to TensorBoard.
@@ -231,13 +233,11 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def gpu_peak_tflops(device: torch.device) -> float | None:
-    """Dense bf16 peak of known GPUs (for MFU); ``DMDR_PEAK_TFLOPS`` overrides, None when unknown."""
+    """Dense bf16 peak of known GPUs (:mod:`dmdr.gpus`, for MFU); ``DMDR_PEAK_TFLOPS`` overrides, None when unknown."""
     if os.environ.get("DMDR_PEAK_TFLOPS"):
         return float(os.environ["DMDR_PEAK_TFLOPS"])
     if device.type != "cuda":
         return None
-    from dmdr.planning.gpus import match_cuda_name  # the one GPU table (the planner's)
-
     gpu = match_cuda_name(torch.cuda.get_device_name(device))
     return gpu.bf16_tflops if gpu is not None else None
 

@@ -61,6 +61,17 @@ COLD_START_SCHEDULES = ("cosine", "constant")
 renoise levels, for the whole run)."""
 
 
+def critic_steps_per_generator_step(ratio: int, dmd_weight: float) -> int:
+    """``dmd.ratio`` critic steps per generator step; none when nothing reads the critic (``dmd.weight 0``: the RL
+    loss alone, the paper's "only RL" rows)."""
+    return ratio if dmd_weight > 0 else 0
+
+
+def iterations_per_generator_step(ratio: int, dmd_weight: float) -> int:
+    """Iterations (one backward simulation each) per generator step: one per critic step, one without a critic."""
+    return max(1, critic_steps_per_generator_step(ratio, dmd_weight))
+
+
 def cosine_decay(step: int, decay_steps: int, schedule: str = "cosine") -> float:
     """``1/2 (1 + cos(pi min(step / D, 1)))``: 1 at step 0, 0 from step ``D`` on; always 1 for ``constant``."""
     if schedule == "constant":

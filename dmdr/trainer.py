@@ -33,13 +33,10 @@ from dmdr.distributed.state import DataLoaderState, ModelOptimizerState, PerRank
 from dmdr.engine import Counters, Roles, StepEngine, TrainingDiverged
 from dmdr.errors import DataError
 from dmdr.generate import autocast, sample_images
-from dmdr.losses.rl import RLMethod
 from dmdr.models.base import Backbone, Conditioning, conditioning_to, repeat_conditioning
 from dmdr.observability import MetricsLogger, ProgressBar, StepPerf, data_metrics, reduce_over_ranks, step_line
-from dmdr.parameterization import Parameterization
 from dmdr.profiling import StepProfiler
 from dmdr.rewards.base import Reward
-from dmdr.snapshots import EMA, FrozenReference
 
 log = logging.getLogger(__name__)
 
@@ -84,51 +81,12 @@ class DMDRTrainer:
         self.rng = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
         self.engine = StepEngine(cfg, roles, backbone.parameterization, rewards, rng=self.rng, noise=self._noise,
                                  decode=backbone.codec.decode, device=device, dist=dist)
+        """The updates and their state: ``engine.step``, ``counters``, ``rewards``, ``ema``, ``rl``, ``reference``."""
         self._ema_from_weights = False
         self._negative: Conditioning | None = None
         self._data_iter: Iterator | None = None
         self.stateful_extras: dict[str, Any] = {}
         """More ``Stateful`` entries of :meth:`app_state` (the guard's state, :mod:`dmdr.guard`)."""
-
-    # ------------------------------------------------------------------ the engine's state, by its old names
-    @property
-    def step(self) -> int:
-        return self.engine.step
-
-    @property
-    def counters(self) -> Counters:
-        return self.engine.counters
-
-    @property
-    def rewards(self) -> list[tuple[Reward, float]]:
-        return self.engine.rewards
-
-    @rewards.setter
-    def rewards(self, rewards: list[tuple[Reward, float]]) -> None:  # the guard lowers reward weights in place
-        self.engine.rewards = rewards
-
-    @property
-    def param(self) -> Parameterization:
-        return self.engine.param
-
-    @property
-    def timesteps(self) -> Tensor:
-        return self.engine.timesteps
-
-    @property
-    def ema(self) -> EMA | None:
-        return self.engine.ema
-
-    @property
-    def rl(self) -> RLMethod | None:
-        return self.engine.rl
-
-    @property
-    def reference(self) -> FrozenReference | None:
-        return self.engine.reference
-
-    def rl_active(self, k: int | None = None) -> bool:
-        return self.engine.rl_active(k)
 
     # ------------------------------------------------------------------ Stateful
     def state_dict(self) -> dict[str, Any]:
@@ -167,10 +125,6 @@ class DMDRTrainer:
         self.engine.restart_iteration()
 
     # ------------------------------------------------------------------ data
-    def batch_size(self, k: int | None = None) -> int:
-        """Prompts per rank per iteration at generator step ``k``: ``data.rl_batch_size`` once RL is on (if set)."""
-        return self.engine.batch_size(k)
-
     def _next_batch(self) -> dict[str, Any]:
         """This iteration's prompts, as whole loader batches (:func:`dmdr.data.loader_batch_size`).
 
@@ -182,7 +136,7 @@ class DMDRTrainer:
         batch: dict[str, Any] = {}
         try:
             parts = []
-            for _ in range(self.batch_size() // loader_batch_size(self.cfg.data)):
+            for _ in range(self.engine.batch_size() // loader_batch_size(self.cfg.data)):
                 parts.append(next(self._data_iter))
                 if self.skip_monitor is not None:
                     self.skip_monitor.update(parts[-1])
@@ -236,7 +190,7 @@ class DMDRTrainer:
         self._ema_from_weights = False
         if self.dist is None or self.dist.is_main:
             log.warning("the checkpoint holds no EMA (optim.ema_decay was 0 when it was written): the EMA starts "
-                        "from the resumed weights at generator step %d", self.step)
+                        "from the resumed weights at generator step %d", self.engine.step)
 
     def sample_images(self, prompts: list[str], seed: int = 1234) -> Tensor:
         """Few-step samples in [0, 1] for fixed prompts and noise (:func:`dmdr.generate.sample_images`)."""
@@ -253,24 +207,24 @@ class DMDRTrainer:
             should_stop: ``callable() -> bool`` agreed across ranks (preemption), or None.
             guard: a :class:`~dmdr.guard.Guard` (probe, rules, warn / stop / rollback), or None.
         """
-        cfg = self.cfg
+        cfg, engine = self.cfg, self.engine
         is_main = self.dist is None or self.dist.is_main
         if self._ema_from_weights:
             self._start_ema_from_weights()
-        bar = ProgressBar(cfg.train.max_steps, self.step, enabled=cfg.log.progress_bar and is_main)
+        bar = ProgressBar(cfg.train.max_steps, engine.step, enabled=cfg.log.progress_bar and is_main)
         perf = StepPerf(self.device)
         world = self.dist.world_size if self.dist is not None else 1
         profiler = StepProfiler(cfg, self.dist.rank if self.dist is not None else 0, self.device)
         try:
-            while self.step < cfg.train.max_steps:
-                stage = self.rl_active()
-                with perf.measure(stage) as measured, profiler.iteration(self.step, lambda: self.step):
+            while engine.step < cfg.train.max_steps:
+                stage = engine.rl_active()
+                with perf.measure(stage) as measured, profiler.iteration(engine.step, lambda: engine.step):
                     metrics = self.train_iteration()
                 if metrics is None:
                     continue
-                samples = self.batch_size(self.step - 1) * world * self.engine.iterations_per_generator_step
+                samples = engine.batch_size(engine.step - 1) * world * engine.iterations_per_generator_step
                 perf.generator_step(stage, samples, counted=measured is not None)
-                k = self.step
+                k = engine.step
                 verdict = guard.after_step(self, k, metrics, logger, checkpoint) if guard is not None else None
                 if verdict is not None and verdict.rolled_back:
                     continue  # the step counter went back to the restored checkpoint's
@@ -299,4 +253,4 @@ class DMDRTrainer:
         finally:
             bar.close()
             profiler.close()
-        return self.step
+        return engine.step

@@ -1,4 +1,4 @@
-"""Suite-wide settings: CPU only, deterministic, Triton (if exercised) through its interpreter."""
+"""Suite-wide settings: CPU only, deterministic, Triton (if exercised) through its interpreter; the shared fixtures."""
 
 import os
 
@@ -12,6 +12,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+pytest_plugins = ["tests.tiny_models"]  # the tiny assets and reward checkpoints every area may use
 
 
 @pytest.fixture(scope="module")

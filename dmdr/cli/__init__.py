@@ -2,7 +2,7 @@
 
 Run them as ``python tools/<name>.py`` (thin launchers at the paths users know) or as the installed
 ``dmdr-<name>`` commands (``[project.scripts]`` in pyproject.toml). Bad input prints one ``error:`` line and
-exits 2 (:func:`error_exit`).
+exits 2 (:func:`error_exit`); :func:`run_tool` is the whole ``main`` of a one-process tool.
 
 ``tools/profile.py`` bears the name of the standard library's ``profile``, which ``cProfile`` imports (torch
 does, through ``torch.distributed.checkpoint`` and ``torch._dynamo``). A tool run by path has ``tools/`` first
@@ -12,15 +12,38 @@ on ``sys.path``, so that import finds the launcher: imported under that name, th
 
 from __future__ import annotations
 
+import argparse
 import importlib.machinery
 import importlib.util
 import sys
 import sysconfig
+from collections.abc import Callable
 
 from dmdr.errors import UserError
+from dmdr.logs import setup_logging
 
 EXIT_USER_ERROR = 2
 """A tool's exit code for bad input (a missing folder, a typo, a corrupt checkpoint)."""
+
+
+def start(parse: Callable[[list[str]], argparse.Namespace], argv: list[str] | None) -> argparse.Namespace:
+    """A tool's start: dmdr's console logging (:func:`dmdr.logs.setup_logging`), then ``parse(argv)`` (the
+    command line when ``argv`` is None)."""
+    setup_logging()
+    return parse(sys.argv[1:] if argv is None else argv)
+
+
+def run_tool(parse: Callable[[list[str]], argparse.Namespace], work: Callable[[argparse.Namespace], str],
+             argv: list[str] | None) -> int:
+    """A one-process tool's ``main``: :func:`start`, then ``work(args)``, which returns the line printed on success;
+    bad input is its one ``error:`` line and exit code 2 (:func:`error_exit`)."""
+    args = start(parse, argv)
+    try:
+        done = work(args)
+    except UserError as e:
+        return error_exit(e)
+    print(done)
+    return 0
 
 
 def error_exit(err: UserError, show: bool = True) -> int:

@@ -44,12 +44,12 @@ from pathlib import Path
 import torch
 
 from dmdr import export
-from dmdr.cli import error_exit
+from dmdr.cli import run_tool
+from dmdr.cli.checkpoint_args import add_checkpoint_arguments
 from dmdr.devices import DTYPES
-from dmdr.errors import ConfigError, UserError
+from dmdr.errors import ConfigError
 from dmdr.export import card as model_card
 from dmdr.export import release
-from dmdr.logs import setup_logging
 from dmdr.models import GENERATOR
 from dmdr.models.loading import read_model_index
 from dmdr.preflight import raise_problems
@@ -61,7 +61,6 @@ log = logging.getLogger("dmdr")
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="the training run folder (train.output_dir)")
-    parser.add_argument("--step", default="latest", help="generator step of the checkpoint, or 'latest' (default)")
     parser.add_argument("--out", required=True, help="folder to write the export to")
     form = parser.add_mutually_exclusive_group()
     form.add_argument("--lora", action="store_true",
@@ -71,9 +70,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                       help="write the merged transformer as one safetensors file (for UIs), not a pipeline folder")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="--lora on a full fine-tune: extract a LoRA of this rank by SVD of the weight change")
-    parser.add_argument("--weights", choices=("auto", "ema", "trained"), default="auto",
-                        help="the generator's EMA (runs with optim.ema_decay > 0), the trained weights, or auto: "
-                             "the EMA when the checkpoint holds one (default)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of the exported weights (default: the run's model.dtype)")
     parser.add_argument("--model-path", default="", help="the teacher folder, if it moved since training")
@@ -173,14 +170,7 @@ def convert(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    args = parse(sys.argv[1:] if argv is None else argv)
-    try:
-        out = convert(args)
-    except UserError as e:
-        return error_exit(e)
-    print(f"wrote {out}")
-    return 0
+    return run_tool(parse, lambda args: f"wrote {convert(args)}", argv)
 
 
 if __name__ == "__main__":

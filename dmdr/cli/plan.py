@@ -20,8 +20,8 @@ from pathlib import Path
 from dmdr.cli import error_exit
 from dmdr.config import apply_overrides
 from dmdr.errors import UserError
+from dmdr.gpus import get_gpu
 from dmdr.planning import largest_batch_table, make_plan
-from dmdr.planning.gpus import get_gpu
 from dmdr.planning.report import to_json, to_table
 from dmdr.recipes import get_recipe
 

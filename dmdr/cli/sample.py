@@ -29,11 +29,11 @@ import torch
 from torch import Tensor
 
 from dmdr.checkpoint_sampling import sample_checkpoint
-from dmdr.cli import error_exit
+from dmdr.cli import run_tool
+from dmdr.cli.checkpoint_args import add_checkpoint_arguments
 from dmdr.devices import pick_device
-from dmdr.errors import ConfigError, UserError
+from dmdr.errors import ConfigError
 from dmdr.export import InferenceSettings, load_release
-from dmdr.logs import setup_logging
 from dmdr.preflight import raise_problems
 from dmdr.preflight.tools import sample_problems
 
@@ -47,13 +47,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     prompts.add_argument("--prompts", nargs="+", help="one or more prompts")
     prompts.add_argument("--prompt-file", help="a text file, one prompt a line")
     parser.add_argument("--out", required=True, help="the grid image (.png); single images go next to it")
-    parser.add_argument("--step", default="latest", help="--run: generator step of the checkpoint, or 'latest'")
     parser.add_argument("--model-path", default="",
                         help="--run: the teacher folder, if it moved since training; --pipeline of a --lora or "
                              "--single-file export: the base pipeline folder (default: the run's teacher)")
-    parser.add_argument("--weights", choices=("auto", "ema", "trained"), default="auto",
-                        help="--run: the generator's EMA, the trained weights, or auto: the EMA when the "
-                             "checkpoint holds one (default)")
+    add_checkpoint_arguments(parser, applies="--run: ")
     parser.add_argument("--seed", type=int, default=1234, help="noise seed (default: the trainer's, 1234)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--nrow", type=int, default=4, help="images per grid row")
@@ -117,19 +114,18 @@ def save(images: Tensor, out: Path, nrow: int) -> list[Path]:
     return paths
 
 
+def sample(args: argparse.Namespace) -> str:
+    """Sample and save; returns the line the tool prints."""
+    raise_problems(sample_problems(args))  # every bad path in one message, before anything loads
+    prompts = read_prompts(args)
+    device = pick_device(args.device)
+    images = sample_run(args, prompts, device) if args.run else sample_pipeline(args, prompts, device)
+    paths = save(images, Path(args.out), args.nrow)
+    return f"wrote {paths[0]} and {len(paths) - 1} single images"
+
+
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    args = parse(sys.argv[1:] if argv is None else argv)
-    try:
-        raise_problems(sample_problems(args))  # every bad path in one message, before anything loads
-        prompts = read_prompts(args)
-        device = pick_device(args.device)
-        images = sample_run(args, prompts, device) if args.run else sample_pipeline(args, prompts, device)
-        paths = save(images, Path(args.out), args.nrow)
-    except UserError as e:
-        return error_exit(e)
-    print(f"wrote {paths[0]} and {len(paths) - 1} single images")
-    return 0
+    return run_tool(parse, sample, argv)
 
 
 if __name__ == "__main__":

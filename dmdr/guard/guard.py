@@ -86,7 +86,7 @@ class Guard:
         if not self.prompts:
             raise UserError("--guard.action needs probe prompts: set --guard.prompts or --log.sample_prompts")
         self._base_lr = (cfg.optim.generator_lr, cfg.optim.rl_generator_lr)
-        self._base_weights = [w for _, w in trainer.rewards]
+        self._base_weights = [w for _, w in trainer.engine.rewards]
         self.state = _fresh_state()
 
     # ------------------------------------------------------------------ Stateful
@@ -119,7 +119,8 @@ class Guard:
         if self.g.rollback_target == "lr":
             self.cfg.optim.generator_lr, self.cfg.optim.rl_generator_lr = (v * s for v in self._base_lr)
         else:
-            self.trainer.rewards = [(r, w * s) for (r, _), w in zip(self.trainer.rewards, self._base_weights)]
+            engine = self.trainer.engine
+            engine.rewards = [(r, w * s) for (r, _), w in zip(engine.rewards, self._base_weights)]
 
     def due(self, k: int) -> bool:
         """A probe step: ``start_step`` and every ``interval`` after it; and the first step at or after
@@ -131,7 +132,7 @@ class Guard:
     def _accumulate(self, metrics: dict[str, float]) -> None:
         acc = self.state["acc"]
         if "loss/rl" in metrics:
-            names = {r.name: w for r, w in self.trainer.rewards}
+            names = {r.name: w for r, w in self.trainer.engine.rewards}
             if all(f"reward/{n}" in metrics for n in names):
                 acc["reward"] += sum(w * metrics[f"reward/{n}"] for n, w in names.items())
                 acc["reward_n"] += 1
@@ -145,7 +146,8 @@ class Guard:
         sums = {"reward": acc["reward"], "reward_n": float(acc["reward_n"]), "dmd_grad": acc["dmd_grad"],
                 "dmd_grad_n": float(acc["dmd_grad_n"])}
         sums = reduce_over_ranks(sums, self.trainer.dist, "sum")
-        out = {"train/skipped_since_probe": float(self.trainer.counters.skipped_steps - self.state["skipped_at_probe"])}
+        skipped = self.trainer.engine.counters.skipped_steps - self.state["skipped_at_probe"]
+        out = {"train/skipped_since_probe": float(skipped)}
         if sums["reward_n"]:
             out["train/reward"] = sums["reward"] / sums["reward_n"]
         if sums["dmd_grad_n"]:
@@ -176,7 +178,7 @@ class Guard:
         signals = self._agreed(signals)  # rank 0's numbers decide for everyone
         st = self.state
         st["acc"] = _fresh_state()["acc"]
-        st["skipped_at_probe"] = trainer.counters.skipped_steps
+        st["skipped_at_probe"] = trainer.engine.counters.skipped_steps
         first = st["baseline"] is None
         if first:
             st["baseline"] = signals
@@ -221,7 +223,7 @@ class Guard:
         self.checkpoints.discard_after(target)
         self.checkpoints.load(trainer.app_state(), self.checkpoints.step_dir(target))
         self.state = keep
-        self.state["skipped_at_probe"] = trainer.counters.skipped_steps
+        self.state["skipped_at_probe"] = trainer.engine.counters.skipped_steps
         self._apply_scale()
         trainer.restart_iteration()
         aside = logger.set_aside_after(target, f"metrics-rolled-back-{self.state['rollbacks']}.jsonl")

@@ -48,8 +48,8 @@ def run_probe(trainer: Any, prompts: list[str], seeds: int) -> tuple[dict[str, f
         g = torch.Generator(device=trainer.device).manual_seed(PROBE_SEED + s)
         noise = torch.randn(shape, generator=g, device=trainer.device)
         with trainer.autocast():
-            x0 = few_step_sample(trainer.roles.generator_fn, noise, cond, trainer.timesteps, trainer.param,
-                                 mode=cfg.dmd.sampler, generator=g)
+            x0 = few_step_sample(trainer.roles.generator_fn, noise, cond, trainer.engine.timesteps,
+                                 trainer.engine.param, mode=cfg.dmd.sampler, generator=g)
             latents.append(x0.float())
             images.append(trainer.backbone.codec.decode(x0).float())
     x0 = torch.cat(latents)
@@ -57,10 +57,10 @@ def run_probe(trainer: Any, prompts: list[str], seeds: int) -> tuple[dict[str, f
     all_prompts = list(prompts) * seeds
     signals = image_signals(pics, seeds)
     signals["probe/nonfinite"] += nonfinite_count(x0)
-    if trainer.rewards:
+    if trainer.engine.rewards:
         total = 0.0
         shown = torch.nan_to_num(pics, nan=0.0).clamp(0, 1)
-        for reward, weight in trainer.rewards:
+        for reward, weight in trainer.engine.rewards:
             value = reward(shown, all_prompts).float().mean().item()
             signals[f"probe/reward/{reward.name}"] = value
             total += weight * value
@@ -78,8 +78,8 @@ def _critic_vs_teacher(trainer: Any, x0: Tensor, cond: Any) -> dict[str, float]:
     g = torch.Generator(device=trainer.device).manual_seed(PROBE_SEED - 1)
     noise = torch.randn(x0.shape, generator=g, device=trainer.device)
     t = torch.linspace(0.1, 0.9, x0.shape[0], device=trainer.device)
-    x = trainer.param.renoise(x0, noise, t)
-    target = trainer.param.target(x0, noise)
+    x = trainer.engine.param.renoise(x0, noise, t)
+    target = trainer.engine.param.target(x0, noise)
     with trainer.autocast():
         critic = critic_loss(trainer.roles.critic_fn(x, t, cond, trainer.cfg.dmd.fake_scale), target).float().item()
         teacher = critic_loss(trainer.roles.critic_fn(x, t, cond, 0.0), target).float().item()

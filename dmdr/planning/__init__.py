@@ -9,7 +9,7 @@ Answers come from the real model definitions and the project's own sharding, not
 * :mod:`~dmdr.planning.activations`, :mod:`~dmdr.planning.flops`: what autograd saves and what the
   matmuls cost, per block from the architecture (grounded against the tiny models in tests/planning);
 * :mod:`~dmdr.planning.planner`: one generator step (``dmd.ratio`` iterations) in FLOPs and seconds at a
-  stated MFU, per stage (cold start, RL) and for the run; :mod:`~dmdr.planning.gpus` the GPU table;
+  stated MFU, per stage (cold start, RL) and for the run (the GPU table: :mod:`dmdr.gpus`);
 * :mod:`~dmdr.planning.advise`: the cheapest overrides that make it fit; :mod:`~dmdr.planning.report`.
 
 CLI: ``tools/plan.py``. Extension point for a new family (SDXL is being added): its configs under
@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dmdr.config import TrainConfig
+from dmdr.gpus import GPU
 from dmdr.planning.advise import Advice, advise, largest_batches, with_overrides
-from dmdr.planning.gpus import GPU
 from dmdr.planning.planner import DEFAULT_MFU, FrozenCosts, Plan, frozen_costs, plan
 from dmdr.planning.specs import ModelSpec, build_model_spec
 

@@ -27,6 +27,7 @@ from dmdr.devices import DTYPE_BYTES
 from dmdr.distributed.mesh import resolve_dp
 from dmdr.planning.activations import Tokens, network_activation_bytes, no_grad_block_peak
 from dmdr.planning.specs import Component, ModelSpec, Tensors, plan_hooks, resolve_hook
+from dmdr.schedules import critic_steps_per_generator_step
 
 F32 = 4
 
@@ -88,7 +89,10 @@ def state_bytes(spec: ModelSpec, cfg: TrainConfig, layout: Layout, text_encoders
     lora = [d.critic_lora] + ([d.generator_lora] if cfg.model.generator_mode == "lora" else [])
     lora_numel = sum(t.shard_numel(s) for t in lora)
     params = base + lora_numel * F32
-    critic = d.critic_lora.shard_numel(s) * F32
+    # dmd.weight 0 (RL alone): the critic never steps, so it has no gradients (its scale-0 adapter is skipped in
+    # the generator's forward) and AdamW never creates its moments
+    trained = critic_steps_per_generator_step(cfg.dmd.ratio, cfg.dmd.weight) > 0
+    critic = d.critic_lora.shard_numel(s) * F32 if trained else 0
     if cfg.model.generator_mode == "lora":
         gen = d.generator_lora.shard_numel(s) * F32
     else:
@@ -186,7 +190,8 @@ def stage_memory(spec: ModelSpec, cfg: TrainConfig, layout: Layout, rl: bool,
     out.items["VAE"] = spec.vae.params.nbytes
     out.items["reward models (fp32)"] = sum(r.params.nbytes for r in spec.rewards.values())
     out.items["FSDP2 all-gather / reduce-scatter"] = _comm_buffers(spec, cfg, layout)
-    out.activations["critic step"] = denoiser_activations(spec, cfg, batch, "critic")
+    if critic_steps_per_generator_step(cfg.dmd.ratio, cfg.dmd.weight):
+        out.activations["critic step"] = denoiser_activations(spec, cfg, batch, "critic")
     gen = denoiser_activations(spec, cfg, batch, "generator")
     after = _teacher_pass(spec, cfg, 3 * batch) if cfg.dmd.weight > 0 else 0  # weight 0: no score pass
     if rl and reward_acts is not None:

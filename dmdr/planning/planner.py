@@ -1,11 +1,12 @@
 """The plan of a run: memory per GPU per stage, FLOPs and time per generator step and per run, the verdict.
 
-One generator step is ``dmd.ratio`` iterations (trainer.py): each iteration backward-simulates
+One generator step is ``dmd.ratio`` iterations (:class:`dmdr.engine.StepEngine`): each iteration backward-simulates
 ``dmd.num_steps`` generator forwards without grad, encodes its prompts (unless an embedding cache is
 used) and takes one critic step (a teacher forward and backward at the critic LoRA); the last one also
 takes the generator step: generator forward and backward, one teacher forward over the 3x batch
 (uncond, cond, fake) without grad, and in the RL stage ReFL's decode through the VAE and the reward
-models, backward through both.
+models, backward through both. Without the DMD loss (``dmd.weight 0``) there is no critic step and no teacher
+pass: one iteration per generator step (:func:`dmdr.schedules.iterations_per_generator_step`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from dmdr.config import TrainConfig
+from dmdr.gpus import GPU, GiB
 from dmdr.planning.activations import saved_bytes_on_meta
 from dmdr.planning.flops import meta_flops
-from dmdr.planning.gpus import GPU, GiB
 from dmdr.planning.memory import Layout, StageMemory, stage_memory, tokens_of
 from dmdr.planning.specs import Component, ModelSpec, plan_hooks, resolve_hook
+from dmdr.schedules import critic_steps_per_generator_step, iterations_per_generator_step
 
 RESERVE_FRACTION = 0.05
 RESERVE_BYTES = 2 * GiB
@@ -108,13 +110,13 @@ def stage_flops(spec: ModelSpec, cfg: TrainConfig, rl: bool, frozen: FrozenCosts
         return sum(blocks[i].forward for i in idx) if wrapped else 0
 
     gen_mode = "lora" if lora_gen else "full"
-    ratio = cfg.dmd.ratio
-    parts = {
-        "backward simulation": ratio * cfg.dmd.num_steps * batch * gen_fwd,
-        "critic steps": ratio * batch * (critic_fwd + sum(b.backward("lora") for b in critic_blocks)
-                                         + recompute(critic_blocks)),
-        "generator step": batch * (gen_fwd + sum(b.backward(gen_mode) for b in gen_blocks) + recompute(gen_blocks)),
-    }
+    iterations = iterations_per_generator_step(cfg.dmd.ratio, cfg.dmd.weight)
+    critic_steps = critic_steps_per_generator_step(cfg.dmd.ratio, cfg.dmd.weight)
+    parts = {"backward simulation": iterations * cfg.dmd.num_steps * batch * gen_fwd}
+    if critic_steps:  # dmd.weight 0 (RL alone) trains no critic
+        parts["critic steps"] = critic_steps * batch * (critic_fwd + sum(b.backward("lora") for b in critic_blocks)
+                                                        + recompute(critic_blocks))
+    parts["generator step"] = batch * (gen_fwd + sum(b.backward(gen_mode) for b in gen_blocks) + recompute(gen_blocks))
     if cfg.dmd.weight > 0:  # dmd.weight 0 (RL alone) runs no score pass
         parts["teacher 3x-batch pass"] = 3 * batch * critic_fwd
     if not (cfg.data.embedding_cache and cfg.data.cache_miss != "encode"):
@@ -122,7 +124,7 @@ def stage_flops(spec: ModelSpec, cfg: TrainConfig, rl: bool, frozen: FrozenCosts
         for c in spec.text_encoders:
             seq = hooks.fixed_text_lengths.get(c.name, cfg.model.max_sequence_length)
             text += 2 * c.params.numel * seq
-        parts["text encoders"] = ratio * batch * text
+        parts["text encoders"] = iterations * batch * text
     if rl and spec.rewards:
         refl = frozen.vae_fwd_bwd + sum(frozen.reward_fwd_bwd.values())
         parts["ReFL: VAE decode + rewards, fwd+bwd"] = batch * refl

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dmdr.gpus import GiB
 from dmdr.planning.advise import Advice
-from dmdr.planning.gpus import GiB
 from dmdr.planning.planner import RESERVE_BYTES, RESERVE_FRACTION, Plan
 
 

@@ -3,7 +3,9 @@
 Available names:
 
 * ``brightness`` and ``color``: analytic (:mod:`dmdr.rewards.analytic`); the tiny demo and tests use them.
-* ``shapes``: the shapes world's prompt-aware colour reward (:mod:`dmdr.worlds.shapes.reward`), the demo's.
+* ``shapes``: the shapes world's prompt-aware colour reward (:mod:`dmdr.worlds.shapes.reward`), the demo's. A
+  package above this one offers its rewards through :func:`register_reward` (the world registers ``shapes`` when
+  it is imported; :mod:`dmdr.build` imports it), so this package never imports the worlds.
 * ``hps`` (HPSv2.1: open_clip ViT-H-14 + the checkpoint file ``rl.hps_checkpoint``; prompts prefixed
   ``"Realistic photo "``), ``clip`` (DFN-CLIP: open_clip folder ``rl.clip_model``) and ``pickscore``
   (transformers CLIP folder ``rl.pickscore_model``): the paper's reward models
@@ -20,6 +22,7 @@ antialiased resize to the model's input size, then its mean/std normalisation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,16 +34,26 @@ from dmdr.rewards.preprocess import ImagePreprocess
 
 ANALYTIC = {"brightness": BrightnessReward, "color": ColorReward}
 MODEL_REWARDS = ("hps", "clip", "pickscore", "srpo")
+RewardFactory = Callable[[Any, torch.device | str], Reward]
+"""``factory(rl_cfg, device) -> Reward``: the ``rl`` config section and the device to put it on."""
+REGISTERED: dict[str, RewardFactory] = {}
+"""Rewards offered by packages above this one (:func:`register_reward`), by name."""
+
+
+def register_reward(name: str, factory: RewardFactory) -> None:
+    """Offer ``factory(rl_cfg, device)`` as ``--rl.rewards name`` (a world's own reward); the built-in names are
+    taken. Registering the same name again replaces the factory (a module imported twice, e.g. by path)."""
+    if name in ANALYTIC or name in MODEL_REWARDS:
+        raise ValueError(f"reward name {name!r} is a built-in reward's")
+    REGISTERED[name] = factory
 
 
 def build_reward(name: str, rl_cfg: Any, device: torch.device | str = "cpu") -> Reward:
     """The reward called ``name`` (``rl.rewards`` entry), frozen and ready on ``device``."""
     if name in ANALYTIC:
         return ANALYTIC[name]()
-    if name == "shapes":  # the shapes world's reward (dmdr.worlds.shapes), imported only when asked for
-        from dmdr.worlds.shapes.reward import ShapesReward
-
-        return ShapesReward()
+    if name in REGISTERED:
+        return REGISTERED[name](rl_cfg, device)
     resolution = int(rl_cfg.reward_resolution)
     if name == "hps":
         from dmdr.rewards.models import HPS_ARCH, HPSReward
@@ -62,7 +75,7 @@ def build_reward(name: str, rl_cfg: Any, device: torch.device | str = "cpu") -> 
         from dmdr.rewards.models import PickScoreReward
 
         return PickScoreReward(getattr(rl_cfg, "pickscore_model", ""), device=device, resolution=resolution)
-    known = ", ".join([*ANALYTIC, "shapes", *MODEL_REWARDS])
+    known = ", ".join([*ANALYTIC, *REGISTERED, *MODEL_REWARDS])
     raise ConfigError(f"--rl.rewards: unknown reward {name!r} (known: {known})")
 
 
@@ -79,6 +92,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dmdr.rewards' has no attribute {name!r}")
 
 
-__all__ = ["Reward", "build_reward", "BrightnessReward", "ColorReward", "RegionReward", "ANALYTIC",
-           "MODEL_REWARDS", "ImagePreprocess", "HPSReward", "CLIPReward", "PickScoreReward",
+__all__ = ["Reward", "build_reward", "register_reward", "REGISTERED", "BrightnessReward", "ColorReward",
+           "RegionReward", "ANALYTIC", "MODEL_REWARDS", "ImagePreprocess", "HPSReward", "CLIPReward", "PickScoreReward",
            "SemanticRelativeReward"]

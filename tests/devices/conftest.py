@@ -7,13 +7,13 @@ compiler at all skips them, with that reason.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.devices import hostdev as backend
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "e2e"))  # tiny_helpers: the tiny recipe's config on test assets
 
 
 def pytest_collection_modifyitems(items):
@@ -28,8 +28,6 @@ def _register_before_any_backward() -> None:
     """Register the device before any test runs: autograd's engine sizes its per-device queues at the first
     backward of the process, so a device registered after another test ran a backward cannot run one itself
     (an internal assert in torch/csrc/autograd/engine.cpp). A failed build is reported by the fixture."""
-    import hostdev as backend
-
     if backend.compiler_available():
         try:
             backend.load()
@@ -40,8 +38,6 @@ def _register_before_any_backward() -> None:
 @pytest.fixture(scope="session")
 def hostdev():
     """The registered device ``torch.device("hostdev")``; the extension module (``fallback_calls()``)."""
-    import hostdev as backend
-
     if not backend.compiler_available():
         pytest.skip("no C++ compiler on this machine: the hostdev test device cannot be built")
     return backend.load()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_helpers import REPO, load_recipe, tiny_config
 
 from dmdr.distributed.offline import model_tensors
 from dmdr.launch import run
+from tests.tiny_helpers import REPO, load_recipe, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -1,5 +1,5 @@
 """A toy training loop wired to dmdr.distributed the way the DMDR trainer is; run by test_dist_faults.py
-under ``torchrun --standalone --nproc_per_node=2``.
+under ``torchrun --standalone --nproc_per_node=2 -m tests.distributed.dist_toy_train`` (the repo on ``PYTHONPATH``).
 
 Fault injection (first attempt only, ``TORCHELASTIC_RESTART_COUNT == 0``): ``--crash-at K`` kills rank 1
 at step K; ``--signal-at K`` SIGTERMs rank 0 in the middle of step K; ``--nan-at`` makes rank 1's loss
@@ -17,11 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_toy import full_params, toy_batch, toy_model  # noqa: E402
-
-from dmdr.config import ParallelConfig  # noqa: E402
-from dmdr.distributed import (  # noqa: E402
+from dmdr.config import ParallelConfig
+from dmdr.distributed import (
     CheckpointManager,
     ModelOptimizerState,
     PreemptionHandler,
@@ -32,6 +29,7 @@ from dmdr.distributed import (  # noqa: E402
     init_distributed,
     parallelize_denoiser,
 )
+from tests.distributed.dist_toy import full_params, toy_batch, toy_model
 
 
 class Counters:

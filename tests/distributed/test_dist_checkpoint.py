@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from dist_toy import run_workers, toy_batch, toy_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from dmdr.config import ParallelConfig
@@ -28,6 +27,7 @@ from dmdr.distributed import (
     verify_checkpoint,
 )
 from dmdr.errors import CheckpointError
+from tests.distributed.dist_toy import run_workers, toy_batch, toy_model
 
 
 class Counters:

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_toy import run_workers
 
 from dmdr.distributed import CheckpointManager, DistEnv, PreemptionHandler
+from tests.distributed.dist_toy import run_workers
 
-SCRIPT = Path(__file__).with_name("dist_toy_train.py")
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = "tests.distributed.dist_toy_train"
+"""The toy loop, run as a module (``torchrun -m``) with the repo on ``PYTHONPATH``."""
 
 
 def _preemption(env: DistEnv) -> None:
@@ -35,10 +37,11 @@ def test_preemption_flag_is_agreed_across_ranks():
 
 def _torchrun(out: Path, *args: str, restarts: int = 0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           f"--max-restarts={restarts}", str(SCRIPT), "--out", str(out), *args]
+           f"--max-restarts={restarts}", "-m", SCRIPT, "--out", str(out), *args]
     # A fresh rendezvous store per restart attempt (pytorch#135712: otherwise restarted workers can hang
     # or fail in init_process_group on the store they share with torchrun).
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
 
 

@@ -6,12 +6,12 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from dist_toy import clean_name, full_params, run_workers, toy_batch, toy_model
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.tensor import DTensor
 
 from dmdr.config import ParallelConfig
 from dmdr.distributed import DistEnv, all_finite, build_mesh, parallelize_denoiser
+from tests.distributed.dist_toy import clean_name, full_params, run_workers, toy_batch, toy_model
 
 STEPS = 2
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from dist_toy import toy_model
 from torch.distributed.tensor import Replicate, Shard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from dmdr.config import ParallelConfig
 from dmdr.distributed import DistEnv, build_mesh, init_distributed, parallelize_denoiser, resolve_dp
 from dmdr.errors import ConfigError
+from tests.distributed.dist_toy import toy_model
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
-from dist_toy import run_workers
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
@@ -26,6 +25,7 @@ from dmdr.distributed import (
 from dmdr.errors import ModelLoadError
 from dmdr.models.lora import LoRALinear, inject_lora
 from dmdr.models.sd3 import SD3Denoiser
+from tests.distributed.dist_toy import run_workers
 
 TINY = dict(num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
             caption_projection_dim=16, pooled_projection_dim=32, out_channels=16, in_channels=16,

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_toy import run_workers
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
@@ -24,6 +23,7 @@ from dmdr.distributed import build_mesh
 from dmdr.models.tiny import build_tiny_sd3
 from dmdr.planning.memory import Layout, state_bytes
 from dmdr.planning.specs import build_model_spec
+from tests.distributed.dist_toy import run_workers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

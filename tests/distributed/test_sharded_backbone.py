@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_toy import clean_name, full_params, run_workers
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -22,6 +21,7 @@ from dmdr.models.base import Denoiser
 from dmdr.models.loading import load_text_encoders
 from dmdr.models.lora import lora_layers
 from dmdr.models.tiny import build_tiny_sd3, build_tiny_sdxl, build_tiny_zimage
+from tests.distributed.dist_toy import clean_name, full_params, run_workers
 
 # (family, generator mode, model dtype): fp32 cases also compare forwards; the bf16 case checks that
 # the fp32 full copy holds the bf16 teacher's values (files are fp32) and that the base stays bf16.

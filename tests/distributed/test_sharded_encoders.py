@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_toy import run_workers
 
 from dmdr.config import TrainConfig
+from tests.distributed.dist_toy import run_workers
 
 pytestmark = pytest.mark.slow
 

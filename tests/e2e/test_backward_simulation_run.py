@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_helpers import tiny_config
 
 from dmdr.launch import run
+from tests.tiny_helpers import tiny_config
 
 
 @pytest.mark.slow

@@ -20,10 +20,10 @@ import math
 from pathlib import Path
 
 import pytest
-from tiny_helpers import load_recipe, tiny_config
 
 from dmdr.config import apply_overrides
 from dmdr.launch import run
+from tests.tiny_helpers import load_recipe, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

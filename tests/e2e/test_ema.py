@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_helpers import tiny_config
 
 from dmdr import export
 from dmdr.distributed.offline import flatten, read_checkpoint
 from dmdr.errors import CheckpointError
+from tests.tiny_helpers import tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

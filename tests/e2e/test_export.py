@@ -15,15 +15,15 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_helpers import one_error_line as _one_error_line
-from tiny_helpers import script as _script
-from tiny_helpers import tool as _tool
 
 from dmdr import export
 from dmdr.distributed.offline import model_tensors
 from dmdr.parameterization import FlowMatching
 from dmdr.sampling import few_step_sample
 from dmdr.schedules import few_step_timesteps
+from tests.tiny_helpers import one_error_line as _one_error_line
+from tests.tiny_helpers import script as _script
+from tests.tiny_helpers import tool as _tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_helpers import tiny_config
 
 import dmdr.guard.guard as guard_module
 from dmdr.distributed.offline import model_tensors
 from dmdr.guard import Guard, Trip
+from tests.tiny_helpers import tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_helpers import REPO, load_recipe
 
 from dmdr.preflight.files import torch_checkpoint_problem, weight_file_problem
 from dmdr.recipes import run as run_recipe
+from tests.tiny_helpers import REPO, load_recipe
 
 HPS_WHAT = "a local HPSv2.1 checkpoint file, e.g. HPS_v2.1_compressed.pt"
 CLIP_WHAT = "a local open_clip folder (open_clip_config.json + open_clip_pytorch_model.bin/.safetensors)"
@@ -234,11 +234,10 @@ def test_dry_run_plans_the_sharded_mesh(assets, tmp_path, monkeypatch, capsys, n
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_checkpoint_size_estimate_matches_a_real_checkpoint(mode, tiny_assets, tmp_path):
     """The free-disk check's estimate (from the weight headers only) against the checkpoint a run then writes."""
-    from tiny_helpers import tiny_config
-
     from dmdr.launch import run
     from dmdr.preflight import preflight_run
     from dmdr.preflight.run_checks import checkpoint_bytes
+    from tests.tiny_helpers import tiny_config
 
     cfg = tiny_config(tiny_assets, tmp_path / "out", train__max_steps=1, rl__start_step=5, dmd__ratio=1,
                       model__generator_mode=mode, optim__ema_decay=0.5 if mode == "full" else 0.0)

@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_helpers import one_error_line, tool
 
 from dmdr import export
 from dmdr.distributed.offline import model_tensors
 from dmdr.export import release
+from tests.tiny_helpers import one_error_line, tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

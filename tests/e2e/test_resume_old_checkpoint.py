@@ -7,7 +7,7 @@ step-5 checkpoint. The tiny teacher is rebuilt from its seed (the checkpoint's t
 prompt file is not where it was when the fixture was written, so the data order resumes through the seeded
 ``data.on_layout_change=reshuffle`` path (the layout holds the shard paths), exactly as it did at fixture time.
 
-Regenerate only on purpose (a deliberate change of the numbers): ``python tests/e2e/fixtures/make_pre_engine_run.py``
+Regenerate only on purpose (a deliberate change of the numbers): ``python -m tests.e2e.fixtures.make_pre_engine_run``
 with the code whose behaviour is the reference, then say so in the commit.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_helpers import tiny_config
 
 from dmdr.distributed.offline import flatten, read_checkpoint
 from dmdr.launch import run
+from tests.tiny_helpers import tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

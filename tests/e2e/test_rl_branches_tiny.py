@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_helpers import tiny_config
 
 from dmdr.launch import run
+from tests.tiny_helpers import tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -52,11 +52,12 @@ def test_dpo_reference_is_the_generator_at_the_rl_start(tiny_assets, tmp_path):
         for _ in range(2):
             trainer.train_iteration()
         at_start = [p.detach().clone() for p in trainer.roles.generator_params]
-        assert not trainer.reference.taken
+        reference = trainer.engine.reference
+        assert not reference.taken
         trainer.train_iteration()  # the first RL step takes the snapshot before it updates
-        assert trainer.reference.taken
-        assert all(torch.equal(v, p) for v, p in zip(trainer.reference.values, at_start))
-        assert any(not torch.equal(v, p) for v, p in zip(trainer.reference.values, trainer.roles.generator_params))
+        assert reference.taken
+        assert all(torch.equal(v, p) for v, p in zip(reference.values, at_start))
+        assert any(not torch.equal(v, p) for v, p in zip(reference.values, trainer.roles.generator_params))
         assert "rl_reference" in trainer.state_dict() and trainer.state_dict()["rl_reference_taken"]
     finally:
         session.close()

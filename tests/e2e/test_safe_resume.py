@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tiny_helpers import load_recipe
 
 from dmdr.cli import convert_to_diffusers
 from dmdr.distributed import RNGState
 from dmdr.distributed.checkpoint import read_marker
 from dmdr.launch import main
 from dmdr.provenance import RECORD_KEY
+from tests.tiny_helpers import load_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_export import PROMPTS, _tool
-from tiny_helpers import tiny_config
 
 from dmdr import export
 from dmdr.launch import run
 from dmdr.models.lora import lora_layers
 from dmdr.sampling import few_step_sample
 from dmdr.schedules import generator_levels
+from tests.e2e.test_export import PROMPTS, _tool
+from tests.tiny_helpers import tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -103,9 +103,8 @@ def test_stock_sdxl_pipeline_reproduces_the_training_sampler(name, runs, tmp_pat
 ])
 def test_recipe_refuses_another_familys_folder_in_one_line(recipe, folder, needle, sdxl_model, tiny_assets, tmp_path,
                                                            capsys):
-    from tiny_helpers import load_recipe
-
     from dmdr.launch import main
+    from tests.tiny_helpers import load_recipe
 
     path = sdxl_model if folder == "sdxl" else tiny_assets["model"]
     argv = ["--model.path", str(path), "--data.sources", tiny_assets["prompts"], "--rl.method", "none",
@@ -120,10 +119,9 @@ def test_recipe_refuses_another_familys_folder_in_one_line(recipe, folder, needl
 
 @pytest.mark.parametrize("family", ["sdxl", "zimage"])
 def test_tiny_recipe_builds_the_matching_tiny_pipeline(family, tmp_path):
-    from tiny_helpers import load_recipe
-
     from dmdr.config import apply_overrides
     from dmdr.models.loading import detect_family, read_model_index
+    from tests.tiny_helpers import load_recipe
 
     recipe = load_recipe("tiny_dmdr")
     cfg = apply_overrides(recipe.tiny_dmdr(), ["--model.family", family, "--train.output_dir", str(tmp_path)])

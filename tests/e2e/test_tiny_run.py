@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_helpers import REPO, tiny_config
 
 from dmdr.distributed.offline import model_tensors
 from dmdr.launch import run
+from tests.tiny_helpers import REPO, tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_helpers import REPO, tiny_config
+
+from tests.tiny_helpers import REPO, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +50,7 @@ def trained(tiny_assets, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def metric_args(clip_folder, pickscore_folder, hps_checkpoint, tiny_arch, tmp_path_factory) -> list[str]:
-    from test_metrics import LaionMLP
+    from tests.evaluation.test_metrics import LaionMLP
 
     torch.manual_seed(5)
     head = tmp_path_factory.mktemp("eval-head") / "head.pth"

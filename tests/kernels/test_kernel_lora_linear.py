@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from kernel_checks import assert_scaled_close, gpu_specialization_keys
 
 from dmdr import kernels
+from tests.kernels.kernel_checks import assert_scaled_close, gpu_specialization_keys
 
 # (x shape, out features, rank): odd sizes, several tiles in M, N and K (the interpreter tiles are 32),
 # a rank below the minimum dot width (masked) and one above the rank block (two epilogue chunks).

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import assert_scaled_close, gpu_specialization_keys
 
 from dmdr import kernels
+from tests.kernels.kernel_checks import assert_scaled_close, gpu_specialization_keys
 
 SHAPES = [(3, 16, 37, 29), (1, 4, 1, 1), (2, 3, 5), (6,)]
 

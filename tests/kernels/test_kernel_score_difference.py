@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from kernel_checks import assert_scaled_close, gpu_specialization_keys
 
 from dmdr import kernels
+from tests.kernels.kernel_checks import assert_scaled_close, gpu_specialization_keys
 
 T_MIN = 0.001
 

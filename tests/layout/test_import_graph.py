@@ -1,6 +1,36 @@
-"""The dmdr package imports without circles: every module's imports (module level or in a function) form a DAG."""
+"""The dmdr package imports without circles, and its building blocks never import what assembles them.
 
-from import_graph import cycles, edges, modules
+Every module's imports (module level or in a function) form a DAG. The top-level packages fall in two groups: the
+building blocks (math, models, data, rewards, logging, the distributed runtime) and the packages that assemble them
+into a run or a tool (engine, trainer, build, planner, export, worlds, recipes, CLIs). An import from a block into an
+assembling package is an upward arrow (issue 25 removed the last two: observability -> planning for the GPU table, now
+``dmdr.gpus``; rewards -> worlds for the shapes reward, now registered by the world).
+"""
+
+from tests.layout.import_graph import cycles, edges, modules
+
+BUILDING_BLOCKS = {
+    "algorithm", "config", "data", "devices", "distributed", "errors", "generate", "gpus", "kernels", "losses",
+    "models", "observability", "parameterization", "permissions", "provenance", "rewards", "run_folder", "sampling",
+    "schedules", "snapshots",
+}
+"""``dmdr.<name>`` packages and modules below the run: they import each other only."""
+ASSEMBLY = {
+    "build", "checkpoint_sampling", "cli", "engine", "evaluation", "export", "guard", "launch", "launcher",
+    "planning", "preflight", "recipes", "trainer", "worlds",
+}
+"""``dmdr.<name>`` packages and modules that assemble the building blocks (and may import each other)."""
+
+
+def _top(module: str) -> str:
+    """``dmdr.rewards.models`` -> ``rewards``; the ``dmdr`` package itself -> ``""``."""
+    return module.split(".")[1] if "." in module else ""
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a building block into an assembling package, as ``a -> b``."""
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                  if _top(a) in BUILDING_BLOCKS and _top(b) in ASSEMBLY)
 
 
 def test_the_cycle_finder_finds_a_planted_cycle():
@@ -14,6 +44,23 @@ def test_the_graph_reads_relative_and_submodule_imports():
     assert "dmdr.kernels.reference" in graph["dmdr.kernels.dispatch"]  # `from .reference import ...`
     assert "dmdr.models.sd3" in graph["dmdr.models.families"]  # `from dmdr.models import sd3, ...`
     assert "dmdr.models.base" not in graph["dmdr.models.family"]  # under `if TYPE_CHECKING:` only
+
+
+def test_the_upward_check_finds_a_planted_upward_import():
+    graph = {"dmdr.rewards.x": {"dmdr.worlds.shapes.reward", "dmdr.errors"}, "dmdr.worlds.y": {"dmdr.rewards.x"}}
+    assert upward_imports(graph) == ["dmdr.rewards.x -> dmdr.worlds.shapes.reward"]
+
+
+def test_every_top_level_package_is_placed_in_a_layer():
+    tops = {_top(m) for m in modules()} - {""}
+    assert not BUILDING_BLOCKS & ASSEMBLY
+    unplaced = sorted(tops - BUILDING_BLOCKS - ASSEMBLY)
+    assert not unplaced, f"place dmdr.{unplaced[0]} in BUILDING_BLOCKS or ASSEMBLY of this file: {unplaced}"
+
+
+def test_building_blocks_never_import_the_packages_that_assemble_them():
+    found = upward_imports(edges(modules()))
+    assert not found, "upward imports: " + "; ".join(found)
 
 
 def test_no_import_cycles_among_dmdr_modules():

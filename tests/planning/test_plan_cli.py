@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dmdr.cli import plan as plan_tool
-from dmdr.planning.gpus import GPUS
+from dmdr.gpus import GPUS
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dmdr.rewards import register_reward
 from dmdr.worlds.shapes.scene import COLORS, ideal_area_fraction, parse_prompt
 
 
@@ -63,5 +64,7 @@ class ShapesReward:
         off = (area * (1 - named_f)).sum(1)
         return score - torch.tanh(off / self._one_object)
 
+
+register_reward("shapes", lambda rl_cfg, device: ShapesReward())  # --rl.rewards shapes (dmdr.rewards)
 
 __all__ = ["ShapesReward"]

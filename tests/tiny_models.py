@@ -1,4 +1,9 @@
-"""Tiny reward models built in the tests, saved in the layouts the real ones ship in (no downloads)."""
+"""Session fixtures of tiny models, built in the tests (no downloads), for every test area (tests/conftest.py).
+
+* ``tiny_assets``: one tiny SD3 pipeline folder and one prompt file (the runs of tests/e2e, tests/evaluation);
+* ``tiny_arch``, ``hps_checkpoint``, ``clip_folder``, ``pickscore_folder``, ``tiny_cfg``: tiny reward models saved in
+  the layouts the real ones ship in (tests/rewards; tests/evaluation scores its metrics on the same files).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,31 @@ import json
 import pytest
 import torch
 
+from tests.tiny_helpers import load_recipe
+
 TINY_ARCH = "dmdr-test-tiny-clip"
 TINY_CFG = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict[str, str]:
+    from dmdr.models.tiny import build_tiny_sd3
+
+    root = tmp_path_factory.mktemp("tiny-assets")
+    model = build_tiny_sd3(root / "tiny-sd3", seed=0)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(load_recipe("tiny_dmdr").DEMO_PROMPTS) + "\n")
+    return {"model": str(model), "prompts": str(prompts)}
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> dict:
+    """The tiny open_clip architecture's config (what ``tiny_arch`` registers in open_clip)."""
+    return json.loads(json.dumps(TINY_CFG))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Helpers for the end-to-end tests: load a recipe module, the tiny recipe's config on test assets."""
+"""Helpers of the tests that run the tiny recipe (e2e, evaluation, devices): a recipe module, the tiny recipe's
+config on test assets, the tools as modules and as scripts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def load_recipe(name: str):

@@ -1,4 +1,4 @@
-"""The GPUs the planner knows: memory and dense bf16 peak, one table (the trainer's MFU reads it too).
+"""The GPUs dmdr knows: memory and dense bf16 peak, one table for the planner and the trainer's MFU.
 
 Memory is what ``torch.cuda.get_device_properties(i).total_memory`` reports for the card (GiB);
 peak is NVIDIA's dense (no sparsity) bf16 tensor-core number from the data sheets. ``cuda_names``

@@ -47,6 +47,8 @@ SHIPPED = {"sd3.5-large": CONFIGS / "sd3.5-large", "sd3-medium": CONFIGS / "sd3-
 """Config-only folders of the models the recipes train."""
 RECIPE_MODELS = {"sd35_dmdr": "sd3.5-large", "sd3m_dmdr": "sd3-medium", "zimage_dmdr": "z-image-turbo"}
 """Which shipped model a recipe trains (``--model`` or ``--model.path`` choose another)."""
+SHIPPED["qwen-image"] = CONFIGS / "qwen-image"
+RECIPE_MODELS["qwenimage_dmdr"] = "qwen-image"
 REWARD_CONFIGS = {"hps": CONFIGS / "rewards" / "hps", "clip": CONFIGS / "rewards" / "clip",
                   "pickscore": CONFIGS / "rewards" / "pickscore"}
 """HPSv2.1 (open_clip ViT-H-14), DFN5B-CLIP ViT-H-14-378 (open_clip), PickScore (transformers CLIP ViT-H-14)."""

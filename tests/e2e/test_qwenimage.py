@@ -103,8 +103,8 @@ def test_lora_release_loads_in_the_stock_base_pipeline(trained, tmp_path):
     base.load_lora_weights(str(lora_dir))
     after = latents(base)
     merged = latents(DiffusionPipeline.from_pretrained(str(merged_dir), local_files_only=True))
-    torch.testing.assert_close(after, merged, atol=1e-4, rtol=0)
-    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, merged, atol=TOL, rtol=0)
+    assert (after - before).abs().max() > 20 * TOL  # three small steps, but the adapter is there
 
 
 def test_training_from_the_cache_never_loads_the_text_encoder(assets, trained, tmp_path, monkeypatch):

@@ -1,9 +1,9 @@
 """Qwen-Image at world size 2 (torchrun, gloo, FSDP2 per block + root, activation checkpointing, generator LoRA):
 relaunched from a checkpoint, the run continues exactly as the straight one (its last block's text-stream
 adapters, whose output nothing reads, step on zero gradients so their optimizer state is in the checkpoint).
-Half of the prompts come from an embedding cache and the rest are encoded (``data.cache_miss encode``) by an FSDP2-sharded Qwen2.5-VL
-(``parallel.frozen_encoders shard``): ranks whose batch is cached still join the encoder's collectives, or the
-run would hang."""
+Half of the prompts come from an embedding cache and the rest are encoded (``data.cache_miss encode``) by an
+FSDP2-sharded Qwen2.5-VL (``parallel.frozen_encoders shard``): ranks whose batch is cached still join the
+encoder's collectives, or the run would hang."""
 
 from __future__ import annotations
 

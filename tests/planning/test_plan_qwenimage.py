@@ -100,3 +100,25 @@ def test_real_block_flops_match_flop_counter():
     planned = qwenimage_block_flops(block, tokens, ("critic",)).forward
     assert abs(planned - counted) <= 0.05 * counted, (planned, counted)
     assert planned > 1e12  # a real 20B-model block at 1024 px: ~1.6 TFLOP per sample
+
+
+@pytest.mark.slow
+def test_qwenimage_1024_lora_generator_shared_critic_on_8x_h100():
+    """The recipe (generator LoRA, one critic LoRA serving both scores, AC full, batch 4 / 2, sharded Qwen2.5-VL)
+    fits 8x H100-80GB; without activation checkpointing it does not, and the advice makes it fit."""
+    from dmdr.config import apply_overrides
+    from dmdr.planning import make_plan
+    from dmdr.planning.gpus import get_gpu
+    from dmdr.recipes import get_recipe
+
+    cfg = get_recipe("qwenimage_dmdr").config()
+    result = make_plan(cfg, "h100-80", get_gpu("h100-80"), 8, recipe="qwenimage_dmdr")
+    spec, p = result.spec, result.plan
+    assert spec.name == "qwen-image" and spec.latent_channels == 16 and spec.vae_scale_factor == 8 and spec.vae_frames
+    assert 19e9 < spec.denoiser.base.numel < 21e9  # the 20B transformer
+    assert 8.0e9 < sum(c.params.numel for c in spec.text_encoders) < 8.6e9  # Qwen2.5-VL-7B with its vision tower
+    assert p.fits and len(p.stages) == 2
+    assert max(s.peak for s in p.stages) < p.usable
+    none = apply_overrides(cfg, ["--parallel.activation_checkpointing", "none"])
+    refused = make_plan(none, "h100-80", get_gpu("h100-80"), 8, recipe="qwenimage_dmdr")
+    assert not refused.plan.fits and refused.advice.fits and refused.advice.overrides

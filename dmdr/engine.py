@@ -382,6 +382,12 @@ class StepEngine:
     def _clip_and_check(self, params: list[torch.nn.Parameter], loss: Tensor) -> tuple[float, bool]:
         """Clip (if configured) and agree across ranks whether the loss and the grads are finite."""
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        for p in params:
+            # A trained parameter the loss never reached (Qwen-Image's last block: its text stream's output is
+            # never read) steps on a zero gradient, as every other one steps: AdamW then keeps state for every
+            # parameter, which is what a resumed run's fresh optimizer expects to load from the checkpoint.
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()

@@ -156,11 +156,13 @@ class DMDRTrainer:
 
     def _conditioning(self, batch: dict[str, Any]) -> tuple[Conditioning, Conditioning]:
         prompts = batch["prompts"]
-        if "cond" in batch:
-            cond = conditioning_to(batch["cond"], self.device)
-        else:
+        encode = "cond" not in batch
+        if self._encoders_in_lockstep():  # a sharded encoder runs on every rank or none (data.cache_miss encode)
+            encode = self.dist.any_rank(encode)
+        if encode:
             with torch.no_grad():
-                cond = conditioning_to(self.backbone.text_encoder.encode(prompts), self.device)
+                encoded = self.backbone.text_encoder.encode(prompts)
+        cond = conditioning_to(batch["cond"] if "cond" in batch else encoded, self.device)
         if self._negative is None:
             neg = self.backbone.extras.get("negative")
             if neg is None:
@@ -168,6 +170,11 @@ class DMDRTrainer:
                     neg = self.backbone.text_encoder.negative()
             self._negative = conditioning_to(neg, self.device)
         return cond, repeat_conditioning(self._negative, len(prompts))
+
+    def _encoders_in_lockstep(self) -> bool:
+        """FSDP2-sharded text encoders (``parallel.frozen_encoders=shard``): every rank must call them together."""
+        return (self.backbone.text_encoder is not None and self.dist is not None and self.dist.is_distributed
+                and self.cfg.parallel.frozen_encoders == "shard")
 
     def _noise(self, batch_size: int) -> Tensor:
         shape = (batch_size, *self.backbone.latent_shape(self.cfg.model.resolution))

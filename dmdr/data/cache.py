@@ -13,8 +13,9 @@ Qwen3 at all. Layout of a cache folder::
 One index and a series of shards per writer rank (``r00000`` ...), so several processes can
 write one cache without talking to each other. The reader merges the indexes, finds a prompt by
 binary search on its hash and checks the stored bytes (a hash collision is a miss, never a wrong
-embedding). Rows of a batch with different shapes (variable-length encoders) are right-padded
-with zeros to the longest (an attention mask pads with 0 = masked).
+embedding). Variable-length encoders (a padding mask in the conditioning, :data:`dmdr.models.base.Conditioning`)
+are stored at each prompt's own length (the batch padding is cut off: a Qwen2.5-VL row is its tokens, not the
+longest prompt's); a looked-up batch is right-padded with zeros to its longest (the mask pads with False).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from dmdr.errors import DataError
+from dmdr.models.base import pad_cat, padding_mask_key, sequence_lengths
 
 Conditioning = dict[str, Tensor]
 _PROMPT = "__prompt__"
@@ -47,17 +49,12 @@ def prompt_hash(prompt: str) -> int:
 
 
 def _pad_stack(rows: Sequence[Tensor]) -> Tensor:
-    shapes = {tuple(r.shape) for r in rows}
-    if len(shapes) == 1:
-        return torch.stack(list(rows))
-    ndims = {len(s) for s in shapes}
-    if len(ndims) != 1:
-        raise DataError(f"cached rows have different ranks {sorted(shapes)}; the cache mixes encoders")
-    target = [max(s[d] for s in shapes) for d in range(ndims.pop())]
-    out = rows[0].new_zeros((len(rows), *target))
-    for i, r in enumerate(rows):
-        out[(i, *(slice(0, n) for n in r.shape))] = r
-    return out
+    """Rows of one key stacked into a batch, right-padded with zeros to the longest (a mask pads with False)."""
+    try:
+        return pad_cat([r.unsqueeze(0) for r in rows])
+    except ValueError:
+        raise DataError(f"cached rows have different ranks {sorted({tuple(r.shape) for r in rows})}; the cache "
+                        "mixes encoders") from None
 
 
 class EmbeddingCache:
@@ -204,10 +201,15 @@ class EmbeddingCacheWriter:
         elif tuple(cond) != self.keys:
             raise ValueError(f"encode() returned keys {sorted(cond)}, earlier batches {sorted(self.keys)}")
         cpu = {k: v.detach().cpu() for k, v in cond.items()}
+        lengths = sequence_lengths(cpu)
+        padded = cpu[padding_mask_key(cpu)].shape[1] if lengths is not None else -1
         for i, prompt in enumerate(prompts):
             row = self._rows
             for k, v in cpu.items():
-                self._pending[f"{row}/{k}"] = v[i].clone().contiguous()
+                v = v[i]
+                if lengths is not None and v.ndim and v.shape[0] == padded:  # a masked sequence: its own length
+                    v = v[:int(lengths[i])]
+                self._pending[f"{row}/{k}"] = v.clone().contiguous()
             text = bytearray(prompt.encode("utf-8"))
             self._pending[f"{row}/{_PROMPT}"] = torch.frombuffer(text, dtype=torch.uint8)
             self._hashes.append(prompt_hash(prompt))

@@ -7,7 +7,6 @@ import math
 import warnings
 from typing import Any
 
-import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from dmdr.data.cache import EmbeddingCache
@@ -15,6 +14,7 @@ from dmdr.data.readers import Cleaner
 from dmdr.data.sources import plan_source
 from dmdr.data.stream import PromptDataset, StreamConfig, derive_seed, mixture_weights
 from dmdr.errors import CheckpointError, DataError
+from dmdr.models.base import cat_conditioning
 
 log = logging.getLogger("dmdr")
 
@@ -194,7 +194,7 @@ def merge_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
         for reason, n in b.get("skipped", {}).items():
             out["skipped"][reason] = out["skipped"].get(reason, 0) + n
     if "cond" in batches[0]:
-        out["cond"] = {k: torch.cat([b["cond"][k] for b in batches]) for k in batches[0]["cond"]}
+        out["cond"] = cat_conditioning([b["cond"] for b in batches])  # variable lengths padded to the longest
     return out
 
 

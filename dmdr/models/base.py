@@ -16,6 +16,7 @@ one adapter file in this package that provides:
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -26,16 +27,61 @@ from dmdr.models.lora import LoRAScales, find_scales
 from dmdr.parameterization import Parameterization
 
 Conditioning = dict[str, Tensor]
-"""Text conditioning: named tensors, all batch-first, concatenable along dim 0."""
+"""Text conditioning: named tensors, all batch-first, concatenable along dim 0.
+
+Variable-length encoders (Qwen3, Qwen2.5-VL) carry a padding mask, a bool (or 0/1 integer) key ending in
+``_mask`` (``prompt_mask``, True = a token): their sequence tensors are right-padded with zeros after each prompt's
+tokens, and padding of any length means the same (the denoiser masks it). So conditionings of different
+lengths concatenate after padding to the longest (:func:`pad_cat`), and a cache stores each prompt at its
+own length (:func:`sequence_lengths`)."""
+
+
+def pad_cat(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.cat`` along dim 0, right-padding every other dim with zeros (False for bool) to the largest."""
+    shapes = {tuple(t.shape[1:]) for t in tensors}
+    if len(shapes) == 1:
+        return torch.cat(list(tensors), dim=0)
+    if len({len(s) for s in shapes}) != 1:
+        raise ValueError(f"cannot concatenate tensors of ranks {sorted(shapes)}")
+    target = [max(s[d] for s in shapes) for d in range(len(next(iter(shapes))))]
+    out = tensors[0].new_zeros((sum(t.shape[0] for t in tensors), *target))
+    start = 0
+    for t in tensors:
+        out[(slice(start, start + t.shape[0]), *(slice(0, n) for n in t.shape[1:]))] = t
+        start += t.shape[0]
+    return out
+
+
+def padding_mask_key(cond: Conditioning) -> str | None:
+    """The key of ``cond``'s padding mask (a bool or 0/1 integer ``(B, L)`` tensor named ``*_mask``), ``None`` for
+    a fixed-length conditioning."""
+    return next((k for k, v in cond.items() if k.endswith("_mask") and v.ndim == 2 and not v.is_floating_point()),
+                None)
+
+
+def sequence_lengths(cond: Conditioning) -> Tensor | None:
+    """Per sample, the length of the masked sequence up to its last token (``None`` without a mask).
+
+    Every tensor whose dim 1 is the mask's length can be cut to it without changing what the denoiser sees.
+    """
+    key = padding_mask_key(cond)
+    if key is None:
+        return None
+    mask = cond[key] != 0
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (mask * positions).amax(dim=1) if mask.shape[1] else torch.zeros(mask.shape[0], dtype=torch.long)
 
 
 def cat_conditioning(conds: list[Conditioning]) -> Conditioning:
-    """Concatenate conditionings along the batch (same keys in every one)."""
+    """Concatenate conditionings along the batch (same keys in every one; variable lengths are padded)."""
     keys = conds[0].keys()
     for c in conds[1:]:
         if c.keys() != keys:
             raise ValueError(f"conditionings have different keys: {sorted(keys)} vs {sorted(c.keys())}")
-    return {k: torch.cat([c[k] for c in conds], dim=0) for k in keys}
+    ragged = [k for k in keys if len({tuple(c[k].shape[1:]) for c in conds}) > 1]
+    if ragged and padding_mask_key(conds[0]) is None:  # padding without a mask would be read as tokens
+        raise ValueError(f"conditionings differ in the shape of {ragged} and carry no padding mask")
+    return {k: pad_cat([c[k] for c in conds]) for k in keys}
 
 
 def repeat_conditioning(cond: Conditioning, batch_size: int) -> Conditioning:

@@ -29,3 +29,6 @@ def family_spec(name: str) -> FamilySpec:
 def family_of_pipeline(pipeline_class: str) -> FamilySpec | None:
     """The family whose folders declare ``pipeline_class`` (``None`` when dmdr has none)."""
     return next((f for f in FAMILIES.values() if f.pipeline_class == pipeline_class), None)
+
+
+register_family(__import__("dmdr.models.qwenimage", fromlist=["FAMILY"]).FAMILY)  # added families: one line each

@@ -1,4 +1,4 @@
-"""Tiny random SD3, Z-Image and SDXL pipeline folders, for tests and the demo.
+"""Tiny random SD3, Z-Image, SDXL and Qwen-Image pipeline folders, for tests and the demo.
 
 Each builder writes a complete diffusers folder (``model_index.json``, every component's config and
 weights, the scheduler and the tokenizers) with :meth:`DiffusionPipeline.save_pretrained`, so the
@@ -19,6 +19,12 @@ Z-Image    transformer: 2 main layers + 1 noise and 1 context refiner, 2 heads x
            patch 2, 16 latent channels. VAE as SD3's (Flux scaling/shift). Text: Qwen3 (width 32,
            2 layers) with a Qwen-style chat template. Images: any multiple of 4 pixels
            (pass ``height``/``width`` to the stock pipeline, whose default is 1024).
+Qwen-Image transformer: 2 dual-stream blocks, 2 heads x 16 = width 32, RoPE axes (4, 6, 6), patch 2 over
+           16 latent channels (64 packed). VAE: the 3-D ``AutoencoderKLQwenImage`` with 2 levels (8, 16
+           channels) -> 2 pixels per latent cell, Qwen-Image's per-channel latent mean/std. Text: a
+           Qwen2.5-VL (text width 32, 2 layers, mrope; a 1-block vision tower it never uses) with the
+           byte-level Qwen tokenizer. Scheduler: Qwen-Image's (dynamic exponential shift, terminal 0.02).
+           Images: any multiple of 4 pixels (pass ``height``/``width``; the stock default is 1024).
 SDXL       UNet: 2 levels (16, 32 channels, one resnet each; the second with one cross-attention
            transformer, 4 heads), a cross-attention mid block, SDXL's ``text_time`` added
            conditioning, 4 latent channels, ``sample_size`` 8. VAE: 2 blocks (8, 16) -> 2 pixels per
@@ -196,6 +202,65 @@ def build_tiny_zimage(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+QWENIMAGE_SCHEDULER = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 8192, "max_shift": 0.9,
+                       "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02,
+                       "time_shift_type": "exponential", "use_dynamic_shifting": True}
+"""Qwen-Image's ``scheduler_config.json`` settings (a ``FlowMatchEulerDiscreteScheduler``)."""
+
+
+def tiny_qwen25vl(tok):
+    """A tiny random ``Qwen2_5_VLForConditionalGeneration`` for ``tok`` (text width 32; the 1-block vision
+    tower is there because the class has one: text-to-image encoding never calls it)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    special = tok.convert_tokens_to_ids("<|im_start|>")  # image/video ids: any in-vocabulary token
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}, "tie_word_embeddings": False,
+                     "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+                     "bos_token_id": tok.pad_token_id},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
+                       "fullatt_block_indexes": [0], "patch_size": 2, "spatial_merge_size": 1,
+                       "temporal_patch_size": 1, "window_size": 4},
+        image_token_id=special, video_token_id=special, vision_start_token_id=special,
+        vision_end_token_id=special, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def build_tiny_qwenimage(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random ``QwenImagePipeline`` folder to ``path`` and return it.
+
+    Args:
+        path: destination folder (created; existing files are overwritten).
+        seed: torch seed of the random weights (same seed, same weights).
+    """
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok = qwen_tokenizer()
+        encoder = tiny_qwen25vl(tok)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+        )
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[],
+                                     temperal_downsample=[False])
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWENIMAGE_SCHEDULER), vae=vae,
+                             text_encoder=encoder, tokenizer=tok, transformer=transformer)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 SDXL_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1,
                   "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False}
@@ -243,7 +308,8 @@ def build_tiny_sdxl(path: str | Path, seed: int = 0, sample_size: int = 8) -> Pa
 
 def build_tiny(family: str, path: str | Path, seed: int = 0) -> Path:
     """Write the tiny random pipeline folder of ``family`` (``sd3``, ``zimage`` or ``sdxl``) to ``path``."""
-    builders = {"sd3": build_tiny_sd3, "zimage": build_tiny_zimage, "sdxl": build_tiny_sdxl}
+    builders = {"sd3": build_tiny_sd3, "zimage": build_tiny_zimage, "sdxl": build_tiny_sdxl,
+                "qwenimage": build_tiny_qwenimage}
     if family not in builders:
         raise ValueError(f"no tiny builder for family {family!r} (have: {', '.join(builders)})")
     return builders[family](path, seed=seed)
@@ -251,5 +317,5 @@ def build_tiny(family: str, path: str | Path, seed: int = 0) -> Path:
 
 __all__ = [
     "build_tiny", "build_tiny_sd3", "build_tiny_sdxl", "build_tiny_zimage", "clip_tokenizer", "t5_tokenizer",
-    "qwen_tokenizer",
+    "qwen_tokenizer", "build_tiny_qwenimage",
 ]

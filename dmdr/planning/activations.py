@@ -142,6 +142,43 @@ def zimage_block_bytes(block: nn.Module, tokens: int, e: int, mode: str, first: 
     return out + lora_intermediates(block, lambda name: zimage_rows(name, t), adapter, e)
 
 
+def qwenimage_rows(name: str, tokens: Tokens) -> int:
+    """Rows per sample a linear of a ``QwenImageTransformerBlock`` sees (its stream's tokens, or 1 for the
+    modulation)."""
+    if name.startswith(("img_mod.", "txt_mod.")):
+        return 1
+    if name.startswith(("attn.add_", "attn.to_add_out", "txt_mlp.")):
+        return tokens.text
+    return tokens.image
+
+
+def qwenimage_block_bytes(block: nn.Module, tokens: Tokens, e: int, mode: str, first: bool = False,
+                          adapter: str | None = None) -> int:
+    """Saved bytes per sample of one ``QwenImageTransformerBlock``: two streams (image, text) of the same
+    layout, LayerNorm + modulation, per-head RMS qk-norm, RoPE (it saves only its constant frequencies),
+    one joint attention, gated residuals, a GELU MLP each; both streams keep their MLP (no context-pre-only)."""
+    full = mode == "full"
+    d = block.dim
+    heads = block.attn.heads
+    hidden = block.img_mlp.net[2].in_features
+    qk = block.attn.norm_q is not None
+
+    def stream(t: int) -> int:
+        out = 0 if (first and not full) else t * d * e + _ln_stats(t)  # norm1's input
+        out += t * d * e * (1 if full else 0)  # the normalised input, for the modulation's gradient
+        out += t * d * e  # the q/k/v (LoRA) projections' input
+        out += 2 * t * d * (_rms_in(e) + (e if full else 0)) if qk else 0
+        out += t * d * e * (1 if full else 0)  # attention output, for the gate's gradient
+        out += t * d * e + _ln_stats(t)  # norm2's input
+        out += t * d * e * (2 if full else 0)  # normalised input (modulation), MLP input
+        out += t * hidden * e * (2 if full else 1)  # GELU input (and output, for fc2's weight)
+        return out + t * d * e * (1 if full else 0)  # MLP output, for the gate's gradient
+
+    n, m = tokens.image, tokens.text
+    total = stream(n) + stream(m) + _attention(n + m, d, heads, e)
+    return total + lora_intermediates(block, lambda name: qwenimage_rows(name, tokens), adapter, e)
+
+
 @dataclass(frozen=True)
 class BlockActivations:
     """Saved bytes per sample of each block, and of each block's inputs (what checkpointing keeps)."""
@@ -180,6 +217,23 @@ def zimage_activations(denoiser: nn.Module, tokens: Tokens, e: int, mode: str,
     root = n * d * e + _ln_stats(n)  # final LayerNorm input
     if mode == "full":
         root += 2 * n * d * e
+    return BlockActivations(per, inputs, root)
+
+
+def qwenimage_activations(denoiser: nn.Module, tokens: Tokens, e: int, mode: str,
+                          adapter: str | None = None) -> BlockActivations:
+    net = denoiser.net
+    blocks = list(net.transformer_blocks)
+    d = blocks[0].dim
+    n, m = tokens.image, tokens.text
+    per = [qwenimage_block_bytes(b, tokens, e, mode, first=(i == 0), adapter=adapter) for i, b in enumerate(blocks)]
+    inputs = [(n + m) * d * e] * len(blocks)
+    # Root: the output norm saves its input (training the weights also the normalised input, the output
+    # projection's input and the text embedder's RMSNorm and linear inputs).
+    root = n * d * e + _ln_stats(n)
+    if mode == "full":
+        text_dim = int(net.config.joint_attention_dim)
+        root += 2 * n * d * e + m * text_dim * (_rms_in(e) + e)
     return BlockActivations(per, inputs, root)
 
 

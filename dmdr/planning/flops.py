@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dmdr.models.lora import LoRALinear
-from dmdr.planning.activations import Tokens, sd3_rows, zimage_rows
+from dmdr.planning.activations import Tokens, qwenimage_rows, sd3_rows, zimage_rows
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,15 @@ def zimage_block_flops(block: nn.Module, tokens: int, adapters: tuple[str, ...] 
     return BlockFlops(base, lora, 4 * tokens * tokens * block.dim)
 
 
+def qwenimage_block_flops(block: nn.Module, tokens: Tokens, adapters: tuple[str, ...] = ()) -> BlockFlops:
+    """Forward FLOPs per sample of a ``QwenImageTransformerBlock`` (joint attention over image + text tokens)."""
+    base = lora = 0
+    for name, mod in _linears(block):
+        f, lo = _linear_flops(qwenimage_rows(name, tokens), mod, adapters)
+        base, lora = base + f, lora + lo
+    return BlockFlops(base, lora, 4 * (tokens.image + tokens.text) ** 2 * block.dim)
+
+
 def sd3_network_flops(denoiser: nn.Module, tokens: Tokens, adapters: tuple[str, ...]) -> list[BlockFlops]:
     return [sd3_block_flops(b, tokens, adapters) for b in denoiser.net.transformer_blocks]
 
@@ -105,6 +114,10 @@ def zimage_network_flops(denoiser: nn.Module, tokens: Tokens, adapters: tuple[st
     out += [zimage_block_flops(b, m, adapters) for b in net.context_refiner]
     return out + [zimage_block_flops(b, n + m, adapters) for b in net.layers]
 
+
+
+def qwenimage_network_flops(denoiser: nn.Module, tokens: Tokens, adapters: tuple[str, ...]) -> list[BlockFlops]:
+    return [qwenimage_block_flops(b, tokens, adapters) for b in denoiser.net.transformer_blocks]
 
 
 def meta_flops(fn: Callable[[], torch.Tensor], backward: bool = False) -> int:

@@ -64,7 +64,9 @@ def frozen_costs(spec: ModelSpec, cfg: TrainConfig) -> FrozenCosts:
     vae = spec.vae.module
 
     def decode() -> torch.Tensor:
-        z = torch.empty(1, spec.latent_channels, side, side, device="meta", dtype=vae.dtype, requires_grad=True)
+        frames = (1,) if spec.vae_frames else ()
+        z = torch.empty(1, spec.latent_channels, *frames, side, side, device="meta", dtype=vae.dtype,
+                        requires_grad=True)
         return vae.decode(z, return_dict=False)[0]
 
     out.vae_act = saved_bytes_on_meta(decode)

@@ -47,6 +47,8 @@ SHIPPED = {"sd3.5-large": CONFIGS / "sd3.5-large", "sd3-medium": CONFIGS / "sd3-
 """Config-only folders of the models the recipes train."""
 RECIPE_MODELS = {"sd35_dmdr": "sd3.5-large", "sd3m_dmdr": "sd3-medium", "zimage_dmdr": "z-image-turbo"}
 """Which shipped model a recipe trains (``--model`` or ``--model.path`` choose another)."""
+SHIPPED["qwen-image"] = CONFIGS / "qwen-image"
+RECIPE_MODELS["qwenimage_dmdr"] = "qwen-image"
 REWARD_CONFIGS = {"hps": CONFIGS / "rewards" / "hps", "clip": CONFIGS / "rewards" / "clip",
                   "pickscore": CONFIGS / "rewards" / "pickscore"}
 """HPSv2.1 (open_clip ViT-H-14), DFN5B-CLIP ViT-H-14-378 (open_clip), PickScore (transformers CLIP ViT-H-14)."""
@@ -149,8 +151,11 @@ class ModelSpec:
     vae: Component
     rewards: dict[str, Component]
     latent_channels: int
+    """The VAE's latent channels (what its decoder takes)."""
     vae_scale_factor: int
     patch_size: int
+    vae_frames: bool = False
+    """The VAE is a video VAE decoding ``(B, C, F, H, W)`` (Qwen-Image's, on one frame)."""
 
 
 def resolve_model_folder(cfg: TrainConfig, recipe: str, model: str = "") -> tuple[str, Path]:
@@ -260,9 +265,18 @@ def build_model_spec(cfg: TrainConfig, recipe: str = "", model: str = "") -> Mod
     vae = _component("vae", "AutoencoderKL", folder.build_config_on_meta("vae", dtype), None)
     rewards = {} if cfg.rl.method == "none" else {
         r: build_reward_spec(r) for r in cfg.rl.rewards if r in REWARD_CONFIGS}
-    vae_cfg = vae.module.config
     c = denoiser.config
     patch = int(c["patch_size"]) if "patch_size" in c else int(c["all_patch_size"][0])
+    channels, scale, frames = vae_geometry(vae.module.config)
     return ModelSpec(name=name, path=path, family=family, denoiser=denoiser, text_encoders=texts, vae=vae,
-                     rewards=rewards, latent_channels=int(c["in_channels"]),
-                     vae_scale_factor=2 ** (len(vae_cfg.block_out_channels) - 1), patch_size=patch)
+                     rewards=rewards, latent_channels=channels, vae_scale_factor=scale, patch_size=patch,
+                     vae_frames=frames)
+
+
+def vae_geometry(config: Any) -> tuple[int, int, bool]:
+    """``(latent channels, pixels per latent cell, frame axis)`` of a VAE from its config: an ``AutoencoderKL``
+    (``block_out_channels``, ``latent_channels``) or a 3-D video VAE (``AutoencoderKLQwenImage``: ``z_dim``, one
+    spatial halving per ``temperal_downsample`` entry, latents ``(B, C, F, H, W)``)."""
+    if "temperal_downsample" in config:
+        return int(config["z_dim"]), 2 ** len(config["temperal_downsample"]), True
+    return int(config["latent_channels"]), 2 ** (len(config["block_out_channels"]) - 1), False

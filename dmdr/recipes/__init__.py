@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from dmdr.config import TrainConfig
 from dmdr.errors import ConfigError
 from dmdr.launch import main
-from dmdr.recipes import sd3m_dmdr, sd35_dmdr, sdxl_dmdr, shapes_dmdr, tiny_dmdr, zimage_dmdr
+from dmdr.recipes import qwenimage_dmdr, sd3m_dmdr, sd35_dmdr, sdxl_dmdr, shapes_dmdr, tiny_dmdr, zimage_dmdr
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("shapes_dmdr", shapes_dmdr.shapes_dmdr, shapes_dmdr.prepare_assets),
     Recipe("tiny_dmdr", tiny_dmdr.tiny_dmdr, tiny_dmdr.prepare_assets),
 )}
+RECIPES["qwenimage_dmdr"] = Recipe("qwenimage_dmdr", qwenimage_dmdr.qwenimage_dmdr)
 
 
 def get_recipe(name: str) -> Recipe:

@@ -40,6 +40,7 @@ from dmdr.algorithm import (
 )
 from dmdr.config import TrainConfig
 from dmdr.errors import ConfigError
+from dmdr.guidance import score_rule_of
 from dmdr.losses.rl import PolicyAccess, RLBatch, build_rl_method
 from dmdr.models.base import Conditioning, Denoiser, index_conditioning
 from dmdr.parameterization import Parameterization
@@ -268,7 +269,8 @@ class StepEngine:
             t_d = self.dynars.sample(k, x0.shape[0], self.rng, device=self.device)
             w = draw_guidance(cfg.dmd.guidance, cfg.dmd.guidance_jitter, self.rng)
             terms = dmd_generator_loss(x0, cond, uncond, r.critic_fn, self.param, t_d, w, s_r, cfg.dmd.fake_scale,
-                                       generator=self.rng, eps=cfg.dmd.eps, decoupled=self.decoupled(x0.shape[0]))
+                                       generator=self.rng, eps=cfg.dmd.eps, decoupled=self.decoupled(x0.shape[0]),
+                                       rule=score_rule_of(r.teacher))
             loss = cfg.dmd.weight * terms.loss
             metrics.update({"loss/dmd": terms.loss.item(), "schedule/guidance": w,
                             "dmd/grad_abs_mean": terms.grad.abs().mean().item()})

@@ -153,7 +153,8 @@ def render(form: str, settings: InferenceSettings, provenance: dict[str, Any], c
         f"{provenance.get('checkpoint', '?')} of the run (generator mode {provenance.get('generator_mode', '?')}; "
         f"{_weights_line(provenance)}). {licence}\n",
         f"Sample with {n} Euler steps at the sigmas below, no classifier-free guidance "
-        f"(guidance_scale={settings.guidance_scale}), {settings.resolution}x{settings.resolution} pixels, "
+        f"(guidance_scale={settings.guidance_scale}{_EMBEDDED if _embedded(settings) else ''}), "
+        f"{settings.resolution}x{settings.resolution} pixels, "
         f"max_sequence_length={settings.max_sequence_length}. The sigmas already include the training shift "
         f"{settings.shift}; the scheduler's shift is 1.0 so that they are used as given. Everything is also in "
         "`dmdr_inference.json`.\n",
@@ -197,6 +198,15 @@ image = pipe("a photo of a cat", num_inference_steps={n}, timesteps={timesteps},
 The SDXL VAE overflows in fp16: keep `pipe.vae` in fp32 (the pipeline upcasts it when its config says
 `force_upcast`) or use the fp16-fix VAE.
 """
+
+
+_EMBEDDED = ": the value of the guidance embedding the generator was trained at, not a CFG scale"
+
+
+def _embedded(settings: InferenceSettings) -> bool:
+    """A guidance-distilled family (FLUX.1-dev): the pipeline's ``guidance_scale`` is an input embedding."""
+    fam = family_of_pipeline(settings.pipeline_class)
+    return fam is not None and fam.embedded_guidance
 
 
 def _weights_line(provenance: dict[str, Any]) -> str:

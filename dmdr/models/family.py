@@ -52,6 +52,9 @@ class PlannerHooks:
     """Text encoders that always run at a fixed length (SD3's CLIPs: 77), by component name."""
     mlp_ratio: tuple[int, int] = (4, 1)
     """The blocks' MLP hidden width over the model width, as a fraction (Z-Image: 8/3)."""
+    latent_patch: int = 0
+    """Latent cells per token side when the transformer's config does not say it (FLUX.1 packs 2x2 cells into
+    one token with ``patch_size`` 1); 0: the config's ``patch_size``."""
 
 
 @dataclass(frozen=True)
@@ -87,3 +90,6 @@ class FamilySpec:
     """The diffusers class that loads the exported denoiser by ``from_single_file`` (the card names it)."""
     planner: PlannerHooks | None = None
     """``None``: the planner has no model of this family yet."""
+    embedded_guidance: bool = False
+    """The pipeline's ``guidance_scale`` feeds a guidance embedding (FLUX.1-dev), not CFG: exports call it at the
+    run's ``dmd.generator_guidance`` (see :mod:`dmdr.guidance`)."""

@@ -219,7 +219,7 @@ def _weights_line(provenance: dict[str, Any]) -> str:
 
 
 def _call(s: InferenceSettings) -> str:
-    return (f'image = pipe("a photo of a cat", num_inference_steps={s.num_inference_steps}, '
+    return (f'image = pipe(prompt="a photo of a cat", num_inference_steps={s.num_inference_steps}, '
             f'sigmas=settings["sigmas"],\n             guidance_scale={s.guidance_scale}, height={s.resolution}, '
             f"width={s.resolution}, max_sequence_length={s.max_sequence_length}).images[0]")
 

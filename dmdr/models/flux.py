@@ -216,7 +216,7 @@ FAMILY = FamilySpec(
     name="flux", pipeline_class="FluxPipeline", load=load, required_components=required_components,
     text_components=text_components, load_text_encoder=load_text_encoder, denoiser_class=FluxDenoiser,
     lora_targets=LORA_TARGETS, no_cfg_guidance=DEFAULT_GUIDANCE, lora_format=LoraFormat("transformer"),
-    single_file_class="FluxTransformer2DModel", embedded_guidance=True,
+    single_file_class="FluxTransformer2DModel", embedded_guidance=True, pipeline_latents=pack_latents,
     planner=PlannerHooks(flops="dmdr.planning.flops:flux_network_flops",
                          activations="dmdr.planning.activations:flux_activations",
                          text_encoders=("text_encoder", "text_encoder_2"), fixed_text_lengths={"text_encoder": 77},

@@ -231,6 +231,6 @@ FAMILY = FamilySpec(
     name="flux2", pipeline_class="Flux2KleinPipeline", load=load, required_components=required_components,
     text_components=text_components, load_text_encoder=load_text_encoder, denoiser_class=Flux2Denoiser,
     lora_targets=LORA_TARGETS, no_cfg_guidance=1.0, lora_format=LoraFormat("transformer"),
-    single_file_class="Flux2Transformer2DModel",
+    single_file_class="Flux2Transformer2DModel", make_codec=Flux2Codec,
 )
 """CFG off at ``guidance_scale`` <= 1 (the pipeline guides iff > 1 and not ``is_distilled``)."""

@@ -44,7 +44,7 @@ def runs(models, tiny_assets, tmp_path_factory) -> dict[str, Path]:
         cfg = tiny_config(tiny_assets, root / family, model__path=str(models[family]), model__family=family,
                           model__max_sequence_length=64 if family == "flux2" else 16, train__max_steps=2,
                           dmd__ratio=1, checkpoint__interval=0, data__batch_size=2, rl__start_step=1,
-                          dmd__generator_guidance=3.0)
+                          dmd__generator_guidance=3.0, optim__generator_lr=3e-3, optim__rl_generator_lr=3e-3)
         assert run(cfg) == 0
         out[family] = root / family
     return out
@@ -54,7 +54,7 @@ def _pipeline_latents(pipe, family: str, noise: torch.Tensor, kwargs: dict) -> t
     """The stock pipeline's final latents in dmdr's latent convention, from dmdr's initial noise."""
     latents = pack_latents(noise) if family == "flux" else noise
     with torch.no_grad():
-        out = pipe(list(PROMPTS), latents=latents.clone(), output_type="latent", **kwargs).images
+        out = pipe(prompt=list(PROMPTS), latents=latents.clone(), output_type="latent", **kwargs).images
     if family == "flux":  # packed, (B, H/2 W/2, 4C)
         from dmdr.models.flux import unpack_latents
 
@@ -114,7 +114,7 @@ def test_lora_release_loads_in_the_stock_pipeline_and_equals_the_merged_export(f
 
     def latents(pipe) -> torch.Tensor:
         with torch.no_grad():
-            return pipe(list(PROMPTS), generator=torch.Generator().manual_seed(11), output_type="latent",
+            return pipe(prompt=list(PROMPTS), generator=torch.Generator().manual_seed(11), output_type="latent",
                         **kwargs).images
 
     merged = DiffusionPipeline.from_pretrained(str(merged_dir), local_files_only=True)

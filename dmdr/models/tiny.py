@@ -241,12 +241,14 @@ def build_tiny_sdxl(path: str | Path, seed: int = 0, sample_size: int = 8) -> Pa
     return path
 
 
+TINY_BUILDERS: dict = {}
+"""Tiny builders that live in modules building on this one's tokenizers (:mod:`dmdr.models.tiny_flux`), by family;
+those modules add themselves (``dmdr.models`` imports them)."""
+
+
 def build_tiny(family: str, path: str | Path, seed: int = 0) -> Path:
     """Write the tiny random pipeline folder of ``family`` (``sd3``, ``zimage``, ``sdxl``, ``flux``, ``flux2``)."""
-    from dmdr.models import tiny_flux  # it builds on this module's tokenizers
-
-    builders = {"sd3": build_tiny_sd3, "zimage": build_tiny_zimage, "sdxl": build_tiny_sdxl}
-    builders.update(flux=tiny_flux.build_tiny_flux, flux2=tiny_flux.build_tiny_flux2)
+    builders = {"sd3": build_tiny_sd3, "zimage": build_tiny_zimage, "sdxl": build_tiny_sdxl, **TINY_BUILDERS}
     if family not in builders:
         raise ValueError(f"no tiny builder for family {family!r} (have: {', '.join(builders)})")
     return builders[family](path, seed=seed)

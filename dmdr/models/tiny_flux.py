@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dmdr.models.tiny import _clip_text_model, _vae, clip_tokenizer, qwen_tokenizer, t5_tokenizer
+from dmdr.models.tiny import TINY_BUILDERS, _clip_text_model, _vae, clip_tokenizer, qwen_tokenizer, t5_tokenizer
 
 FLUX_SCHEDULER = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
                   "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True}
@@ -99,5 +99,7 @@ def build_tiny_flux2(path: str | Path, seed: int = 0) -> Path:
     pipe.save_pretrained(path, safe_serialization=True)
     return path
 
+
+TINY_BUILDERS.update(flux=build_tiny_flux, flux2=build_tiny_flux2)
 
 __all__ = ["build_tiny_flux", "build_tiny_flux2"]

@@ -62,7 +62,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun, gloo)")
     p.add_argument("--cold-start", type=int, default=None, help="generator steps of the cold start")
     p.add_argument("--rl-steps", type=int, default=None, help="generator steps of each run after the cold start")
-    p.add_argument("--prompts", type=int, default=96, help="held-out prompts in the evaluation")
+    p.add_argument("--prompts", type=int, default=172,
+                   help="held-out prompts in the evaluation (172: all of them, the tables' protocol)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny step counts and evaluation (CI smoke run)")
     p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")

@@ -10,25 +10,9 @@ Any field can be overridden with ``--section.field value`` (see dmdr/config.py).
 """
 
 from dmdr.config import TrainConfig
+from dmdr.recipes.base import SD35_LARGE, big_model_recipe
 
 
 def sd35_dmdr() -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.model.family = "sd3"
-    cfg.model.resolution = 1024
-    cfg.model.dtype = "bf16"
-    cfg.model.generator_mode = "lora"
-    cfg.model.generator_lora_rank, cfg.model.generator_lora_alpha = 64, 128.0
-    cfg.model.critic_lora_rank, cfg.model.critic_lora_alpha = 32, 32.0
-    cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.guidance = 4, 5.0, 4.0
-    cfg.dynamic.decay_steps = 2000
-    cfg.rl.start_step = 2000
-    cfg.rl.rewards, cfg.rl.weights = ("hps", "clip"), (0.1, 0.1)
-    cfg.optim.generator_lr, cfg.optim.critic_lr = 1e-6, 2e-8
-    cfg.optim.rl_generator_lr, cfg.optim.rl_critic_lr = 1e-7, 5e-9
-    cfg.data.batch_size, cfg.data.rl_batch_size = 4, 2  # per GPU: cold start, RL stage
-    cfg.parallel.activation_checkpointing = "full"
-    cfg.train.max_steps = 4000
-    cfg.train.output_dir = "runs/sd35-dmdr"
-    return cfg
+    return big_model_recipe("sd3", SD35_LARGE, "runs/sd35-dmdr")  # the paper's SD3.5-Large row, nothing else
 

@@ -24,30 +24,27 @@ Launch: ``torchrun --nproc_per_node=8 recipes/sdxl_dmdr.py --model.path /models/
 
 from dmdr.config import TrainConfig
 from dmdr.models.sdxl import FEW_STEP_TIMESTEPS
+from dmdr.recipes.base import SD3_MEDIUM, ModelRow, big_model_recipe, set_cold_start
+
+SDXL = ModelRow(
+    resolution=1024,  # SDXL's native resolution (the issue)
+    lr=(5e-7, 5e-7), rl_lr=(5e-7, 5e-7),  # DMD2's SDXL rate for both networks, kept for RL (nothing pins lower)
+    batch_size=4, rl_batch_size=2,  # halved for RL, as the paper
+    guidance=7.0,  # ALGORITHM.md: w0 = 7 for SDXL (SDXL's pipeline guides as uncond + w (cond - uncond))
+    shift=3.0,  # TrainConfig's default; unused: dmd.timesteps fixes the generator's levels
+    reward_weights=SD3_MEDIUM.reward_weights,  # ALGORITHM.md's SD3-Medium ReFL weights
+)
 
 
 def sdxl_dmdr() -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.model.family = "sdxl"
-    cfg.model.resolution = 1024
-    cfg.model.dtype = "bf16"
-    cfg.model.generator_mode = "full"
-    cfg.model.critic_lora_rank, cfg.model.critic_lora_alpha = 32, 32.0
+    cfg = big_model_recipe("sdxl", SDXL, "runs/sdxl-dmdr")
+    cfg.model.generator_mode = "full"  # the issue / the authors: a full fine-tune of the generator
     cfg.model.max_sequence_length = 77  # CLIP's fixed length; SDXL has no T5
-    cfg.dmd.num_steps = 4
-    cfg.dmd.timesteps = FEW_STEP_TIMESTEPS[4]
-    cfg.dmd.t_min = 0.02
-    cfg.dmd.backward_simulation = cfg.dmd.sampler = "sde"
-    cfg.dmd.guidance, cfg.dmd.ratio = 7.0, 5
-    cfg.dynamic.dynadg, cfg.dynamic.dynars = False, False
-    cfg.dynamic.decay_steps = 3000
-    cfg.rl.start_step = 3000
-    cfg.rl.rewards, cfg.rl.weights = ("hps", "clip"), (0.3, 0.3)
-    cfg.optim.generator_lr, cfg.optim.critic_lr = 5e-7, 5e-7
-    cfg.optim.rl_generator_lr, cfg.optim.rl_critic_lr = 5e-7, 5e-7
-    cfg.data.batch_size, cfg.data.rl_batch_size = 4, 2  # per GPU: cold start, RL stage (halved, as the paper)
-    cfg.parallel.activation_checkpointing = "full"
-    cfg.train.max_steps = 4000
-    cfg.train.output_dir = "runs/sdxl-dmdr"
+    cfg.dmd.timesteps = FEW_STEP_TIMESTEPS[4]  # DMD2's fixed integer timesteps of the 4-step generator
+    cfg.dmd.t_min = 0.02  # DMD2's min_step_percent: critic levels in [0.02, 1)
+    cfg.dmd.backward_simulation = cfg.dmd.sampler = "sde"  # DMD2: x0-then-renoise with fresh noise between steps
+    cfg.dmd.ratio = 5  # DMD2: 5 critic steps per generator step
+    cfg.dynamic.dynadg, cfg.dynamic.dynars = False, False  # the issue / the authors: both off for SDXL
+    set_cold_start(cfg, 3000)  # the issue / the authors: a cold start of 3000 generator steps
     return cfg
 

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from dmdr.config import TrainConfig
+from dmdr.recipes.base import set_cold_start
 from dmdr.worlds.shapes.evaluation import heldout_prompts
 from dmdr.worlds.shapes.pipeline import MAX_SEQUENCE_LENGTH, check_teacher_folder
 from dmdr.worlds.shapes.scene import IMAGE_SIZE, split_prompts
@@ -39,12 +40,11 @@ def shapes_dmdr() -> TrainConfig:
     # the 25-step teacher's 0.36 (the teacher's own 4-step sampler: 0.16; README, issue 23)
     cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.ratio = 4, 1.0, 5
     cfg.dmd.guidance, cfg.dmd.guidance_jitter = 3.0, 0.5
-    cfg.dynamic.decay_steps = COLD_START
+    set_cold_start(cfg, COLD_START)
     # DynaRS decays to Beta(4, 1.5), not to uniform levels: below t ~ 0.3 the critic LoRA fits the student's
     # samples at ~2x a matched model's loss and the DMD gradient there is mostly its error; with uniform levels
     # (half the samples) DMD alone drifts away from the teacher after the cold start (README, issue 23).
     cfg.dynamic.end_alpha, cfg.dynamic.end_beta = 4.0, 1.5
-    cfg.rl.start_step = COLD_START
     # ReFL weight 0.2: at 1.0 the colour reward swamps the DMD term at N = 4 (DMDR 0.309 < DMD alone 0.319: colour
     # 0.97 but count 0.05); at 0.2 DMDR keeps the student's structure and adds colour (0.330; issue 23)
     cfg.rl.rewards, cfg.rl.weights, cfg.rl.margin = ("shapes",), (0.2,), 1.0

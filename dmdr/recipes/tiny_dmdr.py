@@ -22,6 +22,7 @@ from pathlib import Path
 from dmdr.config import TrainConfig
 from dmdr.models.sdxl import FEW_STEP_TIMESTEPS
 from dmdr.models.tiny import build_tiny
+from dmdr.recipes.base import set_cold_start
 
 DEMO_PROMPTS = [
     "a photo of a cat", "a red car in the rain", "an astronaut riding a horse", "a bowl of fruit",
@@ -40,8 +41,7 @@ def tiny_dmdr() -> TrainConfig:
     cfg.model.critic_lora_rank, cfg.model.critic_lora_alpha = 4, 4.0
     cfg.model.max_sequence_length = 16
     cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.guidance, cfg.dmd.ratio = 4, 3.0, 4.0, 5
-    cfg.dynamic.decay_steps = 30
-    cfg.rl.start_step = 30
+    set_cold_start(cfg, 30)
     cfg.rl.rewards, cfg.rl.weights, cfg.rl.margin = ("brightness",), (0.5,), 0.7
     cfg.optim.generator_lr, cfg.optim.critic_lr = 1e-4, 1e-4
     cfg.optim.rl_generator_lr, cfg.optim.rl_critic_lr = 5e-5, 5e-5

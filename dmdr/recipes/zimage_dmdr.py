@@ -7,25 +7,15 @@ Launch: ``torchrun --nproc_per_node=8 recipes/zimage_dmdr.py --model.path /model
 """
 
 from dmdr.config import TrainConfig
+from dmdr.recipes.base import SD35_LARGE, big_model_recipe
 
 
 def zimage_dmdr() -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.model.family = "zimage"
-    cfg.model.resolution = 1024
-    cfg.model.dtype = "bf16"
-    cfg.model.generator_mode = "lora"
-    cfg.model.max_sequence_length = 512
+    # ALGORITHM.md pins no Z-Image row: SD3.5-Large's, the closest model in size and resolution
+    cfg = big_model_recipe("zimage", SD35_LARGE, "runs/zimage-dmdr")
+    cfg.model.max_sequence_length = 512  # Z-Image's pipeline encodes prompts to 512 Qwen3 tokens
+    cfg.dmd.shift = 3.0  # Z-Image's own scheduler shift
     # Z-Image's pipeline guides as pos + g (pos - neg): our w = 1 + g; w0 = 5 is the pipeline's g = 4.
-    cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.guidance = 4, 3.0, 5.0
-    cfg.dynamic.decay_steps = 2000
-    cfg.rl.start_step = 2000
-    cfg.rl.rewards, cfg.rl.weights = ("hps", "clip"), (0.1, 0.1)
-    cfg.optim.generator_lr, cfg.optim.critic_lr = 1e-6, 2e-8
-    cfg.optim.rl_generator_lr, cfg.optim.rl_critic_lr = 1e-7, 5e-9
-    cfg.data.batch_size, cfg.data.rl_batch_size = 4, 2  # per GPU: cold start, RL stage
-    cfg.parallel.activation_checkpointing = "full"
-    cfg.train.max_steps = 4000
-    cfg.train.output_dir = "runs/zimage-dmdr"
+    cfg.dmd.guidance = 5.0
     return cfg
 

@@ -1,6 +1,6 @@
-"""Diagnostic for issue 23 (not shipped): how well does the critic fit the student, and what does DMD push?
+"""Issue 23's critic probe: how well does the critic fit the student, and what does DMD push?
 
-    python exp/probe_critic.py RUN STEP
+    python benchmarks/probe_critic.py RUN STEP
 
 On 128 held-out prompts x 1 noise: the student's ode samples x, the teacher's 25-step CFG-1 samples z.
 Per renoise level t: the critic's (fake score, scale s_f) denoising loss on x, the teacher's (scale 0) on x,
@@ -11,18 +11,16 @@ and cosine.
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path = [p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "exp")]
-import torch  # noqa: E402
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+from dmdr.export import _dcp_read, load_generator, read_run_config, resolve_checkpoint
+from dmdr.models.base import repeat_conditioning
+from dmdr.sampling import few_step_sample, teacher_sample
+from dmdr.schedules import few_step_timesteps
+from dmdr.worlds.shapes.evaluation import heldout_prompts, noise_for
 
 torch.set_num_threads(1)
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict  # noqa: E402,E501
-
-from dmdr.export import _dcp_read, load_generator, read_run_config, resolve_checkpoint  # noqa: E402
-from dmdr.models.base import repeat_conditioning  # noqa: E402
-from dmdr.sampling import few_step_sample, teacher_sample  # noqa: E402
-from dmdr.schedules import few_step_timesteps  # noqa: E402
-from dmdr.worlds.shapes.evaluation import heldout_prompts, noise_for  # noqa: E402
 
 run, step = Path(sys.argv[1]), int(sys.argv[2])
 cfg = read_run_config(run)

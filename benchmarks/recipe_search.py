@@ -1,9 +1,10 @@
-"""Experiment harness for issue 23 (not shipped): train recipes/shapes_dmdr.py at W=1, score checkpoints.
+"""Issue 23's recipe search: train recipes/shapes_dmdr.py at W=1 and score every checkpoint on one fixed protocol.
 
-    python exp/xp.py NAME --steps 300 --every 60 --seed 0 [--resume CKPT] [--weights trained,ema] -- --dmd.ratio 5 ...
+    python benchmarks/recipe_search.py NAME --steps 300 --every 60 --seed 0 [--resume CKPT] [--weights trained,ema] \
+        -- --dmd.ratio 5 ...
 
 Fixed protocol: every held-out prompt (172) x noise draws 0,1, few-step sampler; mean over draws.
-Appends one JSON line per (step, weights) to runs/xp/NAME/scores.jsonl and prints it.
+Appends one JSON line per (step, weights) to runs/recipe-search/NAME/scores.jsonl and prints it.
 """
 import argparse
 import json
@@ -14,7 +15,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path = [p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "exp")]
 
 p = argparse.ArgumentParser()
 p.add_argument("name")
@@ -29,9 +29,9 @@ p.add_argument("--modes", default="ode")
 p.add_argument("--score-only", action="store_true")
 a, rest = p.parse_known_args()
 a.overrides = [x for x in rest if x != "--"]
-run = REPO / "runs" / "xp" / a.name
+run = REPO / "runs" / "recipe-search" / a.name
 run.mkdir(parents=True, exist_ok=True)
-prompts = REPO / "runs" / "xp" / "prompts.txt"
+prompts = REPO / "runs" / "recipe-search" / "prompts.txt"
 if not prompts.exists():
     from dmdr.worlds.shapes.scene import split_prompts
     prompts.write_text("\n".join(split_prompts("train")) + "\n")

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from dmdr.guidance import CFG, ScoreRule
 from dmdr.losses.dmd import critic_loss, decoupled_dmd_gradient, dmd_loss, score_difference
 from dmdr.parameterization import Parameterization, classifier_free_guidance
 from dmdr.sampling import SDETrajectory, _default_cat, few_step_sample, randn_like, sde_sample_with_log_probs
@@ -161,27 +162,33 @@ def dmd_generator_loss(
     eps: float = 1e-8,
     decoupled: DecoupledDMD | None = None,
     noise: Tensor | None = None,
+    rule: ScoreRule = CFG,
 ) -> DMDTerms:
     """Steps 2-5 of the generator update: renoise, score difference, the DMD loss.
 
-    The three score evaluations (uncond and cond at ``s_r``, fake at ``s_f``) run as ONE forward of
-    the critic over a 3x batch with per-sample LoRA scales ``(s_r, s_r, s_f)``. With ``decoupled`` the
-    gradient is Decoupled DMD's; a CA term at its own levels adds uncond and cond there to the same one
-    forward (a 5x batch). ``noise``: the renoising noise drawn by the caller (None: drawn from ``generator``).
+    The score evaluations run as ONE forward of the critic with per-sample LoRA scales: with CFG
+    (``rule``, :mod:`dmdr.guidance`) uncond and cond at ``s_r`` and fake at ``s_f`` over a 3x batch; for a
+    guidance-distilled teacher the real score at embedding ``guidance`` and the fake at the generator's
+    embedding over a 2x batch. With ``decoupled`` the gradient is Decoupled DMD's (CFG teachers only); a CA
+    term at its own levels adds uncond and cond there to the same one forward (a 5x batch). ``noise``: the
+    renoising noise drawn by the caller (None: drawn from ``generator``).
     """
     cat_cond = cat_cond or _default_cat
     batch = x0.shape[0]
     if decoupled is not None:
+        if rule.embedded:
+            raise ValueError("dmd.decoupled needs a CFG teacher; this teacher's guidance is an embedding "
+                             "(FLUX.1-dev): turn dmd.decoupled off")
         return _decoupled_loss(x0, cond, uncond, critic_fn, param, t_d, guidance, real_scale, fake_scale,
                                generator, cat_cond, eps, decoupled, noise)
     with torch.no_grad():
         x_d = param.renoise(x0.detach(), randn_like(x0, generator) if noise is None else noise, t_d)
-        scales = torch.tensor([real_scale] * (2 * batch) + [fake_scale] * batch, device=x0.device,
+        conds, n_real = rule.branches(cond, uncond, guidance)
+        scales = torch.tensor([real_scale] * (n_real * batch) + [fake_scale] * batch, device=x0.device,
                               dtype=torch.float32)
-        preds = critic_fn(torch.cat([x_d, x_d, x_d]), torch.cat([t_d, t_d, t_d]),
-                          cat_cond([uncond, cond, cond]), scales)
-        pred_uncond, pred_cond, pred_fake = preds.chunk(3)
-        grad = score_difference(param, x0, x_d, t_d, pred_uncond, pred_cond, guidance, pred_fake, eps=eps)
+        preds = critic_fn(torch.cat([x_d] * len(conds)), torch.cat([t_d] * len(conds)), cat_cond(conds), scales)
+        pred_uncond, pred_cond, scale, pred_fake = rule.combine(list(preds.chunk(len(conds))), guidance)
+        grad = score_difference(param, x0, x_d, t_d, pred_uncond, pred_cond, scale, pred_fake, eps=eps)
     return DMDTerms(loss=dmd_loss(x0, grad), grad=grad, x_d=x_d)
 
 

@@ -57,6 +57,7 @@ def build_roles(cfg: TrainConfig, backbone: Backbone) -> tuple[Denoiser, str | N
     m = cfg.model
     targets = m.lora_targets or None
     seed = cfg.train.seed
+    backbone.teacher.configure_guidance(cfg.dmd.generator_guidance, cfg.dmd.true_cfg)  # before the full copy
     # The full copy must be taken before the critic LoRA exists (it is the teacher's weights only);
     # fp32 master weights: DMDR's learning rates vanish in bf16.
     generator, adapter = make_generator(backbone, m.generator_mode, rank=m.generator_lora_rank,

@@ -87,6 +87,12 @@ class DMDConfig:
     """Real-score CFG scale w0; each generator step draws w ~ U[w0 - jitter, w0 + jitter]."""
     guidance_jitter: float = 0.5
     """Half-width of the uniform jitter of the guidance scale."""
+    generator_guidance: float = 3.5
+    """Guidance-distilled teachers (FLUX.1-dev; docs/guidance.md): the guidance embedding the generator and the fake
+    score run at (and the exported pipeline's ``guidance_scale``); the real score runs at the drawn ``guidance``."""
+    true_cfg: float = 1.0
+    """Guidance-distilled teachers: > 1 adds true CFG with the empty-prompt negative on top of the real score's
+    embedding (``FluxPipeline``'s ``true_cfg_scale``); CFG teachers ignore it."""
     fake_scale: float = 2.0
     """Critic-LoRA scale s_f of the fake score."""
     eps: float = 1e-8
@@ -564,6 +570,7 @@ def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) ->
              all(ts > 0 for ts in cfg.dmd.timesteps), "dmd.timesteps", "must be positive and decreasing")
     _require(0 <= cfg.dmd.t_min < 1, "dmd.t_min", "must be in [0, 1)")
     _require(cfg.dmd.guidance_jitter >= 0, "dmd.guidance_jitter", "must be >= 0")
+    _require(cfg.dmd.true_cfg >= 1, "dmd.true_cfg", "must be >= 1 (1: no true CFG on top of the embedding)")
     _require(cfg.dmd.weight >= 0, "dmd.weight", "must be >= 0 (0 = the RL loss alone)")
     _require(cfg.dmd.ca_alpha > 0 and cfg.dmd.ca_beta > 0, "dmd.ca_alpha", "ca_alpha and ca_beta must be > 0")
     _require(cfg.dynamic.decay_steps >= 0, "dynamic.decay_steps", "must be >= 0")

@@ -40,6 +40,7 @@ from dmdr.algorithm import (
 )
 from dmdr.config import TrainConfig, grpo_group_size
 from dmdr.errors import ConfigError
+from dmdr.guidance import score_rule_of
 from dmdr.losses.rl import PolicyAccess, RLBatch, build_rl_method
 from dmdr.micro_batches import chunked, merge_stats, micro_slices, rows
 from dmdr.models.base import Conditioning, Denoiser, index_conditioning
@@ -319,7 +320,7 @@ class StepEngine:
                 t_d, w, decoupled, noise = dmd
                 terms = dmd_generator_loss(x0, c, rows(uncond, s, batch), r.critic_fn, self.param, t_d[s], w, s_r,
                                            cfg.dmd.fake_scale, eps=cfg.dmd.eps, decoupled=_rows_of(decoupled, s),
-                                           noise=noise[s])
+                                           noise=noise[s], rule=score_rule_of(r.teacher))
                 loss = cfg.dmd.weight * terms.loss
                 part.update({"loss/dmd": terms.loss.item(), "dmd/grad_abs_mean": terms.grad.abs().mean().item()})
             if rl_on:

@@ -34,6 +34,7 @@ from dmdr.cli.checkpoint_args import add_checkpoint_arguments
 from dmdr.devices import pick_device
 from dmdr.errors import ConfigError
 from dmdr.export import InferenceSettings, load_release
+from dmdr.models.vae import AutoencoderKLCodec
 from dmdr.preflight import raise_problems
 from dmdr.preflight.tools import sample_problems
 
@@ -88,15 +89,18 @@ def sample_pipeline(args: argparse.Namespace, prompts: list[str], device: torch.
     pipe = load_release(args.pipeline, args.model_path)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    side = settings.resolution // 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # AutoencoderKLCodec's
-    shape = (len(prompts), getattr(pipe, settings.denoiser_component).config.in_channels, side, side)
+    fam = settings.family
+    codec = (fam.make_codec if fam is not None and fam.make_codec else AutoencoderKLCodec)(pipe.vae)
+    side = settings.resolution // codec.scale_factor
     g = torch.Generator(device=device).manual_seed(args.seed)  # the noise of dmdr.generate.sample_images
-    noise = torch.randn(shape, generator=g, device=device)
+    noise = torch.randn((len(prompts), codec.latent_channels, side, side), generator=g, device=device)
+    if fam is not None and fam.pipeline_latents is not None:
+        noise = fam.pipeline_latents(noise)
     kwargs = settings.pipeline_kwargs(exact=not args.approx)
     if settings.epsilon:  # LCMScheduler's per-step noise continues the stream (dmdr's sde sampler)
         kwargs["generator"] = g
     with torch.no_grad():  # a copy of the list: ZImagePipeline rewrites the prompts it is given in place
-        out = pipe(list(prompts), latents=noise, output_type="pt", **kwargs)
+        out = pipe(prompt=list(prompts), latents=noise, output_type="pt", **kwargs)
     return out.images.float()
 
 

@@ -143,6 +143,7 @@ def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype = t
         backbone = load_backbone(p, dtype=dtype, device=device, t_min=s.t_min,
                                  max_sequence_length=s.max_sequence_length)
         n = steps or s.num_inference_steps
+        backbone.teacher.configure_guidance(s.generator_guidance)  # FLUX.1-dev: the generator's embedding
         return EvalModel(name, str(p), kind, backbone, backbone.teacher, n, resolution or s.resolution,
                          timesteps=few_step_timesteps(n, s.shift, s.t_min), shift=s.shift,
                          info={"source": json.loads((p / SETTINGS_FILE).read_text()).get("source", {})})
@@ -153,8 +154,13 @@ def load_model(path: str | Path, *, device: torch.device, dtype: torch.dtype = t
         shift = float(backbone.extras.get("scheduler_config", {}).get("shift", 1.0))
         sample_size = getattr(backbone.teacher.net.config, "sample_size", None)
         res = resolution or (int(sample_size) * backbone.vae_scale_factor if sample_size else 1024)
+        if backbone.teacher.score_rule().embedded:  # FLUX.1-dev: the scale is an input embedding (default 3.5)
+            if guidance is not None:
+                backbone.teacher.configure_guidance(float(guidance))
+            guidance = 1.0  # and CFG off
+        guidance = TEACHER_GUIDANCE if guidance is None else float(guidance)
         return EvalModel(name, str(p), kind, backbone, backbone.teacher, steps or TEACHER_STEPS, res,
-                         guidance=TEACHER_GUIDANCE if guidance is None else float(guidance), shift=shift)
+                         guidance=guidance, shift=shift)
     return _load_checkpoint(p, kind, name, device, dtype, steps, weights, resolution)
 
 

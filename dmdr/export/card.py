@@ -153,7 +153,8 @@ def render(form: str, settings: InferenceSettings, provenance: dict[str, Any], c
         f"{provenance.get('checkpoint', '?')} of the run (generator mode {provenance.get('generator_mode', '?')}; "
         f"{_weights_line(provenance)}). {licence}\n",
         f"Sample with {n} Euler steps at the sigmas below, no classifier-free guidance "
-        f"(guidance_scale={settings.guidance_scale}), {settings.resolution}x{settings.resolution} pixels, "
+        f"(guidance_scale={settings.guidance_scale}{_EMBEDDED if _embedded(settings) else ''}), "
+        f"{settings.resolution}x{settings.resolution} pixels, "
         f"max_sequence_length={settings.max_sequence_length}. The sigmas already include the training shift "
         f"{settings.shift}; the scheduler's shift is 1.0 so that they are used as given. Everything is also in "
         "`dmdr_inference.json`.\n",
@@ -199,6 +200,15 @@ The SDXL VAE overflows in fp16: keep `pipe.vae` in fp32 (the pipeline upcasts it
 """
 
 
+_EMBEDDED = ": the value of the guidance embedding the generator was trained at, not a CFG scale"
+
+
+def _embedded(settings: InferenceSettings) -> bool:
+    """A guidance-distilled family (FLUX.1-dev): the pipeline's ``guidance_scale`` is an input embedding."""
+    fam = family_of_pipeline(settings.pipeline_class)
+    return fam is not None and fam.embedded_guidance
+
+
 def _weights_line(provenance: dict[str, Any]) -> str:
     weights = provenance.get("weights")
     if weights == "ema":
@@ -209,7 +219,7 @@ def _weights_line(provenance: dict[str, Any]) -> str:
 
 
 def _call(s: InferenceSettings) -> str:
-    return (f'image = pipe("a photo of a cat", num_inference_steps={s.num_inference_steps}, '
+    return (f'image = pipe(prompt="a photo of a cat", num_inference_steps={s.num_inference_steps}, '
             f'sigmas=settings["sigmas"],\n             guidance_scale={s.guidance_scale}, height={s.resolution}, '
             f"width={s.resolution}, max_sequence_length={s.max_sequence_length}).images[0]")
 

@@ -5,6 +5,7 @@ few-step scheduler configs written with it. The reasoning (sigmas, the stop afte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import asdict, dataclass
@@ -52,6 +53,9 @@ class InferenceSettings:
     max_sequence_length: int
     timesteps: tuple[float, ...] = ()
     """The run's ``dmd.timesteps`` (fixed model timesteps; SDXL's integers), empty for a shifted schedule."""
+    generator_guidance: float = 0.0
+    """The run's ``dmd.generator_guidance``: the ``guidance_scale`` of families whose pipeline feeds it to a
+    guidance embedding (FLUX.1-dev)."""
 
     @property
     def family(self) -> FamilySpec | None:
@@ -84,7 +88,10 @@ class InferenceSettings:
 
     @property
     def guidance_scale(self) -> float:
-        """The pipeline's ``guidance_scale`` that switches CFG off (dmdr's generator is distilled with CFG)."""
+        """The pipeline's ``guidance_scale`` that switches CFG off (dmdr's generator is distilled with CFG), or the
+        generator's guidance embedding for a guidance-distilled family."""
+        if self.family is not None and self.family.embedded_guidance:
+            return self.generator_guidance
         return self.family.no_cfg_guidance if self.family else 0.0
 
     def pipeline_kwargs(self, exact: bool = True) -> dict[str, Any]:
@@ -122,7 +129,8 @@ class InferenceSettings:
         try:
             return cls(str(data["pipeline_class"]), int(data["num_inference_steps"]), float(data["shift"]),
                        float(data["t_min"]), int(data["resolution"]), int(data["max_sequence_length"]),
-                       tuple(float(t) for t in data.get("timesteps", ())))
+                       tuple(float(t) for t in data.get("timesteps", ())),
+                       float(data.get("generator_guidance", 0.0)))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"{SETTINGS_FILE} lacks or mangles {e}; re-export the pipeline") from None
 
@@ -131,6 +139,8 @@ class InferenceSettings:
         d = cfg.dmd
         settings = cls(pipeline_class, d.num_steps, d.shift, d.t_min, cfg.model.resolution,
                        cfg.model.max_sequence_length, tuple(d.timesteps))
+        if settings.family is not None and settings.family.embedded_guidance:
+            settings = dataclasses.replace(settings, generator_guidance=d.generator_guidance)
         if settings.epsilon and len(settings.timesteps) != d.num_steps:
             raise ConfigError(f"the run has no dmd.timesteps: a {pipeline_class} export needs the fixed integer "
                               "timesteps its generator was trained at (e.g. 999,749,499,249)")

@@ -24,11 +24,12 @@ from dmdr.models.family import FamilySpec
 from dmdr.models.loading import load_backbone
 from dmdr.models.roles import CRITIC, GENERATOR, add_critic_lora, make_generator
 from dmdr.models.tiny import build_tiny, build_tiny_sd3, build_tiny_sdxl, build_tiny_zimage
+from dmdr.models.tiny_flux import build_tiny_flux, build_tiny_flux2  # also adds them to build_tiny
 
 __all__ = [
     "Backbone", "Conditioning", "Denoiser", "LatentCodec", "TextEncoder", "cat_conditioning",
     "repeat_conditioning", "FAMILIES", "FamilySpec", "family_spec", "load_backbone", "register_family",
     "CRITIC", "GENERATOR",
     "add_critic_lora", "make_generator", "build_tiny", "build_tiny_sd3", "build_tiny_sdxl",
-    "build_tiny_zimage",
+    "build_tiny_zimage", "build_tiny_flux", "build_tiny_flux2",
 ]

@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from dmdr.guidance import CFG, ScoreRule
 from dmdr.models.lora import LoRAScales, find_scales
 from dmdr.parameterization import Parameterization
 
@@ -145,6 +146,14 @@ class Denoiser(nn.Module):
     def blocks(self) -> list[nn.Module]:
         """The repeated transformer blocks (the FSDP2 / activation-checkpointing units)."""
         return []
+
+    def score_rule(self) -> ScoreRule:
+        """How the DMD loss forms the real and fake scores from this network (:mod:`dmdr.guidance`): true CFG."""
+        return CFG
+
+    def configure_guidance(self, generator_guidance: float, true_cfg: float = 1.0) -> None:
+        """``dmd.generator_guidance`` / ``dmd.true_cfg``: read by guidance-distilled networks (FLUX.1-dev),
+        whose generator and fake score run at an embedded guidance; CFG networks have nothing to set."""
 
     def set_attention_backend(self, backend: str) -> None:
         """Point every attention of the network at a diffusers dispatcher backend (``native``, ``flash``, ...).

@@ -7,10 +7,11 @@ Importing the adapters imports torch only (diffusers and transformers load with 
 from __future__ import annotations
 
 from dmdr.errors import ConfigError
-from dmdr.models import sd3, sdxl, zimage
+from dmdr.models import flux, flux2, sd3, sdxl, zimage
 from dmdr.models.family import FamilySpec
 
-FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (sd3.FAMILY, zimage.FAMILY, sdxl.FAMILY)}
+FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (sd3.FAMILY, zimage.FAMILY, sdxl.FAMILY,
+                                                          flux.FAMILY, flux2.FAMILY)}
 
 
 def register_family(spec: FamilySpec) -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from dmdr.models.base import Backbone, Denoiser, TextEncoder
+    from dmdr.models.base import Backbone, Denoiser, LatentCodec, TextEncoder
     from dmdr.models.folder import LoadOptions, ModelFolder
 
 
@@ -52,6 +52,9 @@ class PlannerHooks:
     """Text encoders that always run at a fixed length (SD3's CLIPs: 77), by component name."""
     mlp_ratio: tuple[int, int] = (4, 1)
     """The blocks' MLP hidden width over the model width, as a fraction (Z-Image: 8/3)."""
+    latent_patch: int = 0
+    """Latent cells per token side when the transformer's config does not say it (FLUX.1 packs 2x2 cells into
+    one token with ``patch_size`` 1); 0: the config's ``patch_size``."""
 
 
 @dataclass(frozen=True)
@@ -87,3 +90,12 @@ class FamilySpec:
     """The diffusers class that loads the exported denoiser by ``from_single_file`` (the card names it)."""
     planner: PlannerHooks | None = None
     """``None``: the planner has no model of this family yet."""
+    make_codec: Callable[[Any], LatentCodec] | None = None
+    """The :class:`~dmdr.models.base.LatentCodec` of a loaded VAE (``None``: ``AutoencoderKLCodec``); tools that hold
+    only a stock pipeline use it for dmdr's latent shape (FLUX.2: the VAE's patchified, normalised latents)."""
+    pipeline_latents: Callable[[Any], Any] | None = None
+    """dmdr's initial noise ``(B, C, H, W)`` -> the stock pipeline's ``latents=`` argument (FLUX.1: packed 2x2);
+    ``None``: passed as is."""
+    embedded_guidance: bool = False
+    """The pipeline's ``guidance_scale`` feeds a guidance embedding (FLUX.1-dev), not CFG: exports call it at the
+    run's ``dmd.generator_guidance`` (see :mod:`dmdr.guidance`)."""

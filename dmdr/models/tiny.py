@@ -306,10 +306,16 @@ def build_tiny_sdxl(path: str | Path, seed: int = 0, sample_size: int = 8) -> Pa
     return path
 
 
+TINY_BUILDERS: dict = {}
+"""Tiny builders that live in modules building on this one's tokenizers (:mod:`dmdr.models.tiny_flux`), by family;
+those modules add themselves (``dmdr.models`` imports them)."""
+
+
 def build_tiny(family: str, path: str | Path, seed: int = 0) -> Path:
-    """Write the tiny random pipeline folder of ``family`` (``sd3``, ``zimage`` or ``sdxl``) to ``path``."""
+    """Write the tiny random pipeline folder of ``family`` (``sd3``, ``zimage``, ``sdxl``, ``qwenimage``, ``flux``,
+    ``flux2``) to ``path``."""
     builders = {"sd3": build_tiny_sd3, "zimage": build_tiny_zimage, "sdxl": build_tiny_sdxl,
-                "qwenimage": build_tiny_qwenimage}
+                "qwenimage": build_tiny_qwenimage, **TINY_BUILDERS}
     if family not in builders:
         raise ValueError(f"no tiny builder for family {family!r} (have: {', '.join(builders)})")
     return builders[family](path, seed=seed)

@@ -58,6 +58,11 @@ def sd3_rows(name: str, tokens: Tokens) -> int:
     return tokens.image
 
 
+def flux_single_rows(name: str, tokens: Tokens) -> int:
+    """Rows per sample of a linear of a FLUX.1 single-stream block (the joined tokens, or 1 for adaLN)."""
+    return 1 if name.startswith("norm.") else tokens.image + tokens.text
+
+
 def zimage_rows(name: str, tokens: int) -> int:
     return 1 if name.startswith("adaLN_modulation") else tokens
 
@@ -109,9 +114,9 @@ def sd3_block_bytes(block: nn.Module, tokens: Tokens, e: int, mode: str, first: 
         return out + t * d * e * (1 if full else 0)  # MLP output, for the gate's gradient
 
     total = stream_pre(n) + stream_post(n) + stream_pre(m) + _attention(n + m, d, heads, e)
-    if not block.context_pre_only:
+    if not getattr(block, "context_pre_only", False):  # FLUX.1's double blocks: never pre-only
         total += stream_post(m)
-    if block.attn2 is not None:  # SD3.5-Medium's dual attention on the image stream
+    if getattr(block, "attn2", None) is not None:  # SD3.5-Medium's dual attention on the image stream
         total += n * d * e + qk_norm(n) + _attention(n, d, heads, e) + n * d * e * (1 if full else 0)
     return total + lora_intermediates(block, lambda name: sd3_rows(name, tokens), adapter, e)
 
@@ -177,6 +182,42 @@ def qwenimage_block_bytes(block: nn.Module, tokens: Tokens, e: int, mode: str, f
     n, m = tokens.image, tokens.text
     total = stream(n) + stream(m) + _attention(n + m, d, heads, e)
     return total + lora_intermediates(block, lambda name: qwenimage_rows(name, tokens), adapter, e)
+
+
+def flux_single_block_bytes(block: nn.Module, tokens: Tokens, e: int, mode: str, first: bool = False,
+                            adapter: str | None = None) -> int:
+    """Saved bytes per sample of one FLUX.1 ``FluxSingleTransformerBlock`` over the joined tokens: adaLN LayerNorm,
+    the shared input of q/k/v and the MLP, qk-norm, attention, the MLP's GELU, and (training the weights) the
+    joined ``[attention, MLP]`` input of ``proj_out`` and the gate's operands."""
+    full = mode == "full"
+    d = block.proj_mlp.in_features
+    hidden = block.proj_mlp.out_features
+    heads = block.attn.heads
+    t = tokens.image + tokens.text
+    out = 0 if (first and not full) else t * d * e + _ln_stats(t)  # the norm's input
+    out += t * d * e * (2 if full else 1)  # normalised input (modulation), the projections' shared input
+    out += 2 * t * d * (_rms_in(e) + (e if full else 0))  # per-head RMSNorm of q and k
+    out += _attention(t, d, heads, e) - t * d * e  # no output projection of its own
+    out += t * hidden * e  # the GELU's input
+    if full:
+        out += t * (d + hidden) * e + t * d * e  # proj_out's input, its output for the gate's gradient
+    return out + lora_intermediates(block, lambda name: flux_single_rows(name, tokens), adapter, e)
+
+
+def flux_activations(denoiser: nn.Module, tokens: Tokens, e: int, mode: str,
+                     adapter: str | None = None) -> BlockActivations:
+    """FLUX.1: the double-stream blocks (SD3's joint block accounting) then the single-stream blocks."""
+    net = denoiser.net
+    n, m = tokens.image, tokens.text
+    d = net.inner_dim
+    double = [sd3_block_bytes(b, tokens, e, mode, first=(i == 0), adapter=adapter)
+              for i, b in enumerate(net.transformer_blocks)]
+    single = [flux_single_block_bytes(b, tokens, e, mode, adapter=adapter) for b in net.single_transformer_blocks]
+    inputs = [(n + m) * d * e] * (len(double) + len(single))
+    root = n * d * e + _ln_stats(n)  # the output norm's input
+    if mode == "full":
+        root += 2 * n * d * e + m * int(net.config.joint_attention_dim) * e
+    return BlockActivations(double + single, inputs, root)
 
 
 @dataclass(frozen=True)

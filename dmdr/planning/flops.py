@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dmdr.models.lora import LoRALinear
-from dmdr.planning.activations import Tokens, qwenimage_rows, sd3_rows, zimage_rows
+from dmdr.planning.activations import Tokens, flux_single_rows, qwenimage_rows, sd3_rows, zimage_rows
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,30 @@ def qwenimage_block_flops(block: nn.Module, tokens: Tokens, adapters: tuple[str,
         f, lo = _linear_flops(qwenimage_rows(name, tokens), mod, adapters)
         base, lora = base + f, lora + lo
     return BlockFlops(base, lora, 4 * (tokens.image + tokens.text) ** 2 * block.dim)
+
+
+def flux_block_flops(block: nn.Module, tokens: Tokens, adapters: tuple[str, ...] = ()) -> BlockFlops:
+    """Forward FLOPs per sample of a FLUX.1 double-stream ``FluxTransformerBlock`` (SD3's joint block layout)."""
+    base = lora = 0
+    for name, mod in _linears(block):
+        f, lo = _linear_flops(sd3_rows(name, tokens), mod, adapters)
+        base, lora = base + f, lora + lo
+    return BlockFlops(base, lora, 4 * (tokens.image + tokens.text) ** 2 * block.norm2.normalized_shape[0])
+
+
+def flux_single_block_flops(block: nn.Module, tokens: Tokens, adapters: tuple[str, ...] = ()) -> BlockFlops:
+    """Forward FLOPs per sample of a FLUX.1 ``FluxSingleTransformerBlock`` over the joined text + image tokens."""
+    base = lora = 0
+    for name, mod in _linears(block):
+        f, lo = _linear_flops(flux_single_rows(name, tokens), mod, adapters)
+        base, lora = base + f, lora + lo
+    return BlockFlops(base, lora, 4 * (tokens.image + tokens.text) ** 2 * block.proj_mlp.in_features)
+
+
+def flux_network_flops(denoiser: nn.Module, tokens: Tokens, adapters: tuple[str, ...]) -> list[BlockFlops]:
+    net = denoiser.net
+    return ([flux_block_flops(b, tokens, adapters) for b in net.transformer_blocks]
+            + [flux_single_block_flops(b, tokens, adapters) for b in net.single_transformer_blocks])
 
 
 def sd3_network_flops(denoiser: nn.Module, tokens: Tokens, adapters: tuple[str, ...]) -> list[BlockFlops]:

@@ -43,9 +43,10 @@ from dmdr.models.loading import detect_family
 
 CONFIGS = Path(__file__).parent / "configs"
 SHIPPED = {"sd3.5-large": CONFIGS / "sd3.5-large", "sd3-medium": CONFIGS / "sd3-medium",
-           "z-image-turbo": CONFIGS / "z-image-turbo"}
+           "z-image-turbo": CONFIGS / "z-image-turbo", "flux.1-dev": CONFIGS / "flux.1-dev"}
 """Config-only folders of the models the recipes train."""
-RECIPE_MODELS = {"sd35_dmdr": "sd3.5-large", "sd3m_dmdr": "sd3-medium", "zimage_dmdr": "z-image-turbo"}
+RECIPE_MODELS = {"sd35_dmdr": "sd3.5-large", "sd3m_dmdr": "sd3-medium", "zimage_dmdr": "z-image-turbo",
+                 "flux_dmdr": "flux.1-dev"}
 """Which shipped model a recipe trains (``--model`` or ``--model.path`` choose another)."""
 SHIPPED["qwen-image"] = CONFIGS / "qwen-image"
 RECIPE_MODELS["qwenimage_dmdr"] = "qwen-image"
@@ -266,7 +267,7 @@ def build_model_spec(cfg: TrainConfig, recipe: str = "", model: str = "") -> Mod
     rewards = {} if cfg.rl.method == "none" else {
         r: build_reward_spec(r) for r in cfg.rl.rewards if r in REWARD_CONFIGS}
     c = denoiser.config
-    patch = int(c["patch_size"]) if "patch_size" in c else int(c["all_patch_size"][0])
+    patch = hooks.latent_patch or (int(c["patch_size"]) if "patch_size" in c else int(c["all_patch_size"][0]))
     channels, scale, frames = vae_geometry(vae.module.config)
     return ModelSpec(name=name, path=path, family=family, denoiser=denoiser, text_encoders=texts, vae=vae,
                      rewards=rewards, latent_channels=channels, vae_scale_factor=scale, patch_size=patch,

@@ -14,7 +14,17 @@ from dataclasses import dataclass
 from dmdr.config import TrainConfig
 from dmdr.errors import ConfigError
 from dmdr.launch import main
-from dmdr.recipes import qwenimage_dmdr, sd3m_dmdr, sd35_dmdr, sdxl_dmdr, shapes_dmdr, tiny_dmdr, zimage_dmdr
+from dmdr.recipes import (
+    flux2_dmdr,
+    flux_dmdr,
+    qwenimage_dmdr,
+    sd3m_dmdr,
+    sd35_dmdr,
+    sdxl_dmdr,
+    shapes_dmdr,
+    tiny_dmdr,
+    zimage_dmdr,
+)
 
 
 @dataclass(frozen=True)
@@ -33,8 +43,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("sdxl_dmdr", sdxl_dmdr.sdxl_dmdr),
     Recipe("shapes_dmdr", shapes_dmdr.shapes_dmdr, shapes_dmdr.prepare_assets),
     Recipe("tiny_dmdr", tiny_dmdr.tiny_dmdr, tiny_dmdr.prepare_assets),
+    Recipe("flux_dmdr", flux_dmdr.flux_dmdr),
+    Recipe("flux2_dmdr", flux2_dmdr.flux2_dmdr),
+    Recipe("qwenimage_dmdr", qwenimage_dmdr.qwenimage_dmdr),
 )}
-RECIPES["qwenimage_dmdr"] = Recipe("qwenimage_dmdr", qwenimage_dmdr.qwenimage_dmdr)
 
 
 def get_recipe(name: str) -> Recipe:

@@ -1,4 +1,5 @@
-"""DMDR end to end on a tiny random SD3 (or Z-Image, SDXL, Qwen-Image) pipeline, on CPU, in well under two minutes.
+"""DMDR end to end on a tiny random SD3 (or Z-Image, SDXL, Qwen-Image, FLUX.1, FLUX.2) pipeline, on CPU, in under
+two minutes.
 
 Everything the real recipes do happens here at toy size: the model folder is loaded through the
 same ``from_pretrained(local_files_only=True)`` path, the critic LoRA serves as real and fake score
@@ -7,9 +8,10 @@ brightness reward standing in for HPS/CLIP), metrics, samples and DCP checkpoint
 a second run with the same output folder resumes.
 
 On first use it writes its own assets into ``<output_dir>/assets``: a tiny pipeline folder of
-``--model.family`` (``sd3``, the default, ``zimage``, ``sdxl`` or ``qwenimage``) and a prompt file. Pass
-``--model.path`` / ``--data.sources`` to use your own. For ``sdxl`` the generator runs at SDXL's fixed integer timesteps
-(``999, 749, 499, 249``; ``399`` with ``--dmd.num_steps 1``) unless ``--dmd.timesteps`` says otherwise.
+``--model.family`` (``sd3``, the default, ``zimage``, ``sdxl``, ``qwenimage``, ``flux`` or ``flux2``) and a
+prompt file. Pass ``--model.path`` / ``--data.sources`` to use your own. For ``sdxl`` the generator runs at
+SDXL's fixed integer timesteps (``999, 749, 499, 249``; ``399`` with ``--dmd.num_steps 1``) unless
+``--dmd.timesteps`` says otherwise.
 
     python recipes/tiny_dmdr.py --train.output_dir runs/tiny-demo
     python recipes/tiny_dmdr.py --model.family sdxl --train.output_dir runs/tiny-sdxl
@@ -81,7 +83,7 @@ def prepare_assets(cfg: TrainConfig) -> None:
     if family == "sdxl" and not cfg.dmd.timesteps:
         cfg.dmd.timesteps = FEW_STEP_TIMESTEPS.get(cfg.dmd.num_steps, ())
         cfg.dmd.sampler = "sde"  # what the exported LCMScheduler pipeline runs (sdxl_dmdr.py)
-    if family == "zimage":  # the chat template alone takes ~30 of the byte-level tiny tokenizer's tokens
+    if family in ("zimage", "flux2"):  # the chat template alone takes ~30 of the byte-level tiny tokenizer's tokens
         cfg.model.max_sequence_length = max(cfg.model.max_sequence_length, 64)
     if family == "qwenimage":  # Qwen-Image's system-prompt template keeps ~130 byte-level tokens after its drop
         cfg.model.max_sequence_length = max(cfg.model.max_sequence_length, 192)

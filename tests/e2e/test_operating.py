@@ -8,12 +8,12 @@ import logging
 from pathlib import Path
 
 import pytest
-from tiny_helpers import tiny_config
 
 from dmdr.config import grpo_group_size, validate
 from dmdr.launch import run
 from dmdr.losses.rl import METHODS
 from dmdr.recipes import RECIPES
+from tests.tiny_helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

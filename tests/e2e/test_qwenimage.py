@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_helpers import load_recipe, tiny_config, tool
 
 from dmdr import export
 from dmdr.models.qwenimage import pack_latents, unpack_latents
 from dmdr.recipes import run as run_recipe
 from dmdr.sampling import few_step_sample
 from dmdr.schedules import few_step_timesteps
+from tests.tiny_helpers import load_recipe, tiny_config, tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

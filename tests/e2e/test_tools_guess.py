@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_helpers import REPO, tool
+
+from tests.tiny_helpers import REPO, tool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

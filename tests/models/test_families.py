@@ -7,19 +7,20 @@ import pytest
 
 from dmdr.config import TrainConfig, apply_overrides
 from dmdr.errors import ConfigError
-from dmdr.models import sd3, sdxl, zimage
+from dmdr.models import flux, flux2, sd3, sdxl, zimage
 from dmdr.models.families import FAMILIES, family_of_pipeline, family_spec, register_family
 from dmdr.planning.specs import plan_hooks, resolve_hook
 
 
 def test_registry_lists_each_adapter_once_by_name_and_pipeline():
-    assert {"sd3": sd3.FAMILY, "zimage": zimage.FAMILY, "sdxl": sdxl.FAMILY}.items() <= FAMILIES.items()
+    assert {"sd3": sd3.FAMILY, "zimage": zimage.FAMILY, "sdxl": sdxl.FAMILY, "flux": flux.FAMILY,
+            "flux2": flux2.FAMILY}.items() <= FAMILIES.items()
     assert all(spec.name == name for name, spec in FAMILIES.items())
     assert len({f.pipeline_class for f in FAMILIES.values()}) == len(FAMILIES)
     for spec in FAMILIES.values():
         assert family_of_pipeline(spec.pipeline_class) is spec
         assert spec.denoiser_component in ("transformer", "unet")
-    assert family_of_pipeline("FluxPipeline") is None
+    assert family_of_pipeline("FluxKontextPipeline") is None
 
 
 def test_config_checks_family_names_against_the_registry():
@@ -60,5 +61,7 @@ def test_export_facts_come_from_the_spec():
     sdxl_settings = settings("StableDiffusionXLPipeline")
     assert sdxl_settings.epsilon and sdxl_settings.denoiser_component == "unet"
     assert sdxl_settings.scheduler_class == "LCMScheduler"
+    flux = InferenceSettings("FluxPipeline", 4, 3.16, 0.001, 64, 16, generator_guidance=3.0)  # the embedding
+    assert (flux.guidance_scale, settings("Flux2KleinPipeline").guidance_scale) == (3.0, 1.0)
     unknown = settings("SomeOtherPipeline")  # read as a flow transformer pipeline, CFG off at 0
     assert (unknown.epsilon, unknown.denoiser_component, unknown.guidance_scale) == (False, "transformer", 0.0)

@@ -107,8 +107,8 @@ def test_qwenimage_1024_lora_generator_shared_critic_on_8x_h100():
     """The recipe (generator LoRA, one critic LoRA serving both scores, AC full, batch 4 / 2, sharded Qwen2.5-VL)
     fits 8x H100-80GB; without activation checkpointing it does not, and the advice makes it fit."""
     from dmdr.config import apply_overrides
+    from dmdr.gpus import get_gpu
     from dmdr.planning import make_plan
-    from dmdr.planning.gpus import get_gpu
     from dmdr.recipes import get_recipe
 
     cfg = get_recipe("qwenimage_dmdr").config()

@@ -10,9 +10,9 @@ assembling package is an upward arrow (issue 25 removed the last two: observabil
 from tests.layout.import_graph import cycles, edges, modules
 
 BUILDING_BLOCKS = {
-    "algorithm", "config", "data", "devices", "distributed", "errors", "generate", "gpus", "kernels", "losses",
-    "models", "observability", "parameterization", "permissions", "provenance", "rewards", "run_folder", "sampling",
-    "schedules", "snapshots",
+    "algorithm", "config", "data", "devices", "distributed", "errors", "generate", "gpus", "guidance", "kernels",
+    "logs", "losses", "micro_batches", "models", "observability", "parameterization", "permissions", "profiling",
+    "provenance", "rewards", "run_folder", "sampling", "schedules", "snapshots",
 }
 """``dmdr.<name>`` packages and modules below the run: they import each other only."""
 ASSEMBLY = {

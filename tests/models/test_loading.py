@@ -77,10 +77,12 @@ def test_other_family(family_paths, tmp_path):
     message = _error(family_paths["zimage"], family="sd3")
     assert "is a ZImagePipeline folder, not sd3" in message and "zimage" in message
     assert "is a StableDiffusion3Pipeline folder, not zimage" in _error(family_paths["sd3"], family="zimage")
-    assert "unknown model family 'flux'" in _error(family_paths["sd3"], family="flux")
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert "unknown model family 'sd4'" in _error(family_paths["sd3"], family="sd4")
+    assert "is a StableDiffusion3Pipeline folder, not flux" in _error(family_paths["sd3"], family="flux")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanDiTPipeline"}))
     message = _error(tmp_path)
-    assert all(name in message for name in ("FluxPipeline", "StableDiffusion3Pipeline", "StableDiffusionXLPipeline"))
+    assert all(name in message for name in ("HunyuanDiTPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
+                                            "QwenImagePipeline"))
 
 
 @pytest.mark.parametrize("family,component", [

@@ -21,7 +21,7 @@ def denoiser_of(model_path: str | Path, dtype: torch.dtype = torch.float32) -> t
     component = family.denoiser_component if family else "transformer"
     config = json.loads((Path(model_path) / component / "config.json").read_text())
     cls = getattr(diffusers, config["_class_name"])
-    return cls.from_pretrained(str(Path(model_path) / component), torch_dtype=dtype), component
+    return cls.from_pretrained(str(Path(model_path) / component), dtype=dtype, local_files_only=True), component
 
 
 def write_random_lora(model_path: str | Path, out: str | Path, *, rank: int = 4, alpha: float = 8.0,

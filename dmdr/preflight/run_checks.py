@@ -168,13 +168,17 @@ def check_adapters(ctx: RunContext) -> list[Problem]:
     for spec in adapter_specs(ctx.cfg):
         try:
             read_adapters([spec], family, shapes)
-        except UserError as err:
-            problems.append(problem_from(err, ADAPTERS_SETTING))
+        except UserError as err:  # the line already reads "--model.teacher_adapters <file>: <what is wrong>"
+            problems.append(Problem("", fix=_named(str(err), ADAPTERS_SETTING)))
     try:
         read_init(ctx.cfg, family, shapes)
     except UserError as err:
-        problems.append(problem_from(err, INIT_SETTING))
+        problems.append(Problem("", fix=_named(str(err), INIT_SETTING)))
     return problems
+
+
+def _named(line: str, setting: str) -> str:
+    return line if line.startswith(f"--{setting}") else f"--{setting}: {line}"
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -188,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         train_style_lora(args.teacher, style.parent, steps=args.style_steps)
     few = Sampler("few_step", 4, 1.0, 1.0)
     reference = []
+    backbone = _styled_backbone(args.teacher, style)
     for label, sampler in (("styled teacher 25-step CFG 3", Sampler("teacher", 25, 3.0, 1.0)),
                            ("styled teacher 4-step", few)):
-        backbone = _styled_backbone(args.teacher, style)
         reference.append({"label": label, **_scores(backbone, backbone.teacher, prompts, args.noise_seeds, sampler)})
     student = args.student
     if not student:

@@ -153,7 +153,10 @@ def read_init(cfg: Any, family: FamilySpec, shapes: dict[str, tuple[int, ...]] |
         return InitSource(str(path), files=files)
     lora = read_lora(path, shapes, pipeline_class=family.pipeline_class, what=f"--{INIT_SETTING}")
     if m.generator_mode == "lora":
-        rank = lora_rank(lora)
+        try:
+            rank = lora_rank(lora)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"--{INIT_SETTING} {path}: {e}") from None
         if rank != m.generator_lora_rank:
             raise ModelLoadError(f"--{INIT_SETTING} {path} has rank {rank}, the generator adapter rank "
                                  f"{m.generator_lora_rank}: set --model.generator_lora_rank {rank} (the LoRA's scale "

@@ -34,7 +34,8 @@ def _peft_merged(model_path: Path, lora: Path, scale: float) -> dict[str, torch.
     from peft.tuners.lora import LoraLayer
 
     net, component = denoiser_of(model_path, dtype=torch.float64)
-    net.load_lora_adapter(str(lora.parent), prefix=component, adapter_name="user")  # reads r, lora_alpha metadata
+    net.load_lora_adapter(str(lora.parent), weight_name=lora.name, use_safetensors=True, prefix=component,
+                          adapter_name="user")  # reads r and lora_alpha from the metadata
     net.fuse_lora(lora_scale=scale)
     out = {}
     for name, m in net.named_modules():

@@ -76,9 +76,9 @@ def write_common(folder: Path, settings: InferenceSettings, teacher_scheduler: d
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(teacher_scheduler))
     scheduler.save_pretrained(folder / "scheduler")
     meta = {**settings.to_json(), "source": provenance}
-    base = base_scheduler_sigmas(settings, teacher_scheduler)
-    if base is not None:  # the LoRA form on the base pipeline with its own scheduler (no scheduler swap)
-        meta["base_scheduler"] = base
+    own = base_scheduler_sigmas(settings, teacher_scheduler)
+    if own is not None:  # the LoRA form on the base pipeline with its own scheduler (no scheduler swap)
+        meta["base_scheduler"] = own
     (folder / SETTINGS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (folder / "README.md").write_text(readme)
     copy_licence(base, folder)

@@ -59,6 +59,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.steps, args.every, args.style_steps, args.student_steps = 2, 2, 2, 2
         args.prompts, args.noise_seeds = 4, 1
+        args.student = args.student or args.teacher  # any model of the architecture runs the init path
         args.overrides = ["--data.batch_size", "4", "--data.rl_batch_size", "4", "--dmd.ratio", "1", *args.overrides]
     return args
 

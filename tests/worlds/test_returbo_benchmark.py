@@ -46,6 +46,7 @@ def test_reach_is_the_first_step_at_or_above_every_target():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three recipe launches and their scoring; minutes on busy cores
 def test_quick_run_writes_the_table(tmp_path):
     out = tmp_path / "rt"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "returbo.py"), "--quick", "--out", str(out)],

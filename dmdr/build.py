@@ -35,6 +35,7 @@ from dmdr.models.attention import resolve_attention
 from dmdr.models.base import Backbone, Denoiser
 from dmdr.models.lora import lora_parameters
 from dmdr.observability import MetricsLogger
+from dmdr.returbo import prepare_roles
 from dmdr.rewards import build_reward
 from dmdr.rewards.base import Reward
 from dmdr.run_folder import lock_run_folder
@@ -132,6 +133,7 @@ def build_models(cfg: TrainConfig, device: torch.device, mesh: Any = None,
     parallelize_denoiser(backbone.teacher, mesh, cfg.parallel, trainable=False)
     if sharded:
         materialize_roles(cfg, backbone, generator, adapter, device)
+    prepare_roles(cfg, backbone, generator, adapter, device)  # re-turbo: teacher adapters, generator init
     return backbone, generator, adapter
 
 

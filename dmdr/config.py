@@ -51,6 +51,13 @@ class ModelConfig:
     """Training image side in pixels (a multiple of 16)."""
     max_sequence_length: int = 256
     """Text tokens kept per prompt (longer prompts are truncated and counted)."""
+    teacher_adapters: tuple[str, ...] = ()
+    """LoRAs merged into the frozen teacher at load, ``PATH[:scale]`` each, comma-separated (re-turbo: the teacher is
+    the base plus the user's adapters; diffusers, kohya and ComfyUI key formats; see :mod:`dmdr.returbo`)."""
+    init_generator: str = ""
+    """The generator's starting weights (re-turbo): a released few-step model (a diffusers folder, a merged export, a
+    transformer file) for ``generator_mode full``, or a few-step LoRA on the base (either mode; in ``lora`` mode it
+    becomes the generator adapter's first weights, rank ``generator_lora_rank``). Empty: a copy of the teacher."""
     attention: str = "auto"
     """Attention backend of the generator and the teacher, a name of diffusers' attention dispatcher
     (``native`` SDPA, ``flash``, ``flash_varlen``, ``flash3``, ``sage``, ``xformers``, ``flex``, ...);

@@ -36,7 +36,7 @@ _DENOISERS = ("transformer", "unet")
 _FIELDS = (("family", "model.family"), ("generator_mode", "model.generator_mode"))
 
 
-def _hash_safetensors(h: Any, file: Path) -> None:
+def _hash_safetensors(h: Any, file: Path, name: bool = True) -> None:
     size = file.stat().st_size
     with open(file, "rb") as fh:
         head = fh.read(8)
@@ -46,7 +46,7 @@ def _hash_safetensors(h: Any, file: Path) -> None:
         start = 8 + n
         if start > size:
             raise ModelLoadError(f"{file} is truncated: its header claims {n} bytes, the file has {size}")
-        h.update(file.name.encode() + head + fh.read(n) + size.to_bytes(8, "little"))
+        h.update((file.name.encode() if name else b"") + head + fh.read(n) + size.to_bytes(8, "little"))
         span = size - start
         for at in sorted({start, start + max(0, span // 2 - _WINDOW // 2), max(start, size - _WINDOW)}):
             fh.seek(at)
@@ -68,12 +68,37 @@ def teacher_fingerprint(model_path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def run_record(cfg: Any) -> dict[str, str]:
-    """The record of a :class:`~dmdr.config.TrainConfig`: family (resolved from the folder), mode, teacher."""
+def adapter_fingerprint(path: str | Path) -> str:
+    """16 hex digits identifying a LoRA file (or folder) as :func:`teacher_fingerprint` does; not its name."""
+    from dmdr.models.adapters import lora_file
+
+    h = hashlib.sha256()
+    _hash_safetensors(h, lora_file(path), name=False)
+    return h.hexdigest()[:16]
+
+
+def adapters_record(cfg: Any) -> list[str]:
+    """``<fingerprint>:<scale>`` of each ``model.teacher_adapters`` entry, in order (the teacher they make)."""
+    from dmdr.models.adapters import AdapterSpec
+
+    specs = [AdapterSpec.parse(text) for text in getattr(cfg.model, "teacher_adapters", ())]
+    return [f"{adapter_fingerprint(s.path)}:{s.scale:g}" for s in specs]
+
+
+def run_record(cfg: Any) -> dict[str, Any]:
+    """The record of a :class:`~dmdr.config.TrainConfig`: family (resolved from the folder), mode, teacher and the
+    teacher's adapters (``model.teacher_adapters``, only when there are some: older records then still match)."""
     m = cfg.model
     family = detect_family(read_model_index(m.path), m.family).name
-    return {"family": family, "generator_mode": m.generator_mode, "teacher": teacher_fingerprint(m.path),
-            "teacher_path": str(m.path)}
+    record: dict[str, Any] = {"family": family, "generator_mode": m.generator_mode,
+                              "teacher": teacher_fingerprint(m.path), "teacher_path": str(m.path)}
+    adapters = adapters_record(cfg)
+    if adapters:
+        record["teacher_adapters"] = adapters
+        record["teacher_adapter_paths"] = [str(p) for p in m.teacher_adapters]
+    if getattr(m, "init_generator", ""):
+        record["init_generator"] = str(m.init_generator)  # informative: a resume reads its checkpoint instead
+    return record
 
 
 def record_mismatch(saved: dict[str, Any] | None, current: dict[str, Any], checkpoint: str | Path) -> str | None:
@@ -93,6 +118,11 @@ def record_mismatch(saved: dict[str, Any] | None, current: dict[str, Any], check
         return (f"checkpoint {checkpoint} was trained from another teacher: {saved.get('teacher_path', '?')} "
                 f"(fingerprint {saved['teacher']}) then, model.path {current['teacher_path']} (fingerprint "
                 f"{current['teacher']}) now")
+    if saved.get("teacher_adapters", []) != current.get("teacher_adapters", []):
+        then, now = (",".join(r.get("teacher_adapter_paths", [])) or "(none)" for r in (saved, current))
+        return (f"checkpoint {checkpoint} was trained against the teacher with model.teacher_adapters={then} "
+                f"(fingerprint:scale {saved.get('teacher_adapters', [])}), the current config has {now} "
+                f"({current.get('teacher_adapters', [])})")
     return None
 
 

@@ -68,6 +68,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                            "pipeline")
     form.add_argument("--single-file", action="store_true",
                       help="write the merged transformer as one safetensors file (for UIs), not a pipeline folder")
+    parser.add_argument("--lora-format", choices=release.LORA_FORMATS, default="diffusers",
+                        help="--lora key layout: diffusers (pytorch_lora_weights.safetensors, default) or kohya "
+                             "(lora_unet_<module>.lora_down/lora_up/alpha, as kohya's scripts and ComfyUI write; the "
+                             "file is <out name>.safetensors)")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="--lora on a full fine-tune: extract a LoRA of this rank by SVD of the weight change")
     add_checkpoint_arguments(parser)
@@ -85,6 +89,8 @@ def check_form(args: argparse.Namespace, generator_mode: str, run: str) -> str:
     """The export form (``pipeline``, ``lora``, ``single-file``); a LoRA request a run cannot give is one line."""
     if args.lora_rank < 0:
         raise ConfigError(f"--lora-rank {args.lora_rank}: give a rank >= 1")
+    if args.lora_format != "diffusers" and not args.lora:
+        raise ConfigError(f"--lora-format {args.lora_format} goes with --lora")
     if args.lora_rank and not args.lora:
         raise ConfigError("--lora-rank goes with --lora (it extracts a LoRA from a full fine-tune)")
     if args.lora and generator_mode != "lora" and not args.lora_rank:
@@ -138,29 +144,34 @@ def convert(args: argparse.Namespace) -> str:
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if weights == "ema":
         provenance["ema_decay"] = cfg.optim.ema_decay
+    if cfg.model.teacher_adapters:  # re-turbo: the teacher was the base plus these (merged into a merged export)
+        provenance["teacher_adapters"] = list(cfg.model.teacher_adapters)
+    if cfg.model.init_generator:
+        provenance["init_generator"] = cfg.model.init_generator
     header = {"dmdr.base": str(args.base_id or cfg.model.path), "dmdr.checkpoint": checkpoint.name,
               "dmdr.weights": weights}
     files: dict[str, str] = {}
     transformer = state = None
     if form == "lora":
-        files["lora"] = release.LORA_FILE
-        state = release.lora_state_dict(generator_lora_layers(cfg, args, backbone, roles, provenance), backbone.family,
-                                        out_dtype)
+        files["lora"] = release.lora_file_name(args.lora_format, args.out)
+        provenance["lora_format"] = args.lora_format
+        to_state = release.kohya_state_dict if args.lora_format == "kohya" else release.lora_state_dict
+        state = to_state(generator_lora_layers(cfg, args, backbone, roles, provenance), backbone.family, out_dtype)
     else:
         transformer = export.export_transformer(roles, out_dtype)
     if form == "single-file":
         files["single_file"] = f"{Path(args.out).name}.safetensors"
     provenance["files"] = files
-    readme = model_card.render(form, settings, provenance, cfg, cfg.model.path, files, base_id=args.base_id,
-                               evaluation=model_card.read_eval(args.run))
     scheduler = backbone.extras.get("scheduler_config")
+    readme = model_card.render(form, settings, provenance, cfg, cfg.model.path, files, base_id=args.base_id,
+                               evaluation=model_card.read_eval(args.run), teacher_scheduler=scheduler)
     if form == "pipeline":
         return str(export.write_pipeline(folder.path, args.out, transformer, settings, scheduler, provenance, readme,
                                          overwrite=args.overwrite))
 
     def fill(tmp: Path) -> None:
         if form == "lora":
-            release.write_lora(tmp, state, header)
+            release.write_lora(tmp, state, header, name=files["lora"])
         else:
             release.write_single_file(tmp / files["single_file"], transformer, header)
         export.write_common(tmp, settings, scheduler, provenance, readme, folder.path)

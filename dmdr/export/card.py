@@ -17,7 +17,7 @@ import yaml
 
 from dmdr.config import TrainConfig
 from dmdr.devices import DTYPES
-from dmdr.export.settings import InferenceSettings
+from dmdr.export.settings import InferenceSettings, base_scheduler_sigmas
 from dmdr.models.families import family_of_pipeline
 
 log = logging.getLogger("dmdr")
@@ -116,7 +116,8 @@ def _metric_rows(data: Any) -> list[dict[str, Any]]:
 
 
 def render(form: str, settings: InferenceSettings, provenance: dict[str, Any], cfg: TrainConfig, base: str | Path,
-           files: dict[str, str], base_id: str = "", evaluation: list[dict[str, Any]] | None = None) -> str:
+           files: dict[str, str], base_id: str = "", evaluation: list[dict[str, Any]] | None = None,
+           teacher_scheduler: dict[str, Any] | None = None) -> str:
     """The README.md of an export.
 
     Args:
@@ -128,6 +129,8 @@ def render(form: str, settings: InferenceSettings, provenance: dict[str, Any], c
         files: ``lora`` / ``single_file``: the written file's name.
         base_id: the base model's hub id for the calls (default: :func:`base_model_id`, else the local path).
         evaluation: :func:`read_eval`'s rows.
+        teacher_scheduler: the base's scheduler config: the LoRA form's call with the base's own scheduler
+            (:func:`~dmdr.export.settings.base_scheduler_sigmas`).
     """
     if settings.epsilon:
         return _epsilon_card(settings, provenance)
@@ -158,7 +161,8 @@ def render(form: str, settings: InferenceSettings, provenance: dict[str, Any], c
         f"max_sequence_length={settings.max_sequence_length}. The sigmas already include the training shift "
         f"{settings.shift}; the scheduler's shift is 1.0 so that they are used as given. Everything is also in "
         "`dmdr_inference.json`.\n",
-        _usage(form, settings, base_ref, files, str(provenance.get("dtype", "fp32"))),
+        _usage(form, settings, base_ref, files, str(provenance.get("dtype", "fp32")), provenance,
+               base_scheduler_sigmas(settings, teacher_scheduler)),
         f"sigmas = {settings.sigmas}\n",
         _exact(settings),
         _training(cfg, provenance),
@@ -226,11 +230,51 @@ def _call(s: InferenceSettings) -> str:
 
 
 
-def _usage(form: str, s: InferenceSettings, base_ref: str, files: dict[str, str], dtype: str) -> str:
+def _user_adapters(provenance: dict[str, Any], lora_line: str) -> str:
+    """Re-turbo: a LoRA release is relative to the base plus the teacher's adapters; the lines loading them all."""
+    from dmdr.models.adapters import AdapterSpec
+
+    specs = [AdapterSpec.parse(a) for a in provenance.get("teacher_adapters", [])]
+    if not specs:
+        return lora_line
+    names = [f"user{i}" for i in range(len(specs))]
+    lines = [f'pipe.load_lora_weights("{sp.path}", adapter_name="{n}")' for sp, n in zip(specs, names)]
+    lines.append(lora_line.rstrip("\n").rstrip(")") + ', adapter_name="few_step")')
+    weights = [sp.scale for sp in specs] + [1.0]
+    lines.append(f"pipe.set_adapters({names + ['few_step']}, adapter_weights={weights})")
+    return "\n".join(lines) + "\n"
+
+
+def _base_scheduler_lora(s: InferenceSettings, base_ref: str, files: dict[str, str], td: str,
+                         provenance: dict[str, Any], base: dict[str, Any]) -> str:
+    """The LoRA form on the stock base pipeline with the base's own scheduler: ``load_lora_weights`` is the only
+    extra line (the sigmas are the training levels un-shifted by the base scheduler's shift)."""
+    here, cls = "path/to/this/folder", s.pipeline_class
+    weight = "" if files["lora"] == "pytorch_lora_weights.safetensors" else f', weight_name="{files["lora"]}"'
+    load = _user_adapters(provenance, f'pipe.load_lora_weights("{here}"{weight})\n')
+    adapters = ("It is relative to the base plus the adapters the run's teacher had (`model.teacher_adapters`): "
+                "load those too, at the same scales.\n\n" if provenance.get("teacher_adapters") else "")
+    return (f"With the base pipeline's own scheduler (shift {base['shift']:g}) the sigmas below are the training "
+            "levels before that shift, so loading the LoRA is the only extra line:\n\n"
+            f"{adapters}```python\nimport json\n\nimport torch\nfrom diffusers import {cls}\n\n"
+            f'pipe = {cls}.from_pretrained("{base_ref}", {td})\n{load}'
+            f'settings = json.load(open("{here}/dmdr_inference.json"))\n'
+            f'image = pipe("a photo of a cat", num_inference_steps={s.num_inference_steps}, '
+            f'sigmas=settings["base_scheduler"]["sigmas"],\n             guidance_scale={s.guidance_scale}, '
+            f"height={s.resolution}, width={s.resolution}, max_sequence_length={s.max_sequence_length}).images[0]\n"
+            f"```\n\nbase-scheduler sigmas = {base['sigmas']} (exact, with the stop after "
+            f"{s.num_inference_steps} steps below: `settings[\"base_scheduler\"][\"exact\"][\"sigmas\"]` = "
+            f"{base['exact']['sigmas']})\n\nOr swap in this folder's few-step scheduler (shift 1.0) and pass the "
+            "training levels as they are:\n\n")
+
+
+def _usage(form: str, s: InferenceSettings, base_ref: str, files: dict[str, str], dtype: str,
+           provenance: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> str:
     here = "path/to/this/folder"
     cls = s.pipeline_class
     td = f"dtype={DTYPES.get(dtype, torch.float32)}"  # diffusers 0.42 deprecates torch_dtype
     settings = f'settings = json.load(open("{here}/dmdr_inference.json"))\n'
+    provenance = provenance or {}
 
     def lora_lines(folder: str) -> str:
         scheduler = f'FlowMatchEulerDiscreteScheduler.from_pretrained("{folder}", subfolder="scheduler")'
@@ -249,11 +293,22 @@ def _usage(form: str, s: InferenceSettings, base_ref: str, files: dict[str, str]
               f'pipe = {cls}.from_pretrained("path/to/merged/folder", {td})\n{_call(s)}\n```\n')
     head = f"```python\nimport json\n\nimport torch\nfrom diffusers import FlowMatchEulerDiscreteScheduler, {cls}"
     if form == "lora":
-        return (f"`{files['lora']}`: the generator's LoRA in diffusers' format (keys `transformer.<module>.lora_A/"
-                "lora_B.weight`, the scale alpha/rank folded into lora_B, so it loads at scale 1.0). Load it onto the "
-                "stock base pipeline and use the few-step scheduler of this folder (the base's own scheduler would "
-                "shift the sigmas again):\n\n"
-                f'{head}\n\npipe = {cls}.from_pretrained("{base_ref}", {td})\n{lora_lines(here)}{settings}'
+        kohya = provenance.get("lora_format") == "kohya"
+        what = ("in kohya's / ComfyUI's layout (keys `lora_unet_<module>.lora_down/lora_up.weight` and `.alpha` = "
+                "rank, the scale alpha/rank folded into lora_up; diffusers reads this layout for the families it has "
+                "a kohya converter for, Z-Image among them: for SD3 load the diffusers form, "
+                "`tools/convert_to_diffusers.py --lora`)" if kohya else
+                "in diffusers' format (keys `transformer.<module>.lora_A/lora_B.weight`, the scale alpha/rank folded "
+                "into lora_B, so it loads at scale 1.0)")
+        weight = f', weight_name="{files["lora"]}"' if kohya else ""
+        swap = _user_adapters(provenance, f'pipe.load_lora_weights("{here}"{weight})\n')
+        scheduler = ('pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained('
+                     f'"{here}", subfolder="scheduler")\n')
+        first = (_base_scheduler_lora(s, base_ref, files, td, provenance, base) if base else
+                 "Load it onto the stock base pipeline and use the few-step scheduler of this folder (the base's own "
+                 "scheduler would shift the sigmas again):\n\n")
+        return (f"`{files['lora']}`: the generator's LoRA {what}. {first}"
+                f'{head}\n\npipe = {cls}.from_pretrained("{base_ref}", {td})\n{swap}{scheduler}{settings}'
                 f"{_call(s)}\n```\n\n{merged}")
     fam = family_of_pipeline(cls)
     model_class = (fam.single_file_class if fam else None) or "<the transformer class>"
@@ -310,6 +365,11 @@ def _training(cfg: TrainConfig, provenance: dict[str, Any]) -> str:
         ("EMA", f"decay {o.ema_decay:g}" if o.ema_decay > 0 else "off"),
         ("exported weights", f"{provenance.get('weights', '?')}, {provenance.get('dtype', '?')}"),
     ]
+    if m.teacher_adapters:
+        rows.append(("teacher", "the base plus LoRAs merged at load (`model.teacher_adapters`, path:scale): "
+                                + ", ".join(f"`{a}`" for a in m.teacher_adapters)))
+    if m.init_generator:
+        rows.append(("generator init", f"`{m.init_generator}` (`model.init_generator`)"))
     if "lora_extraction" in provenance:
         x = provenance["lora_extraction"]
         rows.append(("LoRA extraction", f"rank {x['rank']} SVD of the full fine-tune's weight change: relative "

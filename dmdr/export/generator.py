@@ -30,8 +30,10 @@ from dmdr.distributed.offline import check_plain_items
 from dmdr.distributed.safe_load import SafeFileSystemReader, safe_planner
 from dmdr.errors import CheckpointError, ConfigError, ModelLoadError
 from dmdr.models import GENERATOR, Backbone, load_backbone
+from dmdr.models.families import family_spec
 from dmdr.models.lora import lora_layers, merge_adapter
 from dmdr.provenance import RECORD_KEY, record_mismatch, run_record
+from dmdr.returbo import merge_teacher_adapters
 from dmdr.trainer import Roles
 
 WEIGHTS = ("auto", "ema", "trained")
@@ -202,6 +204,8 @@ def load_generator(cfg: TrainConfig, checkpoint: str | Path, device: torch.devic
                              load_text_encoder=load_text_encoder, t_min=cfg.dmd.t_min,
                              max_sequence_length=m.max_sequence_length)
     generator, adapter = build_roles(cfg, backbone)
+    # The teacher the run trained against (base + model.teacher_adapters): the base of a merged or SVD export.
+    merge_teacher_adapters(cfg, family_spec(backbone.family), backbone.teacher.net)
     roles = collect_roles(generator, backbone.teacher, adapter)
     model = backbone.teacher if adapter is not None else generator
     state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=adapter is not None))

@@ -15,7 +15,13 @@ from torch import nn
 
 from dmdr.errors import ConfigError
 from dmdr.export.card import copy_licence
-from dmdr.export.settings import SETTINGS_FILE, InferenceSettings, lcm_scheduler_config, scheduler_config
+from dmdr.export.settings import (
+    SETTINGS_FILE,
+    InferenceSettings,
+    base_scheduler_sigmas,
+    lcm_scheduler_config,
+    scheduler_config,
+)
 from dmdr.permissions import respect_umask
 
 
@@ -70,6 +76,9 @@ def write_common(folder: Path, settings: InferenceSettings, teacher_scheduler: d
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(teacher_scheduler))
     scheduler.save_pretrained(folder / "scheduler")
     meta = {**settings.to_json(), "source": provenance}
+    own = base_scheduler_sigmas(settings, teacher_scheduler)
+    if own is not None:  # the LoRA form on the base pipeline with its own scheduler (no scheduler swap)
+        meta["base_scheduler"] = own
     (folder / SETTINGS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (folder / "README.md").write_text(readme)
     copy_licence(base, folder)

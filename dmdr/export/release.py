@@ -63,9 +63,33 @@ def lora_state_dict(layers: LoraLayers, family: str, dtype: torch.dtype) -> dict
     return out
 
 
-def write_lora(folder: Path, state: dict[str, Tensor], metadata: dict[str, str]) -> Path:
-    """Save ``state`` as :data:`LORA_FILE` in ``folder`` (``metadata``: informative strings in the header)."""
-    path = Path(folder) / LORA_FILE
+LORA_FORMATS = ("diffusers", "kohya")
+"""``--lora-format`` choices."""
+
+
+def kohya_state_dict(layers: LoraLayers, family: str, dtype: torch.dtype) -> dict[str, Tensor]:
+    """``layers`` in kohya's / ComfyUI's key layout for ``family``: ``<kohya_prefix><module with . as _>`` +
+    ``.lora_down.weight`` (A), ``.lora_up.weight`` (B, alpha/rank already folded in) and ``.alpha`` = rank (so the
+    loaders' alpha/rank is 1)."""
+    fmt = lora_format(family)
+    out = {}
+    for name, (a, b) in sorted(layers.items()):
+        key = fmt.kohya_prefix + fmt.rename(name).replace(".", "_")
+        out[f"{key}.lora_down.weight"] = a.to(dtype).contiguous()
+        out[f"{key}.lora_up.weight"] = b.to(dtype).contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(a.shape[0]), dtype=dtype)
+    return out
+
+
+def lora_file_name(lora_format_name: str, out: str | Path) -> str:
+    """The LoRA file of an export: diffusers' :data:`LORA_FILE`, or ``<out name>.safetensors`` for kohya's layout
+    (UIs list LoRAs by file name; diffusers loads it with ``weight_name=``)."""
+    return LORA_FILE if lora_format_name == "diffusers" else f"{Path(out).name}.safetensors"
+
+
+def write_lora(folder: Path, state: dict[str, Tensor], metadata: dict[str, str], name: str = LORA_FILE) -> Path:
+    """Save ``state`` as ``name`` in ``folder`` (``metadata``: informative strings in the header)."""
+    path = Path(folder) / name
     save_file(state, str(path), metadata={"format": "pt", **metadata})
     return path
 

@@ -163,6 +163,31 @@ class InferenceSettings:
                                  "tools/convert_to_diffusers.py") from None
 
 
+def base_scheduler_sigmas(settings: InferenceSettings, teacher: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Sigmas for the base pipeline's OWN scheduler that give the run's few-step levels, so a LoRA release needs no
+    scheduler swap: the base's ``FlowMatchEulerDiscreteScheduler`` shifts any sigmas it is given,
+    ``t = s u / (1 + (s - 1) u)``, so it gets the unshifted ``u = t / (s - (s - 1) t)``.
+
+    ``None`` when that is not possible: an epsilon family (``LCMScheduler``), or a teacher scheduler that shifts by
+    resolution (``use_dynamic_shifting``), stretches (``shift_terminal``) or remaps (karras / exponential / beta) the
+    sigmas; the export's own ``scheduler/`` is then the way.
+    """
+    t = teacher or {}
+    if settings.epsilon or t.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
+        return None
+    if any(t.get(k) for k in ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                              "use_beta_sigmas", "invert_sigmas", "stochastic_sampling")):
+        return None
+    s = float(t.get("shift", 1.0))
+
+    def unshift(level: float) -> float:
+        return level / (s - (s - 1.0) * level)
+
+    levels = [unshift(x) for x in settings.levels]
+    return {"shift": s, "sigmas": levels[:-1],
+            "exact": {"sigmas": levels, "stop_after_steps": settings.num_inference_steps}}
+
+
 def lcm_scheduler_config(teacher: dict[str, Any] | None) -> dict[str, Any]:
     """The exported ``LCMScheduler`` config: the teacher's betas (so ``alphas_cumprod`` is the training table)."""
     return {k: v for k, v in (teacher or {}).items() if k in LCM_KEYS}

@@ -30,6 +30,9 @@ class LoraFormat:
     """The pipeline component the adapter belongs to (``transformer``, or ``unet`` for SDXL)."""
     rename: Callable[[str], str] = _same
     """dmdr's module name in the network (the network's own ``named_modules``) -> the loader's module name."""
+    kohya_prefix: str = "lora_unet_"
+    """``--lora-format kohya``: the key prefix before the loader's module name with ``.`` written ``_``
+    (``lora_unet_<module>.lora_down.weight``, ``lora_up``, ``alpha``: kohya's and ComfyUI's layout)."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ of :data:`CHECKS` on the resolved :class:`~dmdr.config.TrainConfig` and collects
 No check loads a model, builds a network or reads tensor data: a model folder is checked with the
 family adapter's ``required_components`` and :meth:`~dmdr.models.folder.ModelFolder.check`, weight
 files by their safetensors header or zip directory (:mod:`dmdr.preflight.files`), prompt sources by
-planning them and reading one record. When anything is wrong, :class:`PreflightError` lists
+planning them and reading one record; the one exception is a LoRA (``model.teacher_adapters``, a LoRA
+``model.init_generator``), read whole, as it is small, to check its factors against the teacher's layers. When
+anything is wrong, :class:`PreflightError` lists
 **every** problem, one line each naming the setting, its value and the fix; the launcher prints it
 (rank 0 only) and exits 2.
 

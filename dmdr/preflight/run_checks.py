@@ -150,6 +150,37 @@ def check_model(ctx: RunContext) -> list[Problem]:
                           facts=ctx.facts)
 
 
+@register_check
+def check_adapters(ctx: RunContext) -> list[Problem]:
+    """Re-turbo: each ``model.teacher_adapters`` LoRA and ``model.init_generator`` read against the teacher's
+    layers (its weight headers): another family's adapter, mismatched ranks, keys that match no layer."""
+    from dmdr.returbo import ADAPTERS_SETTING, INIT_SETTING, adapter_specs, denoiser_shapes, read_adapters, read_init
+
+    m = ctx.cfg.model
+    if not m.teacher_adapters and not m.init_generator:
+        return []
+    try:
+        family = detect_family(read_model_index(m.path), m.family)
+        shapes = denoiser_shapes(m.path, family)
+    except UserError:
+        return []  # check_model reports the teacher folder
+    problems = []
+    for spec in adapter_specs(ctx.cfg):
+        try:
+            read_adapters([spec], family, shapes)
+        except UserError as err:  # the line already reads "--model.teacher_adapters <file>: <what is wrong>"
+            problems.append(Problem("", fix=_named(str(err), ADAPTERS_SETTING)))
+    try:
+        read_init(ctx.cfg, family, shapes)
+    except UserError as err:
+        problems.append(Problem("", fix=_named(str(err), INIT_SETTING)))
+    return problems
+
+
+def _named(line: str, setting: str) -> str:
+    return line if line.startswith(f"--{setting}") else f"--{setting}: {line}"
+
+
 # --------------------------------------------------------------------------------------------- data
 def source_problems(data: Any, readers: int, setting: str = "data.sources") -> list[Problem]:
     """Every prompt source resolves, its shards open, and at least one record of it is a good prompt."""

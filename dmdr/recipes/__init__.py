@@ -2,6 +2,12 @@
 assets), registered by name. ``recipes/<name>.py`` launches one (``torchrun recipes/sd35_dmdr.py ...``);
 ``tools/plan.py --recipe <name>`` plans one; tests and benchmarks import them from here.
 
+Re-turbo with any recipe (a user's LoRA or fine-tune made few-step again, README "Re-turbo"): add
+``--model.teacher_adapters LORA[:scale]`` (or point ``--model.path`` at the fine-tune) and
+``--model.init_generator <a few-step LoRA or model>``; a student that is already few-step needs no cold start:
+``--dynamic.dynadg false --rl.start_step 0`` skips it (RL from the first step), ``--dynamic.decay_steps K
+--rl.start_step K`` with K about a tenth of the recipe's shortens it.
+
 Adding a recipe: a module in this package and one :class:`Recipe` line in :data:`RECIPES`; a launcher in
 ``recipes/`` if users should run it by path.
 """

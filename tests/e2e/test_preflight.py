@@ -151,13 +151,18 @@ def _bad(kind: str, assets, tmp: Path, monkeypatch) -> tuple[list[str], str]:
         return ["--parallel.dp_replicate", "3"], "--parallel.dp_replicate 3 does not divide the world size 2"
     if kind == "bad-value":
         return ["--train.max_steps", "many"], "--train.max_steps: 'many' is not a valid int"
+    if kind == "adapter-other-family":  # re-turbo: a Z-Image LoRA for the SD3 teacher
+        from dmdr.models.tiny_lora import write_random_lora
+
+        lora = write_random_lora(assets["zimage"], tmp / "zimage-lora", targets=("to_q",))
+        return ["--model.teacher_adapters", f"{lora}:0.8"], f"--model.teacher_adapters {lora}: none of its"
     raise AssertionError(kind)
 
 
 KINDS = ["model-missing", "component-missing", "weights-truncated", "family-mismatch", "no-sources",
          "sources-no-match", "no-good-record", "cache-missing", "hps-unset", "hps-not-torch", "hps-truncated",
          "clip-no-weights", "pickscore-unset", "unknown-reward", "resume-not-checkpoint", "output-unwritable",
-         "disk-full", "mesh", "bad-value"]
+         "disk-full", "mesh", "bad-value", "adapter-other-family"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

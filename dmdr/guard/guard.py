@@ -15,9 +15,11 @@ trainer writes a checkpoint at its step (the rollback target). One that trips:
 
 Resumable: the guard's state (baseline, recent probes, trips, rollbacks, the last passing step, the
 accumulated training signals) is an entry of the checkpoint. A kill -9 after a rollback resumes from the
-re-saved restored step with the lowered setting (tested bit-for-bit); one during a rollback resumes from an
-earlier checkpoint and replays to the same trip and the same rollback (probes and training are deterministic;
-not yet tested).
+re-saved restored step with the lowered setting; one during a rollback resumes from an earlier checkpoint
+(the trip's, the target's, or the target's previous copy when the kill fell inside its re-save:
+:meth:`~dmdr.distributed.CheckpointManager.restore_replaced`) and replays to the same trip and the same
+rollback, probes and training being deterministic. Both end bit for bit as the uninterrupted run
+(``tests/e2e/test_guard_actions.py``, SIGKILL at five points).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 from dmdr.errors import UserError
 from dmdr.guard.probe import run_probe
 from dmdr.guard.rules import evaluate
+from dmdr.guard.scorers import ProbeScorers
 from dmdr.observability import reduce_over_ranks
 
 log = logging.getLogger("dmdr")
@@ -71,11 +74,15 @@ class Guard:
         trainer: the :class:`~dmdr.trainer.DMDRTrainer`.
         checkpoints: the run's :class:`~dmdr.distributed.CheckpointManager` (rollback loads from it).
         output_dir: where ``guard.jsonl`` goes (rank 0).
+        scorers: the probe's CLIP / aesthetic / LPIPS models (:mod:`dmdr.guard.scorers`); None: loaded here from
+            ``guard.clip_model`` etc. (:func:`dmdr.build.build_run` loads them before the models, so a bad path
+            fails fast).
     """
 
     optional = True
 
-    def __init__(self, cfg: Any, trainer: Any, checkpoints: Any, output_dir: str | Path | None = None):
+    def __init__(self, cfg: Any, trainer: Any, checkpoints: Any, output_dir: str | Path | None = None,
+                 scorers: ProbeScorers | None = None):
         self.cfg = cfg
         self.g = cfg.guard
         self.trainer = trainer
@@ -86,7 +93,8 @@ class Guard:
         if not self.prompts:
             raise UserError("--guard.action needs probe prompts: set --guard.prompts or --log.sample_prompts")
         self._base_lr = (cfg.optim.generator_lr, cfg.optim.rl_generator_lr)
-        self._base_weights = [w for _, w in trainer.rewards]
+        self._base_weights = [w for _, w in trainer.engine.rewards]
+        self.scorers = scorers if scorers is not None else ProbeScorers.from_config(self.g, trainer.device)
         self.state = _fresh_state()
 
     # ------------------------------------------------------------------ Stateful
@@ -119,7 +127,8 @@ class Guard:
         if self.g.rollback_target == "lr":
             self.cfg.optim.generator_lr, self.cfg.optim.rl_generator_lr = (v * s for v in self._base_lr)
         else:
-            self.trainer.rewards = [(r, w * s) for (r, _), w in zip(self.trainer.rewards, self._base_weights)]
+            engine = self.trainer.engine
+            engine.rewards = [(r, w * s) for (r, _), w in zip(engine.rewards, self._base_weights)]
 
     def due(self, k: int) -> bool:
         """A probe step: ``start_step`` and every ``interval`` after it; and the first step at or after
@@ -131,7 +140,7 @@ class Guard:
     def _accumulate(self, metrics: dict[str, float]) -> None:
         acc = self.state["acc"]
         if "loss/rl" in metrics:
-            names = {r.name: w for r, w in self.trainer.rewards}
+            names = {r.name: w for r, w in self.trainer.engine.rewards}
             if all(f"reward/{n}" in metrics for n in names):
                 acc["reward"] += sum(w * metrics[f"reward/{n}"] for n, w in names.items())
                 acc["reward_n"] += 1
@@ -145,7 +154,8 @@ class Guard:
         sums = {"reward": acc["reward"], "reward_n": float(acc["reward_n"]), "dmd_grad": acc["dmd_grad"],
                 "dmd_grad_n": float(acc["dmd_grad_n"])}
         sums = reduce_over_ranks(sums, self.trainer.dist, "sum")
-        out = {"train/skipped_since_probe": float(self.trainer.counters.skipped_steps - self.state["skipped_at_probe"])}
+        skipped = self.trainer.engine.counters.skipped_steps - self.state["skipped_at_probe"]
+        out = {"train/skipped_since_probe": float(skipped)}
         if sums["reward_n"]:
             out["train/reward"] = sums["reward"] / sums["reward_n"]
         if sums["dmd_grad_n"]:
@@ -169,14 +179,14 @@ class Guard:
         self._accumulate(metrics)
         if not self.due(k):
             return NOTHING
-        signals, images = run_probe(trainer, self.prompts, self.g.seeds)
+        signals, images = run_probe(trainer, self.prompts, self.g.seeds, self.scorers)
         signals.update(self._training_signals())
         if "train/reward" in signals and "probe/reward" in signals:
             signals["probe/reward_gap"] = signals["train/reward"] - signals["probe/reward"]
         signals = self._agreed(signals)  # rank 0's numbers decide for everyone
         st = self.state
         st["acc"] = _fresh_state()["acc"]
-        st["skipped_at_probe"] = trainer.counters.skipped_steps
+        st["skipped_at_probe"] = trainer.engine.counters.skipped_steps
         first = st["baseline"] is None
         if first:
             st["baseline"] = signals
@@ -191,7 +201,9 @@ class Guard:
             st["last_passed"] = k
             self._protect()
             return Verdict(probed=True, passed=True)
-        evidence = {t.rule: t.evidence for t in trips}
+        evidence: dict[str, dict[str, float]] = {}
+        for t in trips:  # one rule may trip on several signals (the diversity measures)
+            evidence.setdefault(t.rule, {}).update(t.evidence)
         text = "; ".join(t.message for t in trips)
         action = self.g.action
         if action == "rollback" and (st["rollbacks"] >= self.g.max_rollbacks or st["last_passed"] < 0):
@@ -221,7 +233,7 @@ class Guard:
         self.checkpoints.discard_after(target)
         self.checkpoints.load(trainer.app_state(), self.checkpoints.step_dir(target))
         self.state = keep
-        self.state["skipped_at_probe"] = trainer.counters.skipped_steps
+        self.state["skipped_at_probe"] = trainer.engine.counters.skipped_steps
         self._apply_scale()
         trainer.restart_iteration()
         aside = logger.set_aside_after(target, f"metrics-rolled-back-{self.state['rollbacks']}.jsonl")

@@ -30,6 +30,7 @@ from dmdr.distributed import (
 )
 from dmdr.engine import Roles
 from dmdr.guard import Guard, GuardStopped
+from dmdr.guard.scorers import ProbeScorers
 from dmdr.models import CRITIC, add_critic_lora, load_backbone, make_generator
 from dmdr.models.attention import resolve_attention
 from dmdr.models.base import Backbone, Denoiser
@@ -244,6 +245,8 @@ def _build_locked(cfg: TrainConfig, env: Any, lock: Any) -> Session:
     loader = build_prompt_loader(cfg.data, dp_rank=env.dp_rank, dp_world=env.dp_world_size, seed=cfg.train.seed,
                                  embedding_cache=cache)
     rewards = build_rewards(cfg, env.device)
+    # The guard's CLIP / aesthetic / LPIPS models (local paths): a bad one fails here, before the big models load.
+    probe_scorers = ProbeScorers.from_config(cfg.guard, env.device) if cfg.guard.action != "off" else None
     # A checkpoint of another family, generator mode or teacher is refused before any model loads.
     checkpoints = CheckpointManager.from_config(cfg, env, owns_folder=True)
     checkpoints.check_record(cfg.checkpoint.resume)
@@ -263,7 +266,7 @@ def _build_locked(cfg: TrainConfig, env: Any, lock: Any) -> Session:
                           compute_dtype=None if mesh is not None else DTYPES[cfg.parallel.param_dtype])
     guard = None
     if cfg.guard.action != "off":
-        guard = Guard(cfg, trainer, checkpoints)
+        guard = Guard(cfg, trainer, checkpoints, scorers=probe_scorers)
         trainer.stateful_extras["guard"] = guard
     resumed = checkpoints.resume(trainer.app_state(), cfg.checkpoint.resume)
     if resumed is not None:

@@ -369,7 +369,8 @@ class GuardConfig:
     max_clipped_rise: float = 0.1
     """Fraction of channel values at 0 or 1 may rise at most this much (absolute)."""
     min_diversity_ratio: float = 0.5
-    """Distance between seeds of one prompt may fall to this fraction of the baseline, no lower."""
+    """Distance between seeds of one prompt may fall to this fraction of the baseline, no lower (each diversity
+    measured: pixels, VAE latents, and CLIP embeddings / LPIPS where configured)."""
     min_critic_teacher_ratio: float = 0.85
     """Critic / teacher denoising loss on the probe samples may fall to this fraction of the baseline (lower: the
     samples left what the teacher models; shapes world: DMDR stays above 0.94, ReFL alone 0.74 after 20 steps)."""
@@ -377,6 +378,21 @@ class GuardConfig:
     """The DMD gradient scale may grow to this multiple of the baseline."""
     max_reward_gap: float = 0.25
     """Training-batch reward minus probe reward may be at most this (absolute, weighted reward sum)."""
+    min_clip_score_ratio: float = 0.9
+    """With ``clip_model``: the probe's CLIP score may fall to this fraction of the baseline (prompt alignment traded
+    for reward; not measured on a real model yet, a conservative starting point)."""
+    max_aesthetic_drop: float = 0.5
+    """With ``aesthetic_head``: the LAION aesthetic score (about 1-10) may fall at most this much (absolute; not
+    measured on a real model yet)."""
+    clip_model: str = ""
+    """Local CLIP folder (open_clip hub layout or transformers ``CLIPModel``, as ``tools/eval.py --clip-model``) for
+    ``probe/clip_score`` and ``probe/diversity_clip``; empty: not measured. Nothing is downloaded."""
+    aesthetic_head: str = ""
+    """Local LAION aesthetic head (``sac+logos+ava1-l14-linearMSE.pth``) on ``clip_model`` (CLIP ViT-L/14):
+    ``probe/aesthetic``; empty: not measured."""
+    lpips_weights: str = ""
+    """One local ``lpips.LPIPS`` state dict (see :mod:`dmdr.evaluation.diversity`): ``probe/diversity_lpips``;
+    empty: not measured (diversity is then measured in pixels, VAE latents and, with ``clip_model``, CLIP)."""
     trend_window: int = 3
     """A trend trip: saturation or colourfulness rose at each of this many probes in a row and by more than half
     its threshold in all (0: no trend rule)."""
@@ -654,6 +670,8 @@ def validate(cfg: TrainConfig, problems: list[tuple[str, str]] | None = None) ->
     if cfg.profile.enabled:
         _require(0 <= cfg.profile.start_step <= cfg.profile.end_step, "profile.end_step",
                  f"the window {cfg.profile.start_step}..{cfg.profile.end_step} must have 0 <= start_step <= end_step")
+    _require(not cfg.guard.aesthetic_head or bool(cfg.guard.clip_model), "guard.aesthetic_head",
+             "needs --guard.clip_model (the CLIP ViT-L/14 folder under the head)")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from dmdr.errors import DataError
 from dmdr.models.base import pad_cat, padding_mask_key, sequence_lengths
+from dmdr.permissions import respect_umask
 
 Conditioning = dict[str, Tensor]
 _PROMPT = "__prompt__"
@@ -189,6 +190,7 @@ class EmbeddingCacheWriter:
     def write_negative(self, negative: Conditioning) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in negative.items()},
                   str(self.path / "negative.safetensors"))
+        respect_umask(self.path / "negative.safetensors")  # safetensors writes 0600: the group reads the cache too
 
     def add(self, prompts: Sequence[str], cond: Conditioning) -> None:
         """Store row ``i`` of every batch-first tensor of ``cond`` under ``prompts[i]``."""
@@ -224,6 +226,7 @@ class EmbeddingCacheWriter:
             return
         name = f"shard-r{self.rank:05d}-{len(self._shard_names):05d}.safetensors"
         save_file(self._pending, str(self.path / f".{name}.tmp"))
+        respect_umask(self.path / f".{name}.tmp")
         os.replace(self.path / f".{name}.tmp", self.path / name)
         self._shard_names.append(name)
         self._pending, self._rows = {}, 0
@@ -237,6 +240,7 @@ class EmbeddingCacheWriter:
         name = f"index-r{self.rank:05d}.safetensors"
         save_file(tensors, str(self.path / f".{name}.tmp"), metadata={"shards": json.dumps(self._shard_names),
                                                                    "keys": json.dumps(list(self.keys))})
+        respect_umask(self.path / f".{name}.tmp")
         os.replace(self.path / f".{name}.tmp", self.path / name)
         if meta is not None and self.rank == 0:
             (self.path / "cache.json").write_text(json.dumps({"version": 1, "created": time.time(), **meta},

@@ -77,6 +77,9 @@ POINTER = "latest"
 _PREFIX = "step-"
 _TMP = ".tmp-step-"
 _TRASH = ".trash-"
+REPLACED = ".replaced-"
+"""The old copy of a step being re-saved (the guard's rollback re-saves its target), between the two renames
+that swap the new copy in: a process killed there leaves it as the step's only copy, put back at resume."""
 _FORMAT = 1
 _RECORD_FIX = "resume with the same settings, or start the new run in another --train.output_dir"
 
@@ -395,10 +398,10 @@ class CheckpointManager:
         _write_atomic(tmp / MARKER, json.dumps(meta, indent=1, sort_keys=True) + "\n")
         final = self.step_dir(step)
         if final.exists():  # re-saving a step: swap, then delete the old copy
-            trash = self.root / f"{_TRASH}{final.name}.{self.writer}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
+            old = self.root / f"{REPLACED}{final.name}.{self.writer}"
+            os.replace(final, old)
+            os.replace(tmp, final)  # killed before this line: restore_replaced() puts the old copy back
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         _fsync_dir(self.root)
@@ -422,6 +425,22 @@ class CheckpointManager:
         for p in self.checkpoints():
             if p not in kept and (_step_of(p) or 0) < (oldest or 0) and _step_of(p) not in self.protected:
                 shutil.rmtree(p, ignore_errors=True)
+
+    def restore_replaced(self) -> None:
+        """Rank 0: a step whose re-save was killed between its two renames gets its old copy back; leftovers of
+        completed swaps are deleted. Only the folder's lock holder may (another writer may be mid-swap)."""
+        if not (self.env.is_main and self.owns_folder and self.root.is_dir()):
+            return
+        for p in self.root.iterdir():
+            if not p.name.startswith(REPLACED) or not p.is_dir():
+                continue
+            final = self.root / p.name[len(REPLACED):].split(".")[0]  # writer tokens hold no dots
+            if final.exists() or _step_of(final) is None:
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.replace(p, final)
+                log.warning("checkpoint %s: its re-save was interrupted; the previous copy is restored", final.name)
+        _fsync_dir(self.root)
 
     def discard_after(self, step: int) -> None:
         """Delete every checkpoint newer than ``step`` (a rolled-back branch); collective."""
@@ -581,6 +600,7 @@ class CheckpointManager:
             return None
         if resume != "auto":
             return self.load(app_state, resume)
+        self.restore_replaced()
         found = [str(p) for p in self.checkpoints()] if self.env.is_main else None
         candidates = self.env.broadcast_object(found)
         skipped: list[tuple[Path, str | None]] = []

@@ -15,9 +15,11 @@ trainer writes a checkpoint at its step (the rollback target). One that trips:
 
 Resumable: the guard's state (baseline, recent probes, trips, rollbacks, the last passing step, the
 accumulated training signals) is an entry of the checkpoint. A kill -9 after a rollback resumes from the
-re-saved restored step with the lowered setting (tested bit-for-bit); one during a rollback resumes from an
-earlier checkpoint and replays to the same trip and the same rollback (probes and training are deterministic;
-not yet tested).
+re-saved restored step with the lowered setting; one during a rollback resumes from an earlier checkpoint
+(the trip's, the target's, or the target's previous copy when the kill fell inside its re-save:
+:meth:`~dmdr.distributed.CheckpointManager.restore_replaced`) and replays to the same trip and the same
+rollback, probes and training being deterministic. Both end bit for bit as the uninterrupted run
+(``tests/e2e/test_guard_actions.py``, SIGKILL at five points).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 from dmdr.errors import UserError
 from dmdr.guard.probe import run_probe
 from dmdr.guard.rules import evaluate
+from dmdr.guard.scorers import ProbeScorers
 from dmdr.observability import reduce_over_ranks
 
 log = logging.getLogger("dmdr")
@@ -71,11 +74,15 @@ class Guard:
         trainer: the :class:`~dmdr.trainer.DMDRTrainer`.
         checkpoints: the run's :class:`~dmdr.distributed.CheckpointManager` (rollback loads from it).
         output_dir: where ``guard.jsonl`` goes (rank 0).
+        scorers: the probe's CLIP / aesthetic / LPIPS models (:mod:`dmdr.guard.scorers`); None: loaded here from
+            ``guard.clip_model`` etc. (:func:`dmdr.build.build_run` loads them before the models, so a bad path
+            fails fast).
     """
 
     optional = True
 
-    def __init__(self, cfg: Any, trainer: Any, checkpoints: Any, output_dir: str | Path | None = None):
+    def __init__(self, cfg: Any, trainer: Any, checkpoints: Any, output_dir: str | Path | None = None,
+                 scorers: ProbeScorers | None = None):
         self.cfg = cfg
         self.g = cfg.guard
         self.trainer = trainer
@@ -87,6 +94,7 @@ class Guard:
             raise UserError("--guard.action needs probe prompts: set --guard.prompts or --log.sample_prompts")
         self._base_lr = (cfg.optim.generator_lr, cfg.optim.rl_generator_lr)
         self._base_weights = [w for _, w in trainer.engine.rewards]
+        self.scorers = scorers if scorers is not None else ProbeScorers.from_config(self.g, trainer.device)
         self.state = _fresh_state()
 
     # ------------------------------------------------------------------ Stateful
@@ -171,7 +179,7 @@ class Guard:
         self._accumulate(metrics)
         if not self.due(k):
             return NOTHING
-        signals, images = run_probe(trainer, self.prompts, self.g.seeds)
+        signals, images = run_probe(trainer, self.prompts, self.g.seeds, self.scorers)
         signals.update(self._training_signals())
         if "train/reward" in signals and "probe/reward" in signals:
             signals["probe/reward_gap"] = signals["train/reward"] - signals["probe/reward"]
@@ -193,7 +201,9 @@ class Guard:
             st["last_passed"] = k
             self._protect()
             return Verdict(probed=True, passed=True)
-        evidence = {t.rule: t.evidence for t in trips}
+        evidence: dict[str, dict[str, float]] = {}
+        for t in trips:  # one rule may trip on several signals (the diversity measures)
+            evidence.setdefault(t.rule, {}).update(t.evidence)
         text = "; ".join(t.message for t in trips)
         action = self.g.action
         if action == "rollback" and (st["rollbacks"] >= self.g.max_rollbacks or st["last_passed"] < 0):

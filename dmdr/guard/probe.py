@@ -1,6 +1,13 @@
 """The health probe: the student's few-step samples of fixed held-out prompts and fixed noise, scored with
 signals that exist for real models (:mod:`dmdr.guard.signals`, the configured rewards, the critic's
-denoising loss relative to the teacher's on the same samples).
+denoising loss relative to the teacher's on the same samples, and the CLIP / aesthetic / LPIPS models of
+:mod:`dmdr.guard.scorers` where configured).
+
+Seed diversity is measured in pixels (``probe/diversity``) and in the VAE's latent space
+(``probe/diversity_latent``: the student's latents, which is where the VAE encoder maps images, up to its
+reconstruction error): a feature distance every latent model has without downloading anything. It is coarser
+than LPIPS (``--guard.lpips_weights``, whose ImageNet trunk must be fetched once by the user) or CLIP
+(``--guard.clip_model``), which the probe adds when given local weights.
 
 The prompts, the noise and the renoising levels are the same at every probe (their own generators,
 seeded by constants), so the numbers of two probes are comparable, a resumed run probes exactly as the
@@ -14,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dmdr.guard.signals import image_signals, nonfinite_count
+from dmdr.guard.signals import image_signals, nonfinite_count, seed_diversity
 from dmdr.losses.dmd import critic_loss
 from dmdr.models.base import conditioning_to
 from dmdr.sampling import few_step_sample
@@ -35,12 +42,15 @@ def _tile(cond: Any, times: int) -> Any:
 
 
 @torch.no_grad()
-def run_probe(trainer: Any, prompts: list[str], seeds: int) -> tuple[dict[str, float], Tensor]:
+def run_probe(trainer: Any, prompts: list[str], seeds: int, scorers: Any = None) -> tuple[dict[str, float], Tensor]:
     """Sample ``prompts`` x ``seeds`` with the student and score them; returns (signals, images seed-major).
 
     Collective under FSDP2 (every rank runs the same forwards); every rank gets the same numbers.
+
+    Args:
+        scorers: the configured :class:`~dmdr.guard.scorers.ProbeScorers`, or None.
     """
-    cfg = trainer.cfg
+    cfg, engine = trainer.cfg, trainer.engine
     cond = _conditioning(trainer, prompts)
     shape = (len(prompts), *trainer.backbone.latent_shape(cfg.model.resolution))
     latents, images = [], []
@@ -48,8 +58,8 @@ def run_probe(trainer: Any, prompts: list[str], seeds: int) -> tuple[dict[str, f
         g = torch.Generator(device=trainer.device).manual_seed(PROBE_SEED + s)
         noise = torch.randn(shape, generator=g, device=trainer.device)
         with trainer.autocast():
-            x0 = few_step_sample(trainer.roles.generator_fn, noise, cond, trainer.engine.timesteps,
-                                 trainer.engine.param, mode=cfg.dmd.sampler, generator=g)
+            x0 = few_step_sample(trainer.roles.generator_fn, noise, cond, engine.timesteps, engine.param,
+                                 mode=cfg.dmd.sampler, generator=g)
             latents.append(x0.float())
             images.append(trainer.backbone.codec.decode(x0).float())
     x0 = torch.cat(latents)
@@ -57,10 +67,13 @@ def run_probe(trainer: Any, prompts: list[str], seeds: int) -> tuple[dict[str, f
     all_prompts = list(prompts) * seeds
     signals = image_signals(pics, seeds)
     signals["probe/nonfinite"] += nonfinite_count(x0)
-    if trainer.engine.rewards:
+    signals["probe/diversity_latent"] = seed_diversity(torch.nan_to_num(x0), seeds)
+    shown = torch.nan_to_num(pics, nan=0.0).clamp(0, 1)
+    if scorers is not None:
+        signals.update(scorers.signals(shown, all_prompts, seeds))
+    if engine.rewards:
         total = 0.0
-        shown = torch.nan_to_num(pics, nan=0.0).clamp(0, 1)
-        for reward, weight in trainer.engine.rewards:
+        for reward, weight in engine.rewards:
             value = reward(shown, all_prompts).float().mean().item()
             signals[f"probe/reward/{reward.name}"] = value
             total += weight * value

@@ -9,22 +9,29 @@ rule              trips when                                                    
 saturation        mean HSV saturation - baseline > ``max_saturation_rise``         0.15
 colourfulness     colourfulness / baseline - 1 > ``max_colourfulness_rise``        1.0
 clipped           clipped-pixel fraction - baseline > ``max_clipped_rise``         0.1
-diversity         seed diversity / baseline < ``min_diversity_ratio``              0.5
+diversity         seed diversity / baseline < ``min_diversity_ratio``, for each     0.5
+                  measure (pixels, VAE latents; CLIP, LPIPS where configured)
 critic_teacher    (critic / teacher loss) / baseline < ``min_critic_teacher_ratio``0.85
 dmd_grad          DMD gradient scale / baseline > ``max_dmd_grad_rise``            3.0
 reward_gap        training-batch reward - probe reward > ``max_reward_gap``        0.25
+clip_score        CLIP score / baseline < ``min_clip_score_ratio``                 0.9
+aesthetic         baseline aesthetic score - aesthetic > ``max_aesthetic_drop``     0.5
 nonfinite         any non-finite probe pixel, or a skipped (non-finite) step since the last probe
 trend             saturation or colourfulness rose at each of the last ``trend_window`` probes, by more
                   than half its threshold in all                                   3 probes
 ================  ==============================================================  =========
 
-A signal absent from either probe (no DMD loss, no RL yet) is not judged.
+A signal absent from either probe (no DMD loss, no RL yet, no CLIP configured) is not judged. The CLIP and
+aesthetic thresholds are starting points, not measurements (the shapes world has no CLIP).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+DIVERSITY_SIGNALS = ("probe/diversity", "probe/diversity_latent", "probe/diversity_clip", "probe/diversity_lpips")
+"""Seed diversity in pixels, in the VAE's latent space, of CLIP image embeddings, LPIPS (:mod:`dmdr.guard.probe`)."""
 
 
 @dataclass(frozen=True)
@@ -69,11 +76,19 @@ def evaluate(latest: dict[str, float], baseline: dict[str, float], history: list
     if have("probe/clipped") and latest["probe/clipped"] - baseline["probe/clipped"] > cfg.max_clipped_rise:
         trip("clipped", "probe/clipped", f"clipped pixels {baseline['probe/clipped']:.3f} -> "
              f"{latest['probe/clipped']:.3f} (rise > {cfg.max_clipped_rise})")
-    if have("probe/diversity"):
-        ratio = _ratio(latest["probe/diversity"], baseline["probe/diversity"])
+    for key in filter(have, DIVERSITY_SIGNALS):
+        ratio = _ratio(latest[key], baseline[key])
         if ratio < cfg.min_diversity_ratio:
-            trip("diversity", "probe/diversity", f"seed diversity at {ratio:.2f} of baseline (< "
-                 f"{cfg.min_diversity_ratio})")
+            trip("diversity", key, f"{key} at {ratio:.2f} of baseline (< {cfg.min_diversity_ratio}): the seeds of "
+                 f"a prompt look alike")
+    if have("probe/clip_score"):
+        ratio = _ratio(latest["probe/clip_score"], baseline["probe/clip_score"])
+        if ratio < cfg.min_clip_score_ratio:
+            trip("clip_score", "probe/clip_score", f"CLIP score {baseline['probe/clip_score']:.2f} -> "
+                 f"{latest['probe/clip_score']:.2f} ({ratio:.2f} of baseline < {cfg.min_clip_score_ratio})")
+    if have("probe/aesthetic") and baseline["probe/aesthetic"] - latest["probe/aesthetic"] > cfg.max_aesthetic_drop:
+        trip("aesthetic", "probe/aesthetic", f"aesthetic score {baseline['probe/aesthetic']:.2f} -> "
+             f"{latest['probe/aesthetic']:.2f} (drop > {cfg.max_aesthetic_drop})")
     if have("probe/critic_teacher_ratio"):
         ratio = _ratio(latest["probe/critic_teacher_ratio"], baseline["probe/critic_teacher_ratio"])
         if ratio < cfg.min_critic_teacher_ratio:

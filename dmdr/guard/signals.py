@@ -2,12 +2,15 @@
 
 Reward hacking and collapse show in them before anyone looks: HPS/PickScore-driven runs drift to
 saturated colour, DMD runs over-saturate or collapse to blank or static frames, mode collapse makes
-the seeds of one prompt look alike. All take RGB images in ``[0, 1]``, shape ``(B, 3, H, W)``.
+the seeds of one prompt look alike. The colour statistics take RGB images in ``[0, 1]``, shape
+``(B, 3, H, W)``; the diversity measures take any per-sample tensor (images, latents, embeddings) laid
+out seed-major, as the probe samples them: all prompts of seed 0, then all prompts of seed 1, ...
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 CLIP_LOW, CLIP_HIGH = 1 / 255, 254 / 255
@@ -38,17 +41,35 @@ def clipped_fraction(images: Tensor) -> float:
     return ((x <= CLIP_LOW) | (x >= CLIP_HIGH)).float().mean().item()
 
 
-def seed_diversity(images: Tensor, seeds: int) -> float:
-    """Mean RMS distance between the images of one prompt drawn with different seeds.
+def seed_diversity(samples: Tensor, seeds: int) -> float:
+    """Mean RMS distance between the samples of one prompt drawn with different seeds.
+
+    Works on any per-sample tensor: images (pixel diversity) or the student's latents (the VAE's latent
+    space, a feature space every latent model has without downloading anything).
 
     Args:
-        images: ``(seeds * P, 3, H, W)``, seed-major (all prompts of seed 0, then of seed 1, ...).
+        samples: ``(seeds * P, ...)``, seed-major.
     """
-    x = images.float().reshape(seeds, -1, *images.shape[1:])
+    x = samples.float().reshape(seeds, -1, *samples.shape[1:])
     total, pairs = 0.0, 0
     for i in range(seeds):
         for j in range(i + 1, seeds):
             total += (x[i] - x[j]).pow(2).flatten(1).mean(dim=1).sqrt().mean().item()
+            pairs += 1
+    return total / pairs
+
+
+def cosine_diversity(features: Tensor, seeds: int) -> float:
+    """Mean ``1 - cos`` between the embeddings (e.g. CLIP image features) of one prompt's seeds.
+
+    Args:
+        features: ``(seeds * P, D)``, seed-major.
+    """
+    f = F.normalize(features.float().flatten(1), dim=-1).reshape(seeds, -1, features[0].numel())
+    total, pairs = 0.0, 0
+    for i in range(seeds):
+        for j in range(i + 1, seeds):
+            total += (1 - (f[i] * f[j]).sum(dim=-1)).mean().item()
             pairs += 1
     return total / pairs
 

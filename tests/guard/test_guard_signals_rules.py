@@ -76,7 +76,9 @@ def test_seed_diversity_is_the_mean_pairwise_rms_distance_per_prompt():
 
 
 BASE = {"probe/saturation": 0.4, "probe/colourfulness": 0.3, "probe/clipped": 0.02, "probe/diversity": 0.2,
-        "probe/critic_teacher_ratio": 1.0, "train/dmd_grad": 0.1, "probe/nonfinite": 0.0}
+        "probe/diversity_latent": 1.0, "probe/diversity_clip": 0.3, "probe/diversity_lpips": 0.5,
+        "probe/clip_score": 30.0, "probe/aesthetic": 5.0, "probe/critic_teacher_ratio": 1.0, "train/dmd_grad": 0.1,
+        "probe/nonfinite": 0.0}
 
 
 @pytest.mark.parametrize(("change", "rule"), [
@@ -84,6 +86,11 @@ BASE = {"probe/saturation": 0.4, "probe/colourfulness": 0.3, "probe/clipped": 0.
     ({"probe/colourfulness": 0.61}, "colourfulness"),
     ({"probe/clipped": 0.13}, "clipped"),
     ({"probe/diversity": 0.09}, "diversity"),
+    ({"probe/diversity_latent": 0.4}, "diversity"),
+    ({"probe/diversity_clip": 0.14}, "diversity"),
+    ({"probe/diversity_lpips": 0.2}, "diversity"),
+    ({"probe/clip_score": 26.0}, "clip_score"),
+    ({"probe/aesthetic": 4.4}, "aesthetic"),
     ({"probe/critic_teacher_ratio": 0.8}, "critic_teacher"),
     ({"train/dmd_grad": 0.31}, "dmd_grad"),
     ({"probe/reward_gap": 0.3}, "reward_gap"),
@@ -94,9 +101,10 @@ def test_each_rule_trips_on_its_own_evidence_and_not_just_below(change, rule):
     cfg = GuardConfig(trend_window=0)
     latest = {**BASE, **change}
     trips = evaluate(latest, BASE, [BASE, latest], cfg)
-    assert [t.rule for t in trips] == [rule] and "\n" not in trips[0].message
-    # Just inside the limit (half way from the baseline): nothing.
     key, value = next(iter(change.items()))
+    assert [t.rule for t in trips] == [rule] and "\n" not in trips[0].message
+    assert trips[0].evidence[key] == value  # the evidence names the signal that tripped
+    # Just inside the limit (half way from the baseline): nothing.
     inside = {**BASE, key: (BASE.get(key, 0.0) + value) / 2} if key not in ("probe/nonfinite",
                                                                             "train/skipped_since_probe") else BASE
     if key == "probe/reward_gap":

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_helpers import tiny_config, tool
 
 from dmdr import export
 from dmdr.build import build_models
@@ -27,6 +26,7 @@ from dmdr.models.families import family_spec
 from dmdr.models.lora import lora_layers
 from dmdr.models.tiny_lora import write_random_lora
 from dmdr.returbo import denoiser_shapes
+from tests.tiny_helpers import tiny_config, tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer_faults import COMPARED, _cmd, _metrics, _run, _trained_tensors
+
+from tests.distributed.test_trainer_faults import COMPARED, _cmd, _metrics, _run, _trained_tensors
 
 pytestmark = pytest.mark.slow
 

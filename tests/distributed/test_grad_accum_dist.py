@@ -8,7 +8,6 @@ import dataclasses
 
 import pytest
 import torch
-from dist_toy import full_params, run_workers
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -19,6 +18,7 @@ from dmdr.rewards.analytic import RegionReward
 from dmdr.worlds import GaussianMixtureWorld, ToyDMDRConfig
 from dmdr.worlds.gaussians import MLPDenoiser
 from dmdr.worlds.toy_dmdr import toy_engine
+from tests.distributed.dist_toy import full_params, run_workers
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_toy import full_params, run_workers
 from safetensors.torch import load_file
 
 from dmdr.build import build_models
@@ -16,6 +15,7 @@ from dmdr.config import TrainConfig
 from dmdr.distributed import DistEnv, build_mesh
 from dmdr.models.tiny import build_tiny_sd3
 from dmdr.models.tiny_lora import write_random_lora
+from tests.distributed.dist_toy import full_params, run_workers
 
 pytestmark = pytest.mark.slow
 

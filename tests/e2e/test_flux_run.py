@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_release import _few_step, _load_lora
 
 from dmdr import export
 from dmdr.launch import run
@@ -18,6 +17,7 @@ from dmdr.models.flux import pack_latents
 from dmdr.models.flux2 import unpatchify
 from dmdr.sampling import few_step_sample
 from dmdr.schedules import few_step_timesteps
+from tests.e2e.test_release import _few_step, _load_lora
 from tests.tiny_helpers import load_recipe, one_error_line, tiny_config, tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

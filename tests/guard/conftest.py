@@ -1,27 +1,10 @@
-"""Fixtures for the guard tests: the reward tests' tiny CLIP checkpoints (loaded from their conftest, as saved
-there in the layouts the real ones ship in), a tiny LAION aesthetic head and a random LPIPS state dict."""
+"""Fixtures for the guard tests: a tiny LAION aesthetic head and a random LPIPS state dict (the tiny CLIP
+checkpoints, ``tiny_arch`` and ``clip_folder``, are session fixtures of ``tests/tiny_models.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-TESTS = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_rewards = _load("_dmdr_guard_reward_fixtures", TESTS / "rewards" / "conftest.py")
-tiny_arch = _rewards.tiny_arch
-clip_folder = _rewards.clip_folder
 
 
 @pytest.fixture(scope="module")

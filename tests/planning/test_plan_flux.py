@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from test_plan_estimates import _count, _real_block, measured_saved_bytes
 
 from dmdr.build import build_roles
 from dmdr.config import TrainConfig
@@ -18,6 +17,7 @@ from dmdr.planning.activations import Tokens
 from dmdr.planning.flops import flux_block_flops, flux_single_block_flops
 from dmdr.planning.memory import denoiser_activations, tokens_of
 from dmdr.planning.specs import build_model_spec
+from tests.planning.test_plan_estimates import _count, _real_block, measured_saved_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,7 +17,7 @@ BUILDING_BLOCKS = {
 """``dmdr.<name>`` packages and modules below the run: they import each other only."""
 ASSEMBLY = {
     "build", "checkpoint_sampling", "cli", "engine", "evaluation", "export", "guard", "launch", "launcher",
-    "planning", "preflight", "recipes", "trainer", "worlds",
+    "planning", "preflight", "recipes", "returbo", "trainer", "worlds",
 }
 """``dmdr.<name>`` packages and modules that assemble the building blocks (and may import each other)."""
 

@@ -25,8 +25,9 @@ def test_sd35_on_a100_40_is_advised_to_accumulate_not_to_shrink(capsys):
 
     from dmdr.cli import plan as plan_tool
 
-    assert plan_tool.main(["--recipe", "sd35_dmdr", "--gpu", "a100-40", "--json", "-"]) == 1
+    assert plan_tool.main(["--recipe", "sd35_dmdr", "--gpu", "a100-40", "--json", "-"]) == 0  # JSON: the verdict inside
     data = json.loads(capsys.readouterr().out)
+    assert not data["fits"]  # the recipe as it is does not fit an A100-40
     fix = data["advice"]["overrides"]
     assert data["advice"]["fits"] and int(fix["train.grad_accum"]) >= 2
     assert "data.batch_size" not in fix and "data.rl_batch_size" not in fix

@@ -70,10 +70,6 @@ class FamilySpec:
     """The ``_class_name`` its folders' ``model_index.json`` declares."""
     load: Callable[[ModelFolder, LoadOptions], Backbone]
     """The adapter's loader (honours ``options.defer_denoiser``)."""
-    required_components: Callable[[ModelFolder, LoadOptions], list[str]]
-    """Every component :attr:`load` reads, checked before the first weight is."""
-    text_components: Callable[[ModelFolder, LoadOptions], list[str]]
-    """The text encoders' and tokenizers' components."""
     load_text_encoder: Callable[[ModelFolder, LoadOptions], TextEncoder]
     """Only the frozen text encoder(s) and tokenizer(s) (for tools that only encode prompts)."""
     denoiser_class: type[Denoiser]
@@ -102,3 +98,22 @@ class FamilySpec:
     embedded_guidance: bool = False
     """The pipeline's ``guidance_scale`` feeds a guidance embedding (FLUX.1-dev), not CFG: exports call it at the
     run's ``dmd.generator_guidance`` (see :mod:`dmdr.guidance`)."""
+    text_component_names: tuple[str, ...] = ()
+    """The text encoders' and tokenizers' components, when every folder of the family has the same ones."""
+    folder_text_components: Callable[[ModelFolder, LoadOptions], list[str]] | None = None
+    """Instead of :attr:`text_component_names`, when they depend on the folder (SD3's optional T5 pair)."""
+    extra_components: tuple[str, ...] = ()
+    """Components :attr:`load` reads beside the denoiser, ``vae`` and the text ones (SDXL's ``scheduler``)."""
+
+    def text_components(self, folder: ModelFolder, options: LoadOptions) -> list[str]:
+        """The text encoders' and tokenizers' components of ``folder``."""
+        if self.folder_text_components is not None:
+            return self.folder_text_components(folder, options)
+        return list(self.text_component_names)
+
+    def required_components(self, folder: ModelFolder, options: LoadOptions) -> list[str]:
+        """Every component :attr:`load` reads, checked before the first weight is."""
+        names = [self.denoiser_component, "vae", *self.extra_components]
+        if options.load_text_encoder:
+            names += self.text_components(folder, options)
+        return names

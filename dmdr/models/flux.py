@@ -28,7 +28,7 @@ Per-sample LoRA scales: every attention projection of the double- and single-str
 
 from __future__ import annotations
 
-import logging
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -36,11 +36,10 @@ from torch import Tensor, nn
 from dmdr.guidance import CFG, GUIDANCE_KEY, ScoreRule
 from dmdr.models.base import Backbone, Conditioning, Denoiser
 from dmdr.models.family import FamilySpec, LoraFormat, PlannerHooks
-from dmdr.models.folder import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
+from dmdr.models.folder import LoadOptions, ModelFolder, load_transformer_and_vae
+from dmdr.models.text import FrozenPromptEncoder, load_frozen_text_encoder
 from dmdr.models.vae import AutoencoderKLCodec
 from dmdr.parameterization import FlowMatching
-
-log = logging.getLogger("dmdr")
 
 LORA_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -128,71 +127,35 @@ class FluxDenoiser(Denoiser):
         return [*self.net.transformer_blocks, *self.net.single_transformer_blocks]
 
 
-class FluxTextEncoder:
-    """CLIP (pooled) and T5 (sequence) with ``FluxPipeline.encode_prompt``'s encoding (see the module doc)."""
+class FluxTextEncoder(FrozenPromptEncoder):
+    """CLIP (pooled) and T5 (sequence) with ``FluxPipeline.encode_prompt``'s encoding (see the module doc).
+
+    :attr:`truncated` counts the prompts whose T5 tokens were cut to ``max_sequence_length``.
+    """
 
     def __init__(self, tokenizer, text_encoder: nn.Module, tokenizer_2, text_encoder_2: nn.Module,
                  max_sequence_length: int = 512):
+        super().__init__(text_encoder, text_encoder_2)
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
         self.max_sequence_length = max_sequence_length
-        self.truncated = 0
-        """Prompts whose T5 tokens were cut to ``max_sequence_length`` so far."""
-        self._negative: Conditioning | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder.device
-
-    def modules(self) -> list[nn.Module]:
-        return [self.text_encoder, self.text_encoder_2]
-
-    def to(self, device: torch.device | str) -> FluxTextEncoder:
-        for m in self.modules():
-            m.to(device)
-        self._negative = None
-        return self
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
         """``{"prompt_embeds": (B, max_sequence_length, D_t5), "pooled_prompt_embeds": (B, D_clip)}``."""
         prompts = list(prompts)
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length).input_ids
         pooled = self.text_encoder(ids.to(self.device), output_hidden_states=False).pooler_output
-        length = self.max_sequence_length
-        ids_2 = self.tokenizer_2(prompts, padding="max_length", max_length=length, truncation=True,
-                                 return_tensors="pt").input_ids
-        cut = sum(len(x) > length for x in self.tokenizer_2(prompts).input_ids)
-        if cut:
-            self.truncated += cut
-            log.debug("%d prompt(s) truncated to %d T5 tokens", cut, length)
+        ids_2 = self.tokenize(self.tokenizer_2, prompts, self.max_sequence_length, count_as="T5").input_ids
         embeds = self.text_encoder_2(ids_2.to(self.text_encoder_2.device), output_hidden_states=False)[0]
         return {"prompt_embeds": embeds.to(self.text_encoder_2.dtype),
                 "pooled_prompt_embeds": pooled.to(self.text_encoder.dtype)}
 
-    def negative(self) -> Conditioning:
-        """The empty prompt, batch 1, encoded once (true CFG's negative)."""
-        if self._negative is None:
-            self._negative = self.encode([""])
-        return self._negative
-
-
-def text_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
-    return list(TEXT_COMPONENTS)
-
-
-def required_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
-    return ["transformer", "vae", *(text_components(folder, options) if options.load_text_encoder else ())]
-
 
 def load_text_encoder(folder: ModelFolder, options: LoadOptions) -> FluxTextEncoder:
     """The frozen CLIP and T5 of ``folder`` on ``options.device`` (no transformer or VAE weights read)."""
-    parts = {n: folder.load(n, options.dtype) for n in TEXT_COMPONENTS}
-    text_encoder = FluxTextEncoder(parts["tokenizer"], parts["text_encoder"], parts["tokenizer_2"],
-                                   parts["text_encoder_2"], max_sequence_length=options.max_sequence_length)
-    freeze(*text_encoder.modules())
-    return text_encoder.to(options.device)
+    return load_frozen_text_encoder(folder, options, TEXT_COMPONENTS, partial(
+        FluxTextEncoder, max_sequence_length=options.max_sequence_length))
 
 
 def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
@@ -213,8 +176,8 @@ def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
 
 
 FAMILY = FamilySpec(
-    name="flux", pipeline_class="FluxPipeline", load=load, required_components=required_components,
-    text_components=text_components, load_text_encoder=load_text_encoder, denoiser_class=FluxDenoiser,
+    name="flux", pipeline_class="FluxPipeline", load=load, text_component_names=TEXT_COMPONENTS,
+    load_text_encoder=load_text_encoder, denoiser_class=FluxDenoiser,
     lora_targets=LORA_TARGETS, no_cfg_guidance=DEFAULT_GUIDANCE, lora_format=LoraFormat("transformer"),
     single_file_class="FluxTransformer2DModel", embedded_guidance=True, pipeline_latents=pack_latents,
     planner=PlannerHooks(flops="dmdr.planning.flops:flux_network_flops",

@@ -30,13 +30,15 @@ Per-sample LoRA scales: the double-stream attention projections and the single-s
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from dmdr.models.base import Backbone, Conditioning, Denoiser
 from dmdr.models.family import FamilySpec, LoraFormat
-from dmdr.models.folder import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
+from dmdr.models.folder import LoadOptions, ModelFolder, load_transformer_and_vae
+from dmdr.models.text import FrozenPromptEncoder, chat_prompt, load_frozen_text_encoder
 from dmdr.parameterization import FlowMatching
 
 log = logging.getLogger("dmdr")
@@ -145,70 +147,34 @@ class Flux2Codec:
         return self
 
 
-class Flux2TextEncoder:
+class Flux2TextEncoder(FrozenPromptEncoder):
     """Qwen3 with ``Flux2KleinPipeline.encode_prompt``'s encoding (see the module doc)."""
 
     def __init__(self, tokenizer, text_encoder: nn.Module, max_sequence_length: int = 512):
+        super().__init__(text_encoder)
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.max_sequence_length = max_sequence_length
-        self.truncated = 0
-        """Prompts whose tokens were cut to ``max_sequence_length`` so far."""
-        self._negative: Conditioning | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder.device
-
-    def modules(self) -> list[nn.Module]:
-        return [self.text_encoder]
-
-    def to(self, device: torch.device | str) -> Flux2TextEncoder:
-        self.text_encoder.to(device)
-        self._negative = None
-        return self
 
     def format(self, prompt: str) -> str:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True, enable_thinking=False)
+        return chat_prompt(self.tokenizer, prompt, thinking=False)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
         """``{"prompt_embeds": (B, max_sequence_length, 3 D)}`` (padded positions included, as the pipeline)."""
-        texts = [self.format(p) for p in prompts]
-        length = self.max_sequence_length
-        inputs = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        cut = sum(len(x) > length for x in self.tokenizer(texts).input_ids)
-        if cut:
-            self.truncated += cut
-            log.debug("%d prompt(s) truncated to %d Qwen tokens", cut, length)
+        inputs = self.tokenize(self.tokenizer, [self.format(p) for p in prompts], self.max_sequence_length,
+                               count_as="Qwen")
         out = self.text_encoder(input_ids=inputs.input_ids.to(self.device),
                                 attention_mask=inputs.attention_mask.to(self.device), output_hidden_states=True,
                                 use_cache=False)
         hidden = torch.stack([out.hidden_states[k] for k in HIDDEN_STATES_LAYERS], dim=2)  # (B, L, 3, D)
         return {"prompt_embeds": hidden.reshape(*hidden.shape[:2], -1).to(self.text_encoder.dtype)}
 
-    def negative(self) -> Conditioning:
-        """The pipeline's negative prompt ``""``, batch 1, encoded once."""
-        if self._negative is None:
-            self._negative = self.encode([""])
-        return self._negative
-
-
-def text_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
-    return list(TEXT_COMPONENTS)
-
-
-def required_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
-    return ["transformer", "vae", *(text_components(folder, options) if options.load_text_encoder else ())]
-
 
 def load_text_encoder(folder: ModelFolder, options: LoadOptions) -> Flux2TextEncoder:
     """The frozen Qwen3 and tokenizer of ``folder`` on ``options.device`` (nothing else read)."""
-    text_encoder = Flux2TextEncoder(folder.load("tokenizer"), folder.load("text_encoder", options.dtype),
-                                    max_sequence_length=options.max_sequence_length)
-    freeze(*text_encoder.modules())
-    return text_encoder.to(options.device)
+    return load_frozen_text_encoder(folder, options, TEXT_COMPONENTS, partial(
+        Flux2TextEncoder, max_sequence_length=options.max_sequence_length))
 
 
 def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
@@ -228,8 +194,8 @@ def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
 
 
 FAMILY = FamilySpec(
-    name="flux2", pipeline_class="Flux2KleinPipeline", load=load, required_components=required_components,
-    text_components=text_components, load_text_encoder=load_text_encoder, denoiser_class=Flux2Denoiser,
+    name="flux2", pipeline_class="Flux2KleinPipeline", load=load, text_component_names=TEXT_COMPONENTS,
+    load_text_encoder=load_text_encoder, denoiser_class=Flux2Denoiser,
     lora_targets=LORA_TARGETS, no_cfg_guidance=1.0, lora_format=LoraFormat("transformer"),
     single_file_class="Flux2Transformer2DModel", make_codec=Flux2Codec,
 )

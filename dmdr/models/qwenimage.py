@@ -42,17 +42,16 @@ sample and the 3x-batch teacher call stays one pass.
 
 from __future__ import annotations
 
-import logging
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from dmdr.models.base import Backbone, Conditioning, Denoiser, sequence_lengths
 from dmdr.models.family import FamilySpec, LoraFormat, PlannerHooks
-from dmdr.models.folder import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
+from dmdr.models.folder import LoadOptions, ModelFolder, load_transformer_and_vae
+from dmdr.models.text import FrozenPromptEncoder, load_frozen_text_encoder, valid_tokens_first
 from dmdr.parameterization import FlowMatching
-
-log = logging.getLogger("dmdr")
 
 LORA_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -134,57 +133,35 @@ class QwenImageDenoiser(Denoiser):
         return list(self.net.transformer_blocks)
 
 
-class QwenImageTextEncoder:
+class QwenImageTextEncoder(FrozenPromptEncoder):
     """Qwen2.5-VL with ``QwenImagePipeline._get_qwen_prompt_embeds``'s encoding, padded batch-first (module doc)."""
 
+    negative_prompt = NEGATIVE_PROMPT
+
     def __init__(self, tokenizer, text_encoder: nn.Module, max_sequence_length: int = 512):
+        super().__init__(text_encoder)
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.max_sequence_length = max_sequence_length
-        self.truncated = 0
-        """Prompts whose tokens were cut to ``max_sequence_length`` so far."""
-        self._negative: Conditioning | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.text_encoder.parameters()).device
 
-    def modules(self) -> list[nn.Module]:
-        return [self.text_encoder]
-
-    def to(self, device: torch.device | str) -> QwenImageTextEncoder:
-        self.text_encoder.to(device)
-        self._negative = None
-        return self
-
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
         """``{"prompt_embeds": (B, L, D), "prompt_mask": (B, L) bool}``, ``L`` the longest prompt's tokens."""
-        texts = [PROMPT_TEMPLATE.format(p) for p in prompts]
-        limit = self.max_sequence_length + DROP_IDX
-        inputs = self.tokenizer(texts, max_length=limit, padding=True, truncation=True, return_tensors="pt")
-        cut = sum(len(x) > limit for x in self.tokenizer(texts).input_ids)
-        if cut:
-            self.truncated += cut
-            log.debug("%d prompt(s) truncated to %d Qwen2.5-VL tokens", cut, self.max_sequence_length)
+        inputs = self.tokenize(self.tokenizer, [PROMPT_TEMPLATE.format(p) for p in prompts],
+                               self.max_sequence_length + DROP_IDX, padding=True, count_as="Qwen2.5-VL",
+                               shown_length=self.max_sequence_length)
         ids = inputs.input_ids.to(self.device)
         mask = inputs.attention_mask.to(self.device)
         hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
         valid = mask.bool()
         # Each prompt's tokens wherever the tokenizer pads, less the template's first DROP_IDX, valid tokens first.
-        lengths = (valid.sum(dim=1) - DROP_IDX).clamp(min=0)
-        longest = int(lengths.max())
-        prefix = torch.arange(longest, device=valid.device)[None, :] < lengths[:, None]
         keep = valid & (valid.cumsum(dim=1) > DROP_IDX)
-        embeds = hidden.new_zeros(len(prompts), longest, hidden.shape[-1])
-        embeds[prefix] = hidden[keep]
+        embeds, prefix = valid_tokens_first(hidden, keep, int(keep.sum(dim=1).max()))
         return {"prompt_embeds": embeds, "prompt_mask": prefix}
-
-    def negative(self) -> Conditioning:
-        """Qwen-Image's negative prompt (:data:`NEGATIVE_PROMPT`), batch 1, encoded once."""
-        if self._negative is None:
-            self._negative = self.encode([NEGATIVE_PROMPT])
-        return self._negative
 
 
 class QwenImageCodec:
@@ -228,20 +205,10 @@ class QwenImageCodec:
         return self
 
 
-def text_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
-    return list(TEXT_COMPONENTS)
-
-
-def required_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
-    return ["transformer", "vae", *(text_components(folder, options) if options.load_text_encoder else ())]
-
-
 def load_text_encoder(folder: ModelFolder, options: LoadOptions) -> QwenImageTextEncoder:
     """The frozen Qwen2.5-VL and tokenizer of ``folder`` on ``options.device`` (nothing else read)."""
-    text_encoder = QwenImageTextEncoder(folder.load("tokenizer"), folder.load("text_encoder", options.dtype),
-                                        max_sequence_length=options.max_sequence_length)
-    freeze(*text_encoder.modules())
-    return text_encoder.to(options.device)
+    return load_frozen_text_encoder(folder, options, TEXT_COMPONENTS, partial(
+        QwenImageTextEncoder, max_sequence_length=options.max_sequence_length))
 
 
 def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
@@ -262,8 +229,8 @@ def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
 
 
 FAMILY = FamilySpec(
-    name="qwenimage", pipeline_class="QwenImagePipeline", load=load, required_components=required_components,
-    text_components=text_components, load_text_encoder=load_text_encoder, denoiser_class=QwenImageDenoiser,
+    name="qwenimage", pipeline_class="QwenImagePipeline", load=load, text_component_names=TEXT_COMPONENTS,
+    load_text_encoder=load_text_encoder, denoiser_class=QwenImageDenoiser,
     lora_targets=LORA_TARGETS, no_cfg_guidance=1.0, lora_format=LoraFormat("transformer"),
     single_file_class="QwenImageTransformer2DModel",
     planner=PlannerHooks(flops="dmdr.planning.flops:qwenimage_network_flops",

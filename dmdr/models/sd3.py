@@ -13,7 +13,7 @@ sequence: ``prompt_embeds`` is ``(B, 77 + max_sequence_length, 4096)`` and ``poo
 
 from __future__ import annotations
 
-import logging
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +22,10 @@ from torch import Tensor, nn
 from dmdr.errors import ModelLoadError
 from dmdr.models.base import Backbone, Conditioning, Denoiser
 from dmdr.models.family import FamilySpec, LoraFormat, PlannerHooks
-from dmdr.models.folder import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
+from dmdr.models.folder import LoadOptions, ModelFolder, load_transformer_and_vae
+from dmdr.models.text import FrozenPromptEncoder, load_frozen_text_encoder
 from dmdr.models.vae import AutoencoderKLCodec
 from dmdr.parameterization import FlowMatching
-
-log = logging.getLogger("dmdr")
 
 LORA_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -113,8 +112,10 @@ class JointAttnDispatchProcessor:
         return (out, context) if encoder_hidden_states is not None else out
 
 
-class SD3TextEncoder:
+class SD3TextEncoder(FrozenPromptEncoder):
     """The two CLIPs and T5 with ``StableDiffusion3Pipeline.encode_prompt``'s encoding (no CFG branch).
+
+    :attr:`truncated` counts the prompts whose T5 tokens were cut to ``max_sequence_length``.
 
     Args:
         t5_dim: width of the T5 features; used for the all-zero T5 part when the folder has no T5
@@ -123,48 +124,24 @@ class SD3TextEncoder:
 
     def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, tokenizer_3=None,
                  text_encoder_3=None, max_sequence_length: int = 256, t5_dim: int = 4096):
+        super().__init__(text_encoder, text_encoder_2, text_encoder_3)
         self.tokenizers = (tokenizer, tokenizer_2)
         self.encoders = (text_encoder, text_encoder_2)
         self.tokenizer_3, self.text_encoder_3 = tokenizer_3, text_encoder_3
         self.max_sequence_length = max_sequence_length
         self.clip_max_length = tokenizer.model_max_length
         self.t5_dim = t5_dim
-        self.truncated = 0
-        """Prompts whose T5 tokens were cut to ``max_sequence_length`` so far."""
-        self._negative: Conditioning | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.encoders[0].device
-
-    def modules(self) -> list[nn.Module]:
-        return [m for m in (*self.encoders, self.text_encoder_3) if m is not None]
-
-    def to(self, device: torch.device | str) -> SD3TextEncoder:
-        for m in self.modules():
-            m.to(device)
-        self._negative = None
-        return self
 
     def _clip(self, index: int, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        tokenizer, encoder = self.tokenizers[index], self.encoders[index]
-        ids = tokenizer(prompts, padding="max_length", max_length=self.clip_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        out = encoder(ids.to(self.device), output_hidden_states=True)
+        ids = self.tokenize(self.tokenizers[index], prompts, self.clip_max_length).input_ids
+        out = self.encoders[index](ids.to(self.device), output_hidden_states=True)
         return out.hidden_states[-2].to(self.encoders[0].dtype), out[0]
 
     def _t5(self, prompts: list[str]) -> Tensor:
         if self.text_encoder_3 is None:
             return torch.zeros(len(prompts), self.max_sequence_length, self.t5_dim, device=self.device,
                                dtype=self.encoders[0].dtype)
-        tok = self.tokenizer_3
-        ids = tok(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
-                  add_special_tokens=True, return_tensors="pt").input_ids
-        lengths = [len(x) for x in tok(prompts, add_special_tokens=True).input_ids]
-        cut = sum(n > self.max_sequence_length for n in lengths)
-        if cut:
-            self.truncated += cut
-            log.debug("%d prompt(s) truncated to %d T5 tokens", cut, self.max_sequence_length)
+        ids = self.tokenize(self.tokenizer_3, prompts, self.max_sequence_length, count_as="T5").input_ids
         return self.text_encoder_3(ids.to(self.device))[0].to(self.text_encoder_3.dtype)
 
     @torch.no_grad()
@@ -183,12 +160,6 @@ class SD3TextEncoder:
         return {"prompt_embeds": torch.cat([clip, t5], dim=-2),
                 "pooled_prompt_embeds": torch.cat([p1, p2], dim=-1)}
 
-    def negative(self) -> Conditioning:
-        """The empty prompt, batch 1, encoded once."""
-        if self._negative is None:
-            self._negative = self.encode([""])
-        return self._negative
-
 
 def text_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
     """The CLIP pairs, and the T5 pair when the folder lists it (optional, but only as a pair)."""
@@ -200,13 +171,6 @@ def text_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
     return [*TEXT_COMPONENTS, *t5]
 
 
-def required_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
-    names = ["transformer", "vae"]
-    if options.load_text_encoder:
-        names += text_components(folder, options)
-    return names
-
-
 def load_text_encoder(folder: ModelFolder, options: LoadOptions, t5_dim: int | None = None) -> SD3TextEncoder:
     """The frozen CLIPs and T5 of ``folder`` on ``options.device`` (no transformer or VAE weights read).
 
@@ -215,15 +179,8 @@ def load_text_encoder(folder: ModelFolder, options: LoadOptions, t5_dim: int | N
     """
     if t5_dim is None:
         t5_dim = int(folder.config("transformer")["joint_attention_dim"])
-    parts = {n: folder.load(n, options.dtype) for n in TEXT_COMPONENTS}
-    t5 = {n: folder.load(n, options.dtype) for n in T5_COMPONENTS if folder.declared(n)}
-    text_encoder = SD3TextEncoder(
-        parts["tokenizer"], parts["text_encoder"], parts["tokenizer_2"], parts["text_encoder_2"],
-        t5.get("tokenizer_3"), t5.get("text_encoder_3"), max_sequence_length=options.max_sequence_length,
-        t5_dim=t5_dim,
-    )
-    freeze(*text_encoder.modules())
-    return text_encoder.to(options.device)
+    return load_frozen_text_encoder(folder, options, text_components(folder, options), partial(
+        SD3TextEncoder, max_sequence_length=options.max_sequence_length, t5_dim=t5_dim))
 
 
 def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
@@ -246,8 +203,8 @@ def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
 
 
 FAMILY = FamilySpec(
-    name="sd3", pipeline_class="StableDiffusion3Pipeline", load=load, required_components=required_components,
-    text_components=text_components, load_text_encoder=load_text_encoder, denoiser_class=SD3Denoiser,
+    name="sd3", pipeline_class="StableDiffusion3Pipeline", load=load, folder_text_components=text_components,
+    load_text_encoder=load_text_encoder, denoiser_class=SD3Denoiser,
     lora_targets=LORA_TARGETS, no_cfg_guidance=1.0, lora_format=LoraFormat("transformer"),
     single_file_class="SD3Transformer2DModel",
     planner=PlannerHooks(flops="dmdr.planning.flops:sd3_network_flops",

@@ -31,13 +31,16 @@ broadcasts per sample and the 3x-batch teacher call stays one pass.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
 from dmdr.errors import ModelLoadError
 from dmdr.models.base import Backbone, Conditioning, Denoiser
 from dmdr.models.family import FamilySpec
-from dmdr.models.folder import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
+from dmdr.models.folder import LoadOptions, ModelFolder, load_transformer_and_vae
+from dmdr.models.text import FrozenPromptEncoder, load_frozen_text_encoder
 from dmdr.models.vae import AutoencoderKLCodec
 from dmdr.parameterization import EpsilonPrediction
 
@@ -93,8 +96,10 @@ class SDXLDenoiser(Denoiser):
         return [*net.down_blocks, *([net.mid_block] if net.mid_block is not None else []), *net.up_blocks]
 
 
-class SDXLTextEncoder:
+class SDXLTextEncoder(FrozenPromptEncoder):
     """The two CLIP text encoders with ``StableDiffusionXLPipeline.encode_prompt``'s encoding (see module doc).
+
+    :attr:`truncated` counts the prompts cut to CLIP's 77 tokens.
 
     Args:
         zero_negative: the unconditional conditioning is zeros (the pipeline's ``force_zeros_for_empty_prompt``).
@@ -102,25 +107,10 @@ class SDXLTextEncoder:
 
     def __init__(self, tokenizer, text_encoder: nn.Module, tokenizer_2, text_encoder_2: nn.Module,
                  zero_negative: bool = True):
+        super().__init__(text_encoder, text_encoder_2)
         self.tokenizers = (tokenizer, tokenizer_2)
         self.encoders = (text_encoder, text_encoder_2)
         self.zero_negative = zero_negative
-        self.truncated = 0
-        """Prompts cut to CLIP's 77 tokens so far."""
-        self._negative: Conditioning | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.encoders[0].device
-
-    def modules(self) -> list[nn.Module]:
-        return list(self.encoders)
-
-    def to(self, device: torch.device | str) -> SDXLTextEncoder:
-        for m in self.modules():
-            m.to(device)
-        self._negative = None
-        return self
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
@@ -128,11 +118,8 @@ class SDXLTextEncoder:
         prompts = list(prompts)
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.encoders):
-            length = tokenizer.model_max_length
-            ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                            return_tensors="pt").input_ids
-            if tokenizer is self.tokenizers[0]:
-                self.truncated += sum(len(x) > length for x in tokenizer(prompts).input_ids)
+            count = "CLIP" if tokenizer is self.tokenizers[0] else None  # a prompt counts once
+            ids = self.tokenize(tokenizer, prompts, tokenizer.model_max_length, count_as=count).input_ids
             out = encoder(ids.to(self.device), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:  # the projected pooled output (text_encoder_2)
                 pooled = out[0]
@@ -143,33 +130,17 @@ class SDXLTextEncoder:
         dtype = self.encoders[1].dtype
         return {"prompt_embeds": torch.cat(hidden, dim=-1).to(dtype), "pooled_prompt_embeds": pooled.to(dtype)}
 
-    def negative(self) -> Conditioning:
-        """The unconditional conditioning, batch 1, computed once (zeros or the encoded empty prompt)."""
-        if self._negative is None:
-            neg = self.encode([""])
-            self._negative = {k: torch.zeros_like(v) for k, v in neg.items()} if self.zero_negative else neg
-        return self._negative
-
-
-def text_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
-    return list(TEXT_COMPONENTS)
-
-
-def required_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
-    names = ["unet", "vae", "scheduler"]
-    if options.load_text_encoder:
-        names += text_components(folder, options)
-    return names
+    def unconditional(self) -> Conditioning:
+        """Zeros or the encoded empty prompt (``zero_negative``)."""
+        neg = self.encode([""])
+        return {k: torch.zeros_like(v) for k, v in neg.items()} if self.zero_negative else neg
 
 
 def load_text_encoder(folder: ModelFolder, options: LoadOptions) -> SDXLTextEncoder:
     """The frozen CLIPs of ``folder`` on ``options.device`` (no UNet or VAE weights read)."""
-    parts = {n: folder.load(n, options.dtype) for n in TEXT_COMPONENTS}
-    text_encoder = SDXLTextEncoder(parts["tokenizer"], parts["text_encoder"], parts["tokenizer_2"],
-                                   parts["text_encoder_2"],
-                                   zero_negative=bool(folder.index.get("force_zeros_for_empty_prompt", True)))
-    freeze(*text_encoder.modules())
-    return text_encoder.to(options.device)
+    zero_negative = bool(folder.index.get("force_zeros_for_empty_prompt", True))
+    return load_frozen_text_encoder(folder, options, TEXT_COMPONENTS,
+                                    partial(SDXLTextEncoder, zero_negative=zero_negative))
 
 
 def alphas_cumprod(folder: ModelFolder) -> Tensor:
@@ -208,8 +179,8 @@ def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
 
 
 FAMILY = FamilySpec(
-    name="sdxl", pipeline_class="StableDiffusionXLPipeline", load=load, required_components=required_components,
-    text_components=text_components, load_text_encoder=load_text_encoder, denoiser_class=SDXLDenoiser,
+    name="sdxl", pipeline_class="StableDiffusionXLPipeline", load=load, text_component_names=TEXT_COMPONENTS,
+    extra_components=("scheduler",), load_text_encoder=load_text_encoder, denoiser_class=SDXLDenoiser,
     lora_targets=LORA_TARGETS, denoiser_component="unet", prediction="epsilon", no_cfg_guidance=0.0,
 )
 """No LoRA key format (the UNet's diffusers LoRA names differ: export the merged pipeline), no single-file

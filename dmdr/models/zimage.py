@@ -26,18 +26,17 @@ whole batch flattened to ``(sum L_i, D)``: LoRA there accepts only float scales.
 
 from __future__ import annotations
 
-import logging
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from dmdr.models.base import Backbone, Conditioning, Denoiser
 from dmdr.models.family import FamilySpec, LoraFormat, PlannerHooks
-from dmdr.models.folder import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
+from dmdr.models.folder import LoadOptions, ModelFolder, load_transformer_and_vae
+from dmdr.models.text import FrozenPromptEncoder, chat_prompt, load_frozen_text_encoder, valid_tokens_first
 from dmdr.models.vae import AutoencoderKLCodec
 from dmdr.parameterization import FlowMatching
-
-log = logging.getLogger("dmdr")
 
 LORA_TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
 """Attention projections of the noise refiner, the context refiner and the main layers."""
@@ -66,75 +65,35 @@ class ZImageDenoiser(Denoiser):
         return [*self.net.noise_refiner, *self.net.context_refiner, *self.net.layers]
 
 
-class ZImageTextEncoder:
+class ZImageTextEncoder(FrozenPromptEncoder):
     """Qwen3 with ``ZImagePipeline.encode_prompt``'s formatting, padded batch-first (see module doc)."""
 
     def __init__(self, tokenizer, text_encoder: nn.Module, max_sequence_length: int = 256):
+        super().__init__(text_encoder)
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.max_sequence_length = max_sequence_length
-        self.truncated = 0
-        """Prompts whose tokens were cut to ``max_sequence_length`` so far."""
-        self._negative: Conditioning | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder.device
-
-    def modules(self) -> list[nn.Module]:
-        return [self.text_encoder]
-
-    def to(self, device: torch.device | str) -> ZImageTextEncoder:
-        self.text_encoder.to(device)
-        self._negative = None
-        return self
 
     def format(self, prompt: str) -> str:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True, enable_thinking=True)
+        return chat_prompt(self.tokenizer, prompt, thinking=True)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
         """``{"prompt_embeds": (B, L, D), "prompt_mask": (B, L) bool}``, ``L = max_sequence_length``."""
-        texts = [self.format(p) for p in prompts]
         length = self.max_sequence_length
-        inputs = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True,
-                                return_tensors="pt")
-        cut = sum(len(x) > length for x in self.tokenizer(texts).input_ids)
-        if cut:
-            self.truncated += cut
-            log.debug("%d prompt(s) truncated to %d Qwen tokens", cut, length)
+        inputs = self.tokenize(self.tokenizer, [self.format(p) for p in prompts], length, count_as="Qwen")
         ids = inputs.input_ids.to(self.device)
         mask = inputs.attention_mask.to(self.device).bool()
         out = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        hidden = out.hidden_states[-2]
         # Valid tokens first whatever the tokenizer's padding side (the pipeline keeps hidden[i][mask[i]]).
-        prefix = torch.arange(length, device=mask.device)[None, :] < mask.sum(dim=1, keepdim=True)
-        embeds = hidden.new_zeros(hidden.shape)
-        embeds[prefix] = hidden[mask]
+        embeds, prefix = valid_tokens_first(out.hidden_states[-2], mask, length)
         return {"prompt_embeds": embeds, "prompt_mask": prefix}
-
-    def negative(self) -> Conditioning:
-        """The empty prompt, batch 1, encoded once."""
-        if self._negative is None:
-            self._negative = self.encode([""])
-        return self._negative
-
-
-def text_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
-    return list(TEXT_COMPONENTS)
-
-
-def required_components(folder: ModelFolder, options: LoadOptions) -> list[str]:
-    return ["transformer", "vae", *(text_components(folder, options) if options.load_text_encoder else ())]
 
 
 def load_text_encoder(folder: ModelFolder, options: LoadOptions) -> ZImageTextEncoder:
     """The frozen Qwen3 encoder and tokenizer of ``folder`` on ``options.device`` (nothing else read)."""
-    text_encoder = ZImageTextEncoder(folder.load("tokenizer"), folder.load("text_encoder", options.dtype),
-                                     max_sequence_length=options.max_sequence_length)
-    freeze(*text_encoder.modules())
-    return text_encoder.to(options.device)
+    return load_frozen_text_encoder(folder, options, TEXT_COMPONENTS, partial(
+        ZImageTextEncoder, max_sequence_length=options.max_sequence_length))
 
 
 def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
@@ -155,8 +114,8 @@ def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
 
 
 FAMILY = FamilySpec(
-    name="zimage", pipeline_class="ZImagePipeline", load=load, required_components=required_components,
-    text_components=text_components, load_text_encoder=load_text_encoder, denoiser_class=ZImageDenoiser,
+    name="zimage", pipeline_class="ZImagePipeline", load=load, text_component_names=TEXT_COMPONENTS,
+    load_text_encoder=load_text_encoder, denoiser_class=ZImageDenoiser,
     lora_targets=LORA_TARGETS, no_cfg_guidance=0.0, lora_format=LoraFormat("transformer"),
     single_file_class="ZImageTransformer2DModel",
     planner=PlannerHooks(flops="dmdr.planning.flops:zimage_network_flops",

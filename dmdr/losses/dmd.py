@@ -7,9 +7,10 @@ ALGORITHM.md, generator update, steps 3-5::
     L   = 0.5 * mean (x0 - stopgrad(x0 - g))^2          in fp32
 
 so that ``dL/dx0 = g / numel``. The plain-torch definitions (:func:`dmd_gradient`, :func:`dmd_loss`,
-:func:`score_difference_reference`) are in :mod:`dmdr.losses.dmd_reference`, below the kernels that reproduce
-them; :func:`score_difference` is the whole chain from the raw score predictions (CFG combine, both clean
-estimates, the normalised difference), through the fused kernel when the dispatcher picks Triton.
+:func:`score_difference_reference`) are the kernels' references (:mod:`dmdr.kernels.reference`): the losses
+import the kernels, never the other way. :func:`score_difference` is the whole chain from the raw score
+predictions (CFG combine, both clean estimates, the normalised difference), through the fused kernel when the
+dispatcher picks Triton, with the reference's signature.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from dmdr import kernels
-from dmdr.losses.dmd_reference import dmd_gradient, dmd_loss, score_difference_reference
+from dmdr.kernels.reference import dmd_gradient, dmd_loss, score_difference_reference
 from dmdr.parameterization import (
     EpsilonPrediction,
     FlowMatching,

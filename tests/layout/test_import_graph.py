@@ -46,6 +46,30 @@ def test_the_graph_reads_relative_and_submodule_imports():
     assert "dmdr.models.base" not in graph["dmdr.models.family"]  # under `if TYPE_CHECKING:` only
 
 
+def package_graph(graph: dict[str, set[str]], tops: set[str]) -> dict[str, set[str]]:
+    """The module graph folded onto the top-level packages ``tops`` (``dmdr.losses.dmd`` -> ``losses``)."""
+    folded: dict[str, set[str]] = {t: set() for t in tops}
+    for a, targets in graph.items():
+        folded_targets = {_top(b) for b in targets} & tops
+        if _top(a) in tops:
+            folded[_top(a)] |= folded_targets - {_top(a)}
+    return folded
+
+
+def test_the_package_fold_finds_a_planted_package_circle():
+    graph = {"dmdr.losses.dmd": {"dmdr.kernels"}, "dmdr.kernels": set(),
+             "dmdr.kernels.reference": {"dmdr.losses.dmd_math"}, "dmdr.losses.dmd_math": set()}
+    assert cycles(graph) == []  # no module circle ...
+    assert cycles(package_graph(graph, {"losses", "kernels"})) == [["kernels", "losses"]]  # ... a package one
+
+
+def test_no_import_circles_among_building_block_packages():
+    """Blocks stack: one package uses another, never both ways (losses -> kernels; the kernels' references
+    define the DMD math the losses use, so the kernels never read the losses)."""
+    found = cycles(package_graph(edges(modules()), BUILDING_BLOCKS))
+    assert not found, "package circles among building blocks: " + "; ".join(" <-> ".join(c) for c in found)
+
+
 def test_the_upward_check_finds_a_planted_upward_import():
     graph = {"dmdr.rewards.x": {"dmdr.worlds.shapes.reward", "dmdr.errors"}, "dmdr.worlds.y": {"dmdr.rewards.x"}}
     assert upward_imports(graph) == ["dmdr.rewards.x -> dmdr.worlds.shapes.reward"]

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dmdr.build import build_run
+from dmdr.cli import error_exit
 from dmdr.config import TrainConfig, apply_overrides, describe_fields, to_dict
 from dmdr.distributed.env import collect_released_objects
 from dmdr.engine import TrainingDiverged
@@ -33,6 +34,8 @@ from dmdr.run_folder import record_launch
 log = logging.getLogger("dmdr")
 
 DRY_RUN = "--dry-run"
+DIVERGED_EXIT = 3
+"""Exit code of a run stopped by ``train.max_bad_steps`` non-finite steps in a row."""
 GUARD_STOP_EXIT = 4
 """Exit code of a run the guard stopped (``guard.action stop``, or a trip after the last rollback)."""
 
@@ -89,27 +92,16 @@ def main(recipe: Callable[[], TrainConfig], argv: list[str] | None = None,
         return run(cfg)
     except PreflightError as err:
         # Every rank checks the same inputs; one message per node, not one per rank.
-        if reports(rank, local_rank):
-            print(f"{_where(rank)}error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(err, show=reports(rank, local_rank), rank=rank)
     except GuardStopped as err:
-        if rank == 0:
-            print(f"error: {err}", file=sys.stderr)
-        return GUARD_STOP_EXIT
+        return error_exit(err, show=rank == 0, code=GUARD_STOP_EXIT)
     except UserError as err:
-        if not err.reported_elsewhere and (reports(rank, local_rank) or err.rank_local):
-            print(f"{_where(rank)}error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(err, show=not err.reported_elsewhere and (reports(rank, local_rank) or err.rank_local),
+                          rank=rank)
     except TrainingDiverged as err:  # every rank agrees on finiteness: the same line everywhere
-        if reports(rank, local_rank):
-            print(f"{_where(rank)}error: {err}", file=sys.stderr)
-        return 3
+        return error_exit(err, show=reports(rank, local_rank), rank=rank, code=DIVERGED_EXIT)
     finally:
         collect_released_objects()  # a finished run must not abort at interpreter exit (see its docstring)
-
-
-def _where(rank: int) -> str:
-    return "" if rank == 0 else f"[rank {rank}] "
 
 
 def run(cfg: TrainConfig) -> int:

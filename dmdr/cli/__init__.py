@@ -2,7 +2,8 @@
 
 Run them as ``python tools/<name>.py`` (thin launchers at the paths users know) or as the installed
 ``dmdr-<name>`` commands (``[project.scripts]`` in pyproject.toml). Bad input prints one ``error:`` line and
-exits 2 (:func:`error_exit`); :func:`run_tool` is the whole ``main`` of a one-process tool.
+exits 2 (:func:`error_exit`, which the recipe launcher :mod:`dmdr.launch` also prints its exits 3 and 4 with);
+:func:`run_tool` is the whole ``main`` of a tool.
 
 ``tools/profile.py`` bears the name of the standard library's ``profile``, which ``cProfile`` imports (torch
 does, through ``torch.distributed.checkpoint`` and ``torch._dynamo``). A tool run by path has ``tools/`` first
@@ -33,25 +34,29 @@ def start(parse: Callable[[list[str]], argparse.Namespace], argv: list[str] | No
     return parse(sys.argv[1:] if argv is None else argv)
 
 
-def run_tool(parse: Callable[[list[str]], argparse.Namespace], work: Callable[[argparse.Namespace], str],
+def run_tool(parse: Callable[[list[str]], argparse.Namespace], work: Callable[[argparse.Namespace], str | int],
              argv: list[str] | None) -> int:
-    """A one-process tool's ``main``: :func:`start`, then ``work(args)``, which returns the line printed on success;
-    bad input is its one ``error:`` line and exit code 2 (:func:`error_exit`)."""
+    """A tool's ``main``: :func:`start`, then ``work(args)``, which returns the line printed on success (exit 0)
+    or, for a tool that prints its own report, its exit code; bad input is its one ``error:`` line and exit
+    code 2 (:func:`error_exit`), printed unless another rank of the job prints it (``reported_elsewhere``)."""
     args = start(parse, argv)
     try:
         done = work(args)
     except UserError as e:
-        return error_exit(e)
+        return error_exit(e, show=not e.reported_elsewhere)
+    if isinstance(done, int):
+        return done
     print(done)
     return 0
 
 
-def error_exit(err: UserError, show: bool = True) -> int:
-    """Print ``error: <one line>`` to stderr (unless ``show`` is false: a rank that is not the reporter) and
-    return :data:`EXIT_USER_ERROR`."""
+def error_exit(err: Exception, show: bool = True, rank: int = 0, code: int = EXIT_USER_ERROR) -> int:
+    """Print ``error: <one line>`` to stderr, prefixed ``[rank R]`` off rank 0 (unless ``show`` is false: a rank
+    that is not the reporter) and return ``code`` (default :data:`EXIT_USER_ERROR`)."""
     if show:
-        print(f"error: {err}", file=sys.stderr)
-    return EXIT_USER_ERROR
+        where = "" if rank == 0 else f"[rank {rank}] "
+        print(f"{where}error: {err}", file=sys.stderr)
+    return code
 
 
 def become_stdlib_module(name: str) -> None:

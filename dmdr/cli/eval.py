@@ -25,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dmdr.cli import error_exit
+from dmdr.cli import run_tool
 from dmdr.devices import DTYPES, pick_device
 from dmdr.distributed.env import collect_released_objects, init_distributed
 from dmdr.errors import ConfigError, DataError, UserError
@@ -34,7 +34,6 @@ from dmdr.evaluation.report import markdown_table, summaries, write_report
 from dmdr.evaluation.runner import evaluate_model
 from dmdr.evaluation.samplers import load_model, model_kind
 from dmdr.export import SETTINGS_FILE
-from dmdr.logs import setup_logging
 
 METRIC_FLAGS = {
     "clip_model": "CLIP folder (open_clip or transformers) for the CLIP score",
@@ -210,21 +209,24 @@ def run(args: argparse.Namespace, env) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    args = parse(sys.argv[1:] if argv is None else argv)
-
+def run_on_ranks(args: argparse.Namespace) -> int:
+    """:func:`run` on this process's rank of the job (one rank outside torchrun); rank 0 reports an error."""
     env = None
     try:
         env = init_distributed("cuda" if args.device.startswith("cuda") else
                                "cpu" if args.device == "cpu" else "auto")
         return run(args, env)
     except UserError as e:
-        return error_exit(e, show=env is None or env.is_main)
+        e.reported_elsewhere = e.reported_elsewhere or (env is not None and not env.is_main)
+        raise
     finally:
         if env is not None:
             env.destroy()
         collect_released_objects()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(parse, run_on_ranks, argv)
 
 
 if __name__ == "__main__":

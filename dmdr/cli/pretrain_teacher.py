@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dmdr.logs import setup_logging
+from dmdr.cli import run_tool
 from dmdr.models import load_backbone
 from dmdr.provenance import source_commit
 from dmdr.worlds.shapes.evaluation import Sampler, evaluate_model, heldout_prompts
@@ -59,7 +59,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str]) -> argparse.Namespace:
     defaults = PretrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (a StableDiffusion3Pipeline folder)")
@@ -75,12 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rescore", action="store_true",
                         help="do not train: score the existing --out teacher again and rewrite its report")
     args = parser.parse_args(argv)
-    setup_logging()
-    torch.set_num_threads(args.threads)
+    args.command = "python tools/pretrain_teacher.py " + " ".join(argv)  # recorded in world.json
+    return args
 
+
+def train_and_score(args: argparse.Namespace) -> str:
+    """Train (unless ``--rescore``), score, write ``world.json`` and the report; the score table."""
+    torch.set_num_threads(args.threads)
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
     out = Path(args.out)
-    command = "python tools/pretrain_teacher.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = args.command
     history: list[dict] = []
 
     def on_eval(step: int, components: dict) -> None:
@@ -108,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         f"# Shapes-world teacher\n\n`{command}` (commit {info['commit']}), {info['wall_s'] / 60:.1f} min on "
         f"{args.threads} threads.\n\nHeld-out prompts: {args.eval_prompts}, seeds: {args.eval_seeds}, "
         f"sampling shift {args.shift}.\n\n{table(rows)}\n")
-    print(table(rows))
-    return 0
+    return table(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(parse, train_and_score, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 * ``tiny_assets``: one tiny SD3 pipeline folder and one prompt file (the runs of tests/e2e, tests/evaluation);
 * ``tiny_arch``, ``hps_checkpoint``, ``clip_folder``, ``pickscore_folder``, ``tiny_cfg``: tiny reward models saved in
-  the layouts the real ones ship in (tests/rewards; tests/evaluation scores its metrics on the same files).
+  the layouts the real ones ship in (tests/rewards; tests/evaluation scores its metrics on the same files);
+* ``aesthetic_head_file``, ``lpips_file``: a LAION aesthetic head and an LPIPS state dict, as files a user makes once
+  (the evaluation metrics and the guard's probe scorers read the same ones).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from tests.tiny_helpers import load_recipe
 
@@ -105,3 +108,41 @@ def pickscore_folder(tmp_path_factory):
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                        image_mean=[0.4, 0.4, 0.4], image_std=[0.3, 0.3, 0.3]).save_pretrained(folder)
     return folder, model, tok
+
+
+class LaionMLP(nn.Module):
+    """LAION's improved-aesthetic-predictor head, as its training script defines it (``self.layers``): written here,
+    not taken from :mod:`dmdr.evaluation.aesthetic`, so that the tests check dmdr's loader against LAION's layout."""
+
+    def __init__(self, widths):
+        super().__init__()
+        a, b, c, d, e, f = widths
+        self.layers = nn.Sequential(nn.Linear(a, b), nn.Dropout(0.2), nn.Linear(b, c), nn.Dropout(0.2),
+                                    nn.Linear(c, d), nn.Dropout(0.1), nn.Linear(d, e), nn.Linear(e, f))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+@pytest.fixture(scope="session")
+def aesthetic_head_file(tmp_path_factory):
+    """A tiny LAION-layout head (16-d input: the tiny CLIP's embedding width), saved as its state dict."""
+    torch.manual_seed(5)
+    head = LaionMLP([16, 32, 8, 8, 4, 1]).eval()
+    path = tmp_path_factory.mktemp("aesthetic") / "sac+logos+ava1-tiny-linearMSE.pth"
+    torch.save(head.state_dict(), path)
+    return path, head
+
+
+@pytest.fixture(scope="session")
+def lpips_file(tmp_path_factory):
+    """A random LPIPS-alex (trunk + lin layers) saved as one state dict, the file a user makes once."""
+    lpips = pytest.importorskip("lpips", reason="the eval extra (lpips)")
+    torch.manual_seed(6)
+    model = lpips.LPIPS(pretrained=False, net="alex", pnet_rand=True, verbose=False)
+    with torch.no_grad():  # lin layers are zero-initialised without pretrained weights: make them count
+        for lin in model.lins:
+            lin.model[-1].weight.uniform_(0.0, 1.0)
+    path = tmp_path_factory.mktemp("lpips") / "lpips_alex.pth"
+    torch.save(model.state_dict(), path)
+    return path, model.eval()

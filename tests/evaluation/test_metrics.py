@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dmdr.errors import ConfigError, ModelLoadError, UserError
 from dmdr.evaluation import METRICS, Metric, register_metric, select_metrics
 from dmdr.evaluation.stats import bootstrap_ci, summarize
 from dmdr.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from tests.tiny_models import LaionMLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,42 +43,6 @@ def _one_line(exc_type, fn, *needles):
     for needle in needles:
         assert str(needle) in msg, msg
     return msg
-
-
-class LaionMLP(nn.Module):
-    """LAION's improved-aesthetic-predictor head, as its training script defines it (``self.layers``)."""
-
-    def __init__(self, widths):
-        super().__init__()
-        a, b, c, d, e, f = widths
-        self.layers = nn.Sequential(nn.Linear(a, b), nn.Dropout(0.2), nn.Linear(b, c), nn.Dropout(0.2),
-                                    nn.Linear(c, d), nn.Dropout(0.1), nn.Linear(d, e), nn.Linear(e, f))
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-@pytest.fixture(scope="module")
-def aesthetic_head(tmp_path_factory):
-    torch.manual_seed(5)
-    head = LaionMLP([16, 32, 8, 8, 4, 1]).eval()
-    path = tmp_path_factory.mktemp("aesthetic") / "sac+logos+ava1-tiny-linearMSE.pth"
-    torch.save(head.state_dict(), path)
-    return path, head
-
-
-@pytest.fixture(scope="module")
-def lpips_weights(tmp_path_factory):
-    """A random LPIPS-alex (trunk + lin layers) saved as one state dict, the file a user makes once."""
-    lpips = pytest.importorskip("lpips", reason="the eval extra (lpips)")
-    torch.manual_seed(6)
-    model = lpips.LPIPS(pretrained=False, net="alex", pnet_rand=True, verbose=False)
-    with torch.no_grad():  # lin layers are zero-initialised without pretrained weights: make them count
-        for lin in model.lins:
-            lin.model[-1].weight.uniform_(0.0, 1.0)
-    path = tmp_path_factory.mktemp("lpips") / "lpips_alex.pth"
-    torch.save(model.state_dict(), path)
-    return path, model.eval()
 
 
 # ---- scores against independent recomputations -----------------------------------------------------------
@@ -126,9 +90,9 @@ def test_hps_metric_scores_the_prompt_unprefixed(hps_checkpoint, tiny_arch):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
 
 
-def test_aesthetic_is_laion_head_on_normalised_clip_embeddings(clip_folder, pickscore_folder, aesthetic_head):
+def test_aesthetic_is_laion_head_on_normalised_clip_embeddings(clip_folder, pickscore_folder, aesthetic_head_file):
     folder, ref = clip_folder
-    head_path, head = aesthetic_head
+    head_path, head = aesthetic_head_file
     images = _images(seed=3)
     got = METRICS["aesthetic"].load({"clip_model": str(folder), "aesthetic_head": str(head_path)}, CPU)(images, PROMPTS)
     ref = copy.deepcopy(ref).double().eval()
@@ -143,8 +107,8 @@ def test_aesthetic_is_laion_head_on_normalised_clip_embeddings(clip_folder, pick
     assert (METRICS["aesthetic"].load(other, CPU)(images, PROMPTS) - got).abs().max() > 1e-4
 
 
-def test_diversity_is_mean_pairwise_lpips(lpips_weights):
-    path, ref = lpips_weights
+def test_diversity_is_mean_pairwise_lpips(lpips_file):
+    path, ref = lpips_file
     images = _images(n=3, side=64, seed=4)
     got = METRICS["diversity"].load({"lpips_weights": str(path)}, CPU)(images, ["p"] * 3)
     with torch.no_grad():
@@ -158,8 +122,8 @@ def test_diversity_is_mean_pairwise_lpips(lpips_weights):
 
 # ---- wrong checkpoints: one line each -------------------------------------------------------------------------
 
-def test_wrong_architecture_checkpoints_are_one_line(hps_checkpoint, tiny_arch, clip_folder, aesthetic_head,
-                                                     lpips_weights, tmp_path):
+def test_wrong_architecture_checkpoints_are_one_line(hps_checkpoint, tiny_arch, clip_folder, aesthetic_head_file,
+                                                     lpips_file, tmp_path):
     hps_path = hps_checkpoint[0]
     clip = str(clip_folder[0])
     wide = tmp_path / "head-768.pth"
@@ -171,8 +135,8 @@ def test_wrong_architecture_checkpoints_are_one_line(hps_checkpoint, tiny_arch, 
     _one_line(ModelLoadError, lambda: METRICS["diversity"].load({"lpips_weights": str(hps_path)}, CPU),
               "--lpips-weights", "not an LPIPS-alex state dict", hps_path)
     _one_line(ModelLoadError, lambda: METRICS["diversity"].load(
-        {"lpips_weights": str(lpips_weights[0]), "lpips_net": "squeeze"}, CPU), "not an LPIPS-squeeze state dict")
-    _one_line(ModelLoadError, lambda: METRICS["hps"].load({"hps_checkpoint": str(aesthetic_head[0]),
+        {"lpips_weights": str(lpips_file[0]), "lpips_net": "squeeze"}, CPU), "not an LPIPS-squeeze state dict")
+    _one_line(ModelLoadError, lambda: METRICS["hps"].load({"hps_checkpoint": str(aesthetic_head_file[0]),
                                                            "hps_arch": tiny_arch}, CPU), "--hps-checkpoint")
     _one_line(ModelLoadError, lambda: METRICS["pickscore"].load({"pickscore_model": clip}, CPU), "--pickscore-model")
     _one_line(ModelLoadError, lambda: METRICS["clip"].load({"clip_model": str(tmp_path)}, CPU), "--clip-model")

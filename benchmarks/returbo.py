@@ -30,13 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "shapes_dmdr.py"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -66,17 +64,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _train(run_dir: Path, argv: list[str], threads: int) -> float:
     """The recipe in a subprocess (its log in ``<run>/train.log``); wall seconds. One line on failure."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    start = time.perf_counter()
-    with open(run_dir / "train.log", "a") as log:
-        log.write(f"$ {sys.executable} {RECIPE} {' '.join(argv)}\n")
-        log.flush()
-        done = subprocess.run([sys.executable, str(RECIPE), *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
-        tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise SystemExit(f"error: {run_dir.name} failed (exit {done.returncode}): {tail[0]} (log: {run_dir}/train.log)")
-    return time.perf_counter() - start
+    from dmdr.worlds.shapes.ablations import RecipeRunFailed, run_recipe_logged  # torch: not for --help
+
+    try:
+        return run_recipe_logged(run_dir, argv, threads)
+    except RecipeRunFailed as e:
+        raise SystemExit(f"error: {run_dir.name} failed (exit {e.code}): {e.last_line} (log: {e.log})") from None
 
 
 def _run_argv(args: argparse.Namespace, run_dir: Path, seed: int, steps: int, extra: list[str]) -> list[str]:

@@ -20,7 +20,7 @@ from dmdr import export
 from dmdr.distributed.offline import model_tensors
 from dmdr.parameterization import FlowMatching
 from dmdr.sampling import few_step_sample
-from dmdr.schedules import few_step_timesteps
+from tests.e2e.export_checks import sample_run
 from tests.tiny_helpers import one_error_line as _one_error_line
 from tests.tiny_helpers import script as _script
 from tests.tiny_helpers import tool as _tool
@@ -37,18 +37,12 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 def test_stock_pipeline_reproduces_the_training_sampler(name, runs, exports):
     from diffusers import DiffusionPipeline
 
-    cfg = export.read_run_config(runs[name])
-    backbone, roles, weights = export.load_generator(cfg, export.resolve_checkpoint(runs[name]))
-    assert weights == "trained"  # these runs have no EMA
-    levels = few_step_timesteps(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min)
-    g = torch.Generator().manual_seed(7)
-    noise = torch.randn(len(PROMPTS), *backbone.latent_shape(cfg.model.resolution), generator=g)
+    sampled = sample_run(runs[name], PROMPTS)
+    assert sampled.weights == "trained"  # these runs have no EMA
+    cfg, backbone, roles, levels = sampled.cfg, sampled.backbone, sampled.roles, sampled.levels
+    noise, cond, ours, teacher = sampled.noise, sampled.cond, sampled.ours, sampled.teacher
     with torch.no_grad():
-        cond = backbone.text_encoder.encode(PROMPTS)
-        ours = few_step_sample(roles.generator_fn, noise, cond, levels, backbone.parameterization, mode="ode")
         to_zero = few_step_sample(roles.generator_fn, noise, cond, levels, FlowMatching(t_min=0.0), mode="ode")
-        teacher = few_step_sample(lambda x, t, c: roles.critic_fn(x, t, c, 0.0), noise, cond, levels,
-                                  backbone.parameterization, mode="ode")
 
     pipe = DiffusionPipeline.from_pretrained(str(exports[name]), local_files_only=True)
     expected_class = "ZImagePipeline" if name == "zimage" else "StableDiffusion3Pipeline"

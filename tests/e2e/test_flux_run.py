@@ -15,9 +15,7 @@ from dmdr import export
 from dmdr.launch import run
 from dmdr.models.flux import pack_latents
 from dmdr.models.flux2 import unpatchify
-from dmdr.sampling import few_step_sample
-from dmdr.schedules import few_step_timesteps
-from tests.e2e.test_release import _few_step, _load_lora
+from tests.e2e.export_checks import few_step_scheduler, load_lora, sample_run
 from tests.tiny_helpers import load_recipe, one_error_line, tiny_config, tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -68,18 +66,10 @@ def test_stock_pipeline_reproduces_the_training_sampler(family, runs, tmp_path):
 
     folder = tmp_path / "export"
     assert tool("convert_to_diffusers").main(["--run", str(runs[family]), "--out", str(folder)]) == 0
-    cfg = export.read_run_config(runs[family])
-    backbone, roles, _ = export.load_generator(cfg, export.resolve_checkpoint(runs[family]))
-    levels = few_step_timesteps(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min)
-    noise = torch.randn(len(PROMPTS), *backbone.latent_shape(cfg.model.resolution),
-                        generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        cond = backbone.text_encoder.encode(PROMPTS)
-        ours = few_step_sample(roles.generator_fn, noise, cond, levels, backbone.parameterization, mode="ode")
-        teacher = few_step_sample(lambda x, t, c: roles.critic_fn(x, t, c, 0.0), noise, cond, levels,
-                                  backbone.parameterization, mode="ode")
+    sampled = sample_run(runs[family], PROMPTS)
+    levels, noise, ours, teacher = sampled.levels, sampled.noise, sampled.ours, sampled.teacher
     if family == "flux2":
-        mean, std = backbone.codec._stats(ours)
+        mean, std = sampled.backbone.codec._stats(ours)
         ours, teacher = unpatchify(ours * std + mean), unpatchify(teacher * std + mean)
 
     pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
@@ -120,9 +110,9 @@ def test_lora_release_loads_in_the_stock_pipeline_and_equals_the_merged_export(f
     merged = DiffusionPipeline.from_pretrained(str(merged_dir), local_files_only=True)
     merged.set_progress_bar_config(disable=True)
     base = DiffusionPipeline.from_pretrained(cfg.model.path, local_files_only=True)
-    _few_step(base, lora_dir)
+    few_step_scheduler(base, lora_dir)
     before = latents(base)
-    assert _load_lora(base, lora_dir) == []  # no unexpected / missing keys, no conversion notices
+    assert load_lora(base, lora_dir) == []  # no unexpected / missing keys, no conversion notices
     after = latents(base)
     torch.testing.assert_close(after, latents(merged), atol=TOL, rtol=0)
     assert (after - before).abs().max() > 10 * TOL

@@ -14,8 +14,7 @@ import torch
 from dmdr import export
 from dmdr.models.qwenimage import pack_latents, unpack_latents
 from dmdr.recipes import run as run_recipe
-from dmdr.sampling import few_step_sample
-from dmdr.schedules import few_step_timesteps
+from tests.e2e.export_checks import sample_run
 from tests.tiny_helpers import load_recipe, tiny_config, tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -56,16 +55,9 @@ def test_stock_pipeline_reproduces_the_trained_sampler(trained, tmp_path):
 
     out = tmp_path / "export"
     assert tool("convert_to_diffusers").main(["--run", str(trained), "--out", str(out)]) == 0
-    cfg = export.read_run_config(trained)
-    backbone, roles, _ = export.load_generator(cfg, export.resolve_checkpoint(trained))
-    levels = few_step_timesteps(cfg.dmd.num_steps, cfg.dmd.shift, cfg.dmd.t_min)
-    noise = torch.randn(len(PROMPTS), *backbone.latent_shape(cfg.model.resolution),
-                        generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        cond = backbone.text_encoder.encode(PROMPTS)
-        ours = few_step_sample(roles.generator_fn, noise, cond, levels, backbone.parameterization, mode="ode")
-        teacher = few_step_sample(lambda x, t, c: roles.critic_fn(x, t, c, 0.0), noise, cond, levels,
-                                  backbone.parameterization, mode="ode")
+    sampled = sample_run(trained, PROMPTS)
+    cfg, backbone, levels, noise = sampled.cfg, sampled.backbone, sampled.levels, sampled.noise
+    ours, teacher = sampled.ours, sampled.teacher
     pipe = DiffusionPipeline.from_pretrained(str(out), local_files_only=True)
     assert type(pipe).__name__ == "QwenImagePipeline"
     pipe.set_progress_bar_config(disable=True)

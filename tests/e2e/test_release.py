@@ -7,10 +7,8 @@ the merged export is the reference every other form is held against.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from safetensors.torch import load_file
 from dmdr import export
 from dmdr.distributed.offline import model_tensors
 from dmdr.export import release
+from tests.e2e.export_checks import few_step_scheduler, load_lora
 from tests.tiny_helpers import one_error_line, tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -55,42 +54,6 @@ def releases(runs, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-TEXT_ENCODER_NOTICE = re.compile(r"No LoRA keys associated to CLIPTextModel\w* found with the prefix='text_encoder")
-"""SD3's loader says this for every transformer-only LoRA (it also looks for text-encoder keys): not a key problem."""
-
-
-def _load_lora(pipe, folder: Path) -> list[str]:
-    """``pipe.load_lora_weights(folder)``; the warnings diffusers/peft logged or raised while loading, except SD3's
-    notice that the file has no text-encoder LoRA (:data:`TEXT_ENCODER_NOTICE`)."""
-    records = _Records()
-    logger = logging.getLogger("diffusers")  # diffusers' own handlers do not propagate; listen on its root
-    logger.addHandler(records)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(folder))
-    finally:
-        logger.removeHandler(records)
-    messages = records.messages + [str(w.message) for w in caught]
-    return [m for m in messages if not TEXT_ENCODER_NOTICE.match(m)]
-
-
-def _few_step(pipe, folder: Path) -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder), subfolder="scheduler")
-    pipe.set_progress_bar_config(disable=True)
-
-
 def _latents(pipe, folder: Path) -> torch.Tensor:
     """The exact few-step call of ``folder``'s settings; the pipeline draws the same noise from seed 11 each time."""
     settings = export.InferenceSettings.read(folder)
@@ -111,10 +74,10 @@ def test_lora_on_the_stock_base_pipeline_equals_the_merged_export(name, runs, ex
     merged = DiffusionPipeline.from_pretrained(str(exports[name]), local_files_only=True)
     merged.set_progress_bar_config(disable=True)
     base = DiffusionPipeline.from_pretrained(cfg.model.path, local_files_only=True)
-    _few_step(base, folder)
+    few_step_scheduler(base, folder)
     teacher = _latents(base, folder)  # the base with the few-step schedule, no LoRA yet
 
-    assert _load_lora(base, folder) == []  # no unexpected / missing keys, no conversion notices
+    assert load_lora(base, folder) == []  # no unexpected / missing keys, no conversion notices
     wrapped = {n for n, m in base.transformer.named_modules() if isinstance(m, LoraLayer)}
     saved = load_file(folder / release.LORA_FILE)
     assert wrapped == {k[len("transformer."):-len(".lora_A.weight")] for k in saved if k.endswith(".lora_A.weight")}
@@ -179,7 +142,7 @@ def test_svd_lora_of_a_full_fine_tune(tiny_assets, runs, releases):
     assert 0 < report["relative_error"] < 1 and report["left_out"] > 0  # biases and norms changed too
     assert "relative Frobenius error" in (folder / "README.md").read_text()
     base = DiffusionPipeline.from_pretrained(tiny_assets["model"], local_files_only=True)
-    assert _load_lora(base, folder) == []
+    assert load_lora(base, folder) == []
 
 
 def test_single_file_loads_with_from_single_file(runs, exports, releases):

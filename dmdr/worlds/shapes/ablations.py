@@ -223,12 +223,17 @@ def cached_result(job: Job) -> dict | None:
     return result if result.get("spec") == job.spec_hash() else None
 
 
-def _train(job: Job, threads: int) -> float:
-    """Run the recipe for ``job`` in a subprocess; returns its wall seconds. One line naming the log on failure."""
-    run_dir = Path(job.run_dir)
-    argv = list(job.argv)
-    if job.start and not (run_dir / "checkpoints" / "latest").exists():
-        argv += ["--checkpoint.resume", job.start]  # a fresh branch; a cut one resumes from its own latest
+class RecipeRunFailed(RuntimeError):
+    """A recipe subprocess exited non-zero: its exit ``code`` and the ``last_line`` of its log ``log``."""
+
+    def __init__(self, code: int, last_line: str, log: Path):
+        super().__init__(f"training failed (exit {code}): {last_line} (log: {log})")
+        self.code, self.last_line, self.log = code, last_line, log
+
+
+def run_recipe_logged(run_dir: Path, argv: list[str], threads: int) -> float:
+    """The shapes recipe with ``argv`` in a subprocess on ``threads`` threads, its output appended to
+    ``<run_dir>/train.log`` after the command line; its wall seconds, or :class:`RecipeRunFailed`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
@@ -238,9 +243,20 @@ def _train(job: Job, threads: int) -> float:
         done = subprocess.run([sys.executable, str(RECIPE), *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
         tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{job.name}: training failed (exit {done.returncode}): {tail[0]} "
-                           f"(log: {run_dir}/train.log)")
+        raise RecipeRunFailed(done.returncode, tail[0], run_dir / "train.log")
     return time.perf_counter() - start
+
+
+def _train(job: Job, threads: int) -> float:
+    """Run the recipe for ``job`` in a subprocess; returns its wall seconds. One line naming the log on failure."""
+    run_dir = Path(job.run_dir)
+    argv = list(job.argv)
+    if job.start and not (run_dir / "checkpoints" / "latest").exists():
+        argv += ["--checkpoint.resume", job.start]  # a fresh branch; a cut one resumes from its own latest
+    try:
+        return run_recipe_logged(run_dir, argv, threads)
+    except RecipeRunFailed as e:
+        raise RuntimeError(f"{job.name}: {e}") from None
 
 
 def _score_reference(job: Job, teacher: str) -> list[dict]:

@@ -110,6 +110,13 @@ def mean_std(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def seed_spread(a: dict, b: dict, key: str = "overall") -> float:
+    """The seed noise of the gap between two rows' means of ``key``: ``sqrt(std_a^2 + std_b^2)``, their spreads
+    over seeds combined. A gap inside it is not called a win, whichever way it points (the demo report and
+    Tables 4 and 5 use this one rule)."""
+    return math.hypot(a["scores"][key]["std"], b["scores"][key]["std"])
+
+
 def evaluate_model(backbone: Backbone, fn: PredictFn, sampler: Sampler, prompts: list[str], seeds: list[int],
                    resolution: int) -> dict:
     """One table row: per-seed scores, their mean/std, NFE and wall time."""

@@ -8,12 +8,11 @@ called "within seed noise", whichever way it points.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from dmdr.worlds.shapes.ablations import INIT, METHODS, TABLE4, TABLE5, Settings
-from dmdr.worlds.shapes.evaluation import mean_std
+from dmdr.worlds.shapes.evaluation import mean_std, seed_spread
 
 PAPER_TABLE4 = {  # CLIP Score / HP Score at 1000 and 2000 iterations (SD3.5-Large)
     "vanilla": {"clip@1": 31.5608, "hps@1": 27.0051, "clip@2": 32.5492, "hps@2": 28.4541},
@@ -121,7 +120,7 @@ def _cmp(a: dict, b: dict, key: str = "overall") -> tuple[bool, bool, str]:
     ma, sa = a["scores"][key]["mean"], a["scores"][key]["std"]
     mb, sb = b["scores"][key]["mean"], b["scores"][key]["std"]
     gap = ma - mb
-    clear = None if min(a["seeds"], b["seeds"]) < 2 else abs(gap) > math.hypot(sa, sb)
+    clear = None if min(a["seeds"], b["seeds"]) < 2 else abs(gap) > seed_spread(a, b, key)
     return gap > 0, clear, f"{ma:.3f} ± {sa:.3f} vs {mb:.3f} ± {sb:.3f}"
 
 

@@ -1,4 +1,5 @@
-"""FLUX.1's ``--lora-format kohya``: BFL's module names with the fused q/k/v (kohya's sd-scripts / ComfyUI layout).
+"""FLUX.1's and FLUX.2's ``--lora-format kohya``: BFL's module names with the fused q/k/v (kohya's sd-scripts /
+ComfyUI layout).
 
 * the file's ``up @ down`` on each fused BFL linear is each diffusers part's ``B A`` in its rows (BFL's row order,
   zeros for the MLP rows of a single block's ``linear1``), checked in float64 on FLUX.1-dev's real widths;
@@ -8,7 +9,9 @@
   pipeline with our diffusers-format file, and the base with ``B A`` merged by hand (fp32). The tiny LoRA covers the
   double-stream block only: diffusers 0.42's converter splits a single block's ``linear1`` at FLUX.1-dev's widths,
   written into it (``dims=[3072, 3072, 3072, 12288]``, asserted to sum to the file's rows), so no correct file of a
-  narrower model's single blocks can pass it; the single blocks are checked by the converter at the real widths.
+  narrower model's single blocks can pass it; the single blocks are checked by the converter at the real widths;
+* FLUX.2: a tiny ``Flux2KleinPipeline`` loads the kohya file of a LoRA on every default target (double and single
+  blocks: diffusers' FLUX.2 converter has no fixed widths) and equals the diffusers-format file and the hand merge.
 """
 
 from __future__ import annotations
@@ -129,3 +132,50 @@ def test_tiny_flux_pipeline_loads_the_kohya_file_as_the_diffusers_file(tiny_flux
     torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=0)
     torch.testing.assert_close(theirs, merged, atol=1e-5, rtol=0)
     assert (theirs - base).abs().max() > 1e-2  # the adapter changes the output: the match means something
+
+
+def test_tiny_flux2_pipeline_loads_the_kohya_file_as_the_diffusers_file(tmp_path):
+    from diffusers import Flux2KleinPipeline
+
+    from dmdr.models.flux2 import LORA_TARGETS, position_ids, text_ids
+    from dmdr.models.tiny_flux import build_tiny_flux2
+
+    folder = build_tiny_flux2(tmp_path / "flux2")
+    net = Flux2KleinPipeline.from_pretrained(str(folder), local_files_only=True).transformer
+    g = torch.Generator().manual_seed(5)
+    layers = {name: (torch.randn(2, m.in_features, generator=g) / m.in_features ** 0.5,
+                     torch.randn(m.out_features, 2, generator=g))
+              for name, m in net.named_modules()
+              if isinstance(m, torch.nn.Linear) and name.endswith(tuple(f".{t}" for t in LORA_TARGETS))}
+    assert {n.split(".")[0] for n in layers} == {"transformer_blocks", "single_transformer_blocks"}
+    lora_dir = tmp_path / "lora"
+    lora_dir.mkdir()
+    release.write_lora(lora_dir, release.lora_state_dict(layers, "flux2", torch.float32), {})
+    kohya = release.write_lora(lora_dir, release.kohya_state_dict(layers, "flux2", torch.float32), {},
+                               name="kohya.safetensors")
+    assert {k.split(".")[0] for k in load_file(kohya)} == {
+        "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj",
+        "lora_unet_double_blocks_0_txt_attn_qkv", "lora_unet_double_blocks_0_txt_attn_proj",
+        "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2"}
+
+    inputs = {"hidden_states": torch.randn(2, 16, 64, generator=g),
+              "encoder_hidden_states": torch.randn(2, 8, 48, generator=g), "timestep": torch.tensor([0.3, 0.8]),
+              "img_ids": position_ids(4, 4, torch.device("cpu")), "txt_ids": text_ids(8, torch.device("cpu")),
+              "guidance": None, "return_dict": False}
+
+    def output(weight_name: str | None) -> torch.Tensor:
+        pipe = Flux2KleinPipeline.from_pretrained(str(folder), local_files_only=True)
+        if weight_name is not None:
+            pipe.load_lora_weights(str(lora_dir), weight_name=weight_name)
+        with torch.no_grad():
+            return pipe.transformer(**inputs)[0]
+
+    base, ours, theirs = output(None), output(release.LORA_FILE), output("kohya.safetensors")
+    with torch.no_grad():
+        for name, pair in layers.items():
+            weight = net.get_submodule(name).weight
+            weight.copy_((weight.double() + _delta(pair)).float())
+        merged = net(**inputs)[0]
+    torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=0)
+    torch.testing.assert_close(theirs, merged, atol=1e-5, rtol=0)
+    assert (theirs - base).abs().max() > 1e-2

@@ -10,8 +10,9 @@ ComfyUI layout).
   double-stream block only: diffusers 0.42's converter splits a single block's ``linear1`` at FLUX.1-dev's widths,
   written into it (``dims=[3072, 3072, 3072, 12288]``, asserted to sum to the file's rows), so no correct file of a
   narrower model's single blocks can pass it; the single blocks are checked by the converter at the real widths;
-* FLUX.2: a tiny ``Flux2KleinPipeline`` loads the kohya file of a LoRA on every default target (double and single
-  blocks: diffusers' FLUX.2 converter has no fixed widths) and equals the diffusers-format file and the hand merge.
+* FLUX.2 and Qwen-Image: the tiny ``Flux2KleinPipeline`` / ``QwenImagePipeline`` load the kohya file of a LoRA on
+  every default target (FLUX.2's double and single blocks: diffusers' FLUX.2 converter has no fixed widths) and
+  equal the diffusers-format file and the hand merge.
 """
 
 from __future__ import annotations
@@ -134,48 +135,62 @@ def test_tiny_flux_pipeline_loads_the_kohya_file_as_the_diffusers_file(tiny_flux
     assert (theirs - base).abs().max() > 1e-2  # the adapter changes the output: the match means something
 
 
-def test_tiny_flux2_pipeline_loads_the_kohya_file_as_the_diffusers_file(tmp_path):
-    from diffusers import Flux2KleinPipeline
+KOHYA_MODULES = {
+    "flux2": {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj",
+              "lora_unet_double_blocks_0_txt_attn_qkv", "lora_unet_double_blocks_0_txt_attn_proj",
+              "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2"},
+    "qwenimage": {f"lora_unet_transformer_blocks_{i}_attn_{m}" for i in (0, 1) for m in (
+        "to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")},
+}
+"""The kohya file's modules for the tiny models (FLUX.2: one double and one single block; Qwen-Image: two blocks):
+FLUX.2's in BFL's names, Qwen-Image's in diffusers' (ComfyUI's Qwen-Image uses diffusers' names; diffusers' Qwen
+converter reads them back)."""
 
-    from dmdr.models.flux2 import LORA_TARGETS, position_ids, text_ids
-    from dmdr.models.tiny_flux import build_tiny_flux2
 
-    folder = build_tiny_flux2(tmp_path / "flux2")
-    net = Flux2KleinPipeline.from_pretrained(str(folder), local_files_only=True).transformer
+@pytest.mark.parametrize("family", ["flux2", "qwenimage"])
+def test_tiny_pipeline_loads_the_kohya_file_as_the_diffusers_file(family, tmp_path):
+    """A LoRA on every default target of the tiny model (FLUX.2: double and single blocks; diffusers' FLUX.2
+    converter has no fixed widths) read by ``load_lora_weights`` from the kohya file equals the diffusers file and the
+    hand merge, through the family's denoiser."""
+    from diffusers import DiffusionPipeline
+
+    from dmdr.models.families import family_spec
+    from dmdr.models.tiny import build_tiny
+
+    fam = family_spec(family)
+    folder = build_tiny(family, tmp_path / family)
+    net = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True).transformer
     g = torch.Generator().manual_seed(5)
     layers = {name: (torch.randn(2, m.in_features, generator=g) / m.in_features ** 0.5,
                      torch.randn(m.out_features, 2, generator=g))
               for name, m in net.named_modules()
-              if isinstance(m, torch.nn.Linear) and name.endswith(tuple(f".{t}" for t in LORA_TARGETS))}
-    assert {n.split(".")[0] for n in layers} == {"transformer_blocks", "single_transformer_blocks"}
+              if isinstance(m, torch.nn.Linear) and name.endswith(tuple(f".{t}" for t in fam.lora_targets))}
     lora_dir = tmp_path / "lora"
     lora_dir.mkdir()
-    release.write_lora(lora_dir, release.lora_state_dict(layers, "flux2", torch.float32), {})
-    kohya = release.write_lora(lora_dir, release.kohya_state_dict(layers, "flux2", torch.float32), {},
+    release.write_lora(lora_dir, release.lora_state_dict(layers, family, torch.float32), {})
+    kohya = release.write_lora(lora_dir, release.kohya_state_dict(layers, family, torch.float32), {},
                                name="kohya.safetensors")
-    assert {k.split(".")[0] for k in load_file(kohya)} == {
-        "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj",
-        "lora_unet_double_blocks_0_txt_attn_qkv", "lora_unet_double_blocks_0_txt_attn_proj",
-        "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2"}
+    assert {k.split(".")[0] for k in load_file(kohya)} == KOHYA_MODULES[family]
 
-    inputs = {"hidden_states": torch.randn(2, 16, 64, generator=g),
-              "encoder_hidden_states": torch.randn(2, 8, 48, generator=g), "timestep": torch.tensor([0.3, 0.8]),
-              "img_ids": position_ids(4, 4, torch.device("cpu")), "txt_ids": text_ids(8, torch.device("cpu")),
-              "guidance": None, "return_dict": False}
+    text = torch.randn(2, 8, net.config.joint_attention_dim, generator=g)
+    cond = {"prompt_embeds": text, "prompt_mask": torch.ones(2, 8, dtype=torch.bool)}
+    x, t = torch.randn(2, 64 if family == "flux2" else 16, 4, 4, generator=g), torch.tensor([0.3, 0.8])
 
-    def output(weight_name: str | None) -> torch.Tensor:
-        pipe = Flux2KleinPipeline.from_pretrained(str(folder), local_files_only=True)
+    def output(transformer) -> torch.Tensor:
+        with torch.no_grad():
+            return fam.denoiser_class(transformer)(x, t, cond)
+
+    def loaded(weight_name: str | None) -> torch.Tensor:
+        pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
         if weight_name is not None:
             pipe.load_lora_weights(str(lora_dir), weight_name=weight_name)
-        with torch.no_grad():
-            return pipe.transformer(**inputs)[0]
+        return output(pipe.transformer)
 
-    base, ours, theirs = output(None), output(release.LORA_FILE), output("kohya.safetensors")
+    base, ours, theirs = loaded(None), loaded(release.LORA_FILE), loaded("kohya.safetensors")
     with torch.no_grad():
         for name, pair in layers.items():
             weight = net.get_submodule(name).weight
             weight.copy_((weight.double() + _delta(pair)).float())
-        merged = net(**inputs)[0]
     torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=0)
-    torch.testing.assert_close(theirs, merged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs, output(net), atol=1e-5, rtol=0)
     assert (theirs - base).abs().max() > 1e-2

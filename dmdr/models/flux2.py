@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from dmdr.models.base import Backbone, Conditioning, Denoiser
-from dmdr.models.family import FamilySpec, LoraFormat
+from dmdr.models.family import FamilySpec, LoraFormat, PlannerHooks
+from dmdr.models.flux_bfl import flux2_bfl_lora_layers
 from dmdr.models.folder import LoadOptions, ModelFolder, freeze, load_transformer_and_vae
 from dmdr.parameterization import FlowMatching
 
@@ -230,7 +231,13 @@ def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
 FAMILY = FamilySpec(
     name="flux2", pipeline_class="Flux2KleinPipeline", load=load, required_components=required_components,
     text_components=text_components, load_text_encoder=load_text_encoder, denoiser_class=Flux2Denoiser,
-    lora_targets=LORA_TARGETS, no_cfg_guidance=1.0, lora_format=LoraFormat("transformer"),
+    lora_targets=LORA_TARGETS, no_cfg_guidance=1.0,
+    lora_format=LoraFormat("transformer", kohya_modules=flux2_bfl_lora_layers),
     single_file_class="Flux2Transformer2DModel", make_codec=Flux2Codec,
+    planner=PlannerHooks(flops="dmdr.planning.flops:flux2_network_flops",
+                         activations="dmdr.planning.activations:flux2_activations",
+                         text_encoders=("text_encoder",), mlp_ratio=(3, 1), latent_patch=2),
 )
-"""CFG off at ``guidance_scale`` <= 1 (the pipeline guides iff > 1 and not ``is_distilled``)."""
+"""CFG off at ``guidance_scale`` <= 1 (the pipeline guides iff > 1 and not ``is_distilled``). The kohya layout
+names BFL's modules (:mod:`dmdr.models.flux_bfl`). The planner's
+``latent_patch`` 2: the VAE's 8 px cells are patchified 2x2 into one token (the transformer's ``patch_size`` is 1)."""

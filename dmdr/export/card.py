@@ -295,8 +295,9 @@ def _usage(form: str, s: InferenceSettings, base_ref: str, files: dict[str, str]
     if form == "lora":
         kohya = provenance.get("lora_format") == "kohya"
         what = ("in kohya's / ComfyUI's layout (keys `lora_unet_<module>.lora_down/lora_up.weight` and `.alpha` = "
-                "rank, the scale alpha/rank folded into lora_up; diffusers reads this layout for the families it has "
-                "a kohya converter for, Z-Image among them: for SD3 load the diffusers form, "
+                "rank, the scale alpha/rank folded into lora_up; FLUX's modules are BFL's, q/k/v fused; diffusers "
+                "reads this layout for the families it has a kohya converter for, Z-Image and FLUX among them: for "
+                "SD3 load the diffusers form, "
                 "`tools/convert_to_diffusers.py --lora`)" if kohya else
                 "in diffusers' format (keys `transformer.<module>.lora_A/lora_B.weight`, the scale alpha/rank folded "
                 "into lora_B, so it loads at scale 1.0)")

@@ -69,15 +69,19 @@ LORA_FORMATS = ("diffusers", "kohya")
 
 def kohya_state_dict(layers: LoraLayers, family: str, dtype: torch.dtype) -> dict[str, Tensor]:
     """``layers`` in kohya's / ComfyUI's key layout for ``family``: ``<kohya_prefix><module with . as _>`` +
-    ``.lora_down.weight`` (A), ``.lora_up.weight`` (B, alpha/rank already folded in) and ``.alpha`` = rank (so the
-    loaders' alpha/rank is 1)."""
+    ``.lora_down.weight`` (A), ``.lora_up.weight`` (B, alpha/rank already folded in) and ``.alpha`` = rank (fp32; so
+    the loaders' alpha/rank is 1). The module names are the loader's (``LoraFormat.rename``), or the original
+    checkpoint's where the family says so (``LoraFormat.kohya_modules``: FLUX.1's BFL names, fused q/k/v)."""
     fmt = lora_format(family)
+    named = (fmt.kohya_modules(layers) if fmt.kohya_modules is not None else
+             {fmt.rename(name): pair for name, pair in layers.items()})
     out = {}
-    for name, (a, b) in sorted(layers.items()):
-        key = fmt.kohya_prefix + fmt.rename(name).replace(".", "_")
+    for name, (a, b) in sorted(named.items()):
+        key = fmt.kohya_prefix + name.replace(".", "_")
         out[f"{key}.lora_down.weight"] = a.to(dtype).contiguous()
         out[f"{key}.lora_up.weight"] = b.to(dtype).contiguous()
-        out[f"{key}.alpha"] = torch.tensor(float(a.shape[0]), dtype=dtype)
+        # fp32 whatever ``dtype``: bf16 holds integers exactly only up to 256 (a fused FLUX q/k/v rank is 3r)
+        out[f"{key}.alpha"] = torch.tensor(float(a.shape[0]), dtype=torch.float32)
     return out
 
 

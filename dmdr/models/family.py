@@ -33,6 +33,10 @@ class LoraFormat:
     kohya_prefix: str = "lora_unet_"
     """``--lora-format kohya``: the key prefix before the loader's module name with ``.`` written ``_``
     (``lora_unet_<module>.lora_down.weight``, ``lora_up``, ``alpha``: kohya's and ComfyUI's layout)."""
+    kohya_modules: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """``--lora-format kohya`` for a family whose kohya / ComfyUI files name the original checkpoint's modules, not
+    diffusers' (FLUX.1: BFL's, with fused q/k/v): dmdr's ``{module: (A, B)}`` -> ``{kohya module: (down, up)}``, the
+    same weight change (:func:`dmdr.models.flux_bfl.bfl_lora_layers`); ``None``: :attr:`rename`'s names."""
 
 
 @dataclass(frozen=True)

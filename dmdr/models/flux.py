@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from dmdr.guidance import CFG, GUIDANCE_KEY, ScoreRule
 from dmdr.models.base import Backbone, Conditioning, Denoiser
 from dmdr.models.family import FamilySpec, LoraFormat, PlannerHooks
+from dmdr.models.flux_bfl import bfl_lora_layers
 from dmdr.models.folder import LoadOptions, ModelFolder, load_transformer_and_vae
 from dmdr.models.text import FrozenPromptEncoder, load_frozen_text_encoder
 from dmdr.models.vae import AutoencoderKLCodec
@@ -178,12 +179,14 @@ def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
 FAMILY = FamilySpec(
     name="flux", pipeline_class="FluxPipeline", load=load, text_component_names=TEXT_COMPONENTS,
     load_text_encoder=load_text_encoder, denoiser_class=FluxDenoiser,
-    lora_targets=LORA_TARGETS, no_cfg_guidance=DEFAULT_GUIDANCE, lora_format=LoraFormat("transformer"),
+    lora_targets=LORA_TARGETS, no_cfg_guidance=DEFAULT_GUIDANCE,
+    lora_format=LoraFormat("transformer", kohya_modules=bfl_lora_layers),
     single_file_class="FluxTransformer2DModel", embedded_guidance=True, pipeline_latents=pack_latents,
     planner=PlannerHooks(flops="dmdr.planning.flops:flux_network_flops",
                          activations="dmdr.planning.activations:flux_activations",
                          text_encoders=("text_encoder", "text_encoder_2"), fixed_text_lengths={"text_encoder": 77},
                          latent_patch=2),
 )
-"""The diffusers network is the pipeline's own, so LoRA module names carry over to its loader unchanged.
-``no_cfg_guidance`` is the pipeline's default embedding; an export writes the run's ``dmd.generator_guidance``."""
+"""The diffusers network is the pipeline's own, so LoRA module names carry over to its loader unchanged; the kohya
+layout names BFL's modules (:mod:`dmdr.models.flux_bfl`). ``no_cfg_guidance`` is the pipeline's default embedding;
+an export writes the run's ``dmd.generator_guidance``."""

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from dmdr.models.base import Backbone, Conditioning, Denoiser
-from dmdr.models.family import FamilySpec, LoraFormat
+from dmdr.models.family import FamilySpec, LoraFormat, PlannerHooks
+from dmdr.models.flux_bfl import flux2_bfl_lora_layers
 from dmdr.models.folder import LoadOptions, ModelFolder, load_transformer_and_vae
 from dmdr.models.text import FrozenPromptEncoder, chat_prompt, load_frozen_text_encoder
 from dmdr.parameterization import FlowMatching
@@ -196,7 +197,13 @@ def load(folder: ModelFolder, options: LoadOptions) -> Backbone:
 FAMILY = FamilySpec(
     name="flux2", pipeline_class="Flux2KleinPipeline", load=load, text_component_names=TEXT_COMPONENTS,
     load_text_encoder=load_text_encoder, denoiser_class=Flux2Denoiser,
-    lora_targets=LORA_TARGETS, no_cfg_guidance=1.0, lora_format=LoraFormat("transformer"),
+    lora_targets=LORA_TARGETS, no_cfg_guidance=1.0,
+    lora_format=LoraFormat("transformer", kohya_modules=flux2_bfl_lora_layers),
     single_file_class="Flux2Transformer2DModel", make_codec=Flux2Codec,
+    planner=PlannerHooks(flops="dmdr.planning.flops:flux2_network_flops",
+                         activations="dmdr.planning.activations:flux2_activations",
+                         text_encoders=("text_encoder",), mlp_ratio=(3, 1), latent_patch=2),
 )
-"""CFG off at ``guidance_scale`` <= 1 (the pipeline guides iff > 1 and not ``is_distilled``)."""
+"""CFG off at ``guidance_scale`` <= 1 (the pipeline guides iff > 1 and not ``is_distilled``). The kohya layout
+names BFL's modules (:mod:`dmdr.models.flux_bfl`). The planner's
+``latent_patch`` 2: the VAE's 8 px cells are patchified 2x2 into one token (the transformer's ``patch_size`` is 1)."""

@@ -220,6 +220,83 @@ def flux_activations(denoiser: nn.Module, tokens: Tokens, e: int, mode: str,
     return BlockActivations(double + single, inputs, root)
 
 
+def _torch_rms_in(full: bool) -> int:
+    """Bytes per element ``torch.nn.RMSNorm`` (FLUX.2's qk-norm; torch's composite kernel) saves: its input upcast
+    to fp32 (the input itself when fp32 already) and, training its weight, the fp32 normalised input."""
+    return F32 * (2 if full else 1)
+
+
+def _swiglu(t: int, hidden: int, e: int, full: bool) -> int:
+    """FLUX.2's SwiGLU MLP after its fused input projection: the projection's output (``2 hidden`` wide, whose
+    halves SiLU and the product save), SiLU's output, and (training the weights) the output projection's input."""
+    return t * hidden * e * (4 if full else 3)
+
+
+def flux2_block_bytes(block: nn.Module, tokens: Tokens, e: int, mode: str, first: bool = False,
+                      adapter: str | None = None) -> int:
+    """Saved bytes per sample of one FLUX.2 ``Flux2TransformerBlock``: per stream, LayerNorm (no affine) + the
+    shared modulation (computed once per network, outside the block), the q/k/v projections' input, per-head
+    ``torch.nn.RMSNorm`` qk-norm, gated residuals and a SwiGLU MLP; one joint attention (text first)."""
+    full = mode == "full"
+    d = block.norm2.normalized_shape[0]
+    heads = block.attn.heads
+    hidden = block.ff.linear_out.in_features
+
+    def stream(t: int) -> int:
+        out = 0 if (first and not full) else t * d * e + _ln_stats(t)  # norm1's input
+        out += t * d * e * (1 if full else 0)  # the normalised input, for the modulation's gradient
+        out += t * d * e  # the q/k/v (LoRA) projections' input
+        out += 2 * t * d * _torch_rms_in(full)  # qk-norm
+        out += t * d * e * (1 if full else 0)  # attention output, for the gate's gradient
+        out += t * d * e + _ln_stats(t)  # norm2's input
+        out += t * d * e * (2 if full else 0)  # normalised input (modulation), linear_in's input
+        out += _swiglu(t, hidden, e, full)
+        return out + t * d * e * (1 if full else 0)  # MLP output, for the gate's gradient
+
+    n, m = tokens.image, tokens.text
+    total = stream(n) + stream(m) + _attention(n + m, d, heads, e)
+    return total + lora_intermediates(block, lambda name: sd3_rows(name, tokens), adapter, e)
+
+
+def flux2_single_block_bytes(block: nn.Module, tokens: Tokens, e: int, mode: str, first: bool = False,
+                             adapter: str | None = None) -> int:
+    """Saved bytes per sample of one FLUX.2 ``Flux2SingleTransformerBlock`` over the joined tokens: LayerNorm +
+    modulation, the fused ``to_qkv_mlp_proj`` (its input, and its output, which qk-norm, SDPA's ``v`` and the
+    SwiGLU keep alive as views), attention, the SwiGLU, and the joined ``[attention, MLP]`` input of ``to_out``
+    (a LoRA target, so kept in both modes)."""
+    full = mode == "full"
+    attn = block.attn
+    d, hidden, heads = attn.inner_dim, attn.mlp_hidden_dim, attn.heads
+    t = tokens.image + tokens.text
+    out = 0 if (first and not full) else t * d * e + _ln_stats(t)  # the norm's input
+    out += t * d * e * (2 if full else 1)  # normalised input (modulation), the fused projection's input
+    out += t * (3 * d + 2 * hidden) * e  # the fused projection's output (q, k, v and the MLP's two halves)
+    out += 2 * t * d * (F32 if e != F32 else 0) + (2 * t * d * F32 if full else 0)  # qk-norm's fp32 copies
+    out += 2 * t * d * e + t * d * e + heads * t * F32  # SDPA: q and k after RoPE, the output, log-sum-exp
+    out += t * hidden * e  # SiLU's output
+    out += t * (d + hidden) * e  # to_out's input
+    if full:
+        out += t * d * e  # to_out's output, for the gate's gradient
+    return out + lora_intermediates(block, lambda name: flux_single_rows(name, tokens), adapter, e)
+
+
+def flux2_activations(denoiser: nn.Module, tokens: Tokens, e: int, mode: str,
+                      adapter: str | None = None) -> BlockActivations:
+    """FLUX.2 [klein]: the double-stream blocks, then the single-stream blocks over the joined tokens. RoPE's
+    cos / sin tables (a few MB, shared by every block and sample) are left out."""
+    net = denoiser.net
+    n, m = tokens.image, tokens.text
+    d = net.inner_dim
+    double = [flux2_block_bytes(b, tokens, e, mode, first=(i == 0), adapter=adapter)
+              for i, b in enumerate(net.transformer_blocks)]
+    single = [flux2_single_block_bytes(b, tokens, e, mode, adapter=adapter) for b in net.single_transformer_blocks]
+    inputs = [(n + m) * d * e] * (len(double) + len(single))
+    root = n * d * e + _ln_stats(n)  # the output norm's input
+    if mode == "full":  # normalised input, proj_out's input, and the two embedders' inputs
+        root += 2 * n * d * e + m * int(net.config.joint_attention_dim) * e + n * int(net.config.in_channels) * e
+    return BlockActivations(double + single, inputs, root)
+
+
 @dataclass(frozen=True)
 class BlockActivations:
     """Saved bytes per sample of each block, and of each block's inputs (what checkpointing keeps)."""

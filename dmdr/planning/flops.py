@@ -127,6 +127,31 @@ def flux_network_flops(denoiser: nn.Module, tokens: Tokens, adapters: tuple[str,
             + [flux_single_block_flops(b, tokens, adapters) for b in net.single_transformer_blocks])
 
 
+def flux2_block_flops(block: nn.Module, tokens: Tokens, adapters: tuple[str, ...] = ()) -> BlockFlops:
+    """Forward FLOPs per sample of a FLUX.2 ``Flux2TransformerBlock`` (no per-block modulation linears: the
+    network computes them once; every linear sees its stream's tokens, as SD3's joint block)."""
+    base = lora = 0
+    for name, mod in _linears(block):
+        f, lo = _linear_flops(sd3_rows(name, tokens), mod, adapters)
+        base, lora = base + f, lora + lo
+    return BlockFlops(base, lora, 4 * (tokens.image + tokens.text) ** 2 * block.attn.inner_dim)
+
+
+def flux2_single_block_flops(block: nn.Module, tokens: Tokens, adapters: tuple[str, ...] = ()) -> BlockFlops:
+    """Forward FLOPs per sample of a FLUX.2 ``Flux2SingleTransformerBlock`` (fused q/k/v + MLP in, fused out)."""
+    base = lora = 0
+    for _, mod in _linears(block):
+        f, lo = _linear_flops(tokens.image + tokens.text, mod, adapters)
+        base, lora = base + f, lora + lo
+    return BlockFlops(base, lora, 4 * (tokens.image + tokens.text) ** 2 * block.attn.inner_dim)
+
+
+def flux2_network_flops(denoiser: nn.Module, tokens: Tokens, adapters: tuple[str, ...]) -> list[BlockFlops]:
+    net = denoiser.net
+    return ([flux2_block_flops(b, tokens, adapters) for b in net.transformer_blocks]
+            + [flux2_single_block_flops(b, tokens, adapters) for b in net.single_transformer_blocks])
+
+
 def sd3_network_flops(denoiser: nn.Module, tokens: Tokens, adapters: tuple[str, ...]) -> list[BlockFlops]:
     return [sd3_block_flops(b, tokens, adapters) for b in denoiser.net.transformer_blocks]
 

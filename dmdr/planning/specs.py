@@ -50,6 +50,9 @@ RECIPE_MODELS = {"sd35_dmdr": "sd3.5-large", "sd3m_dmdr": "sd3-medium", "zimage_
 """Which shipped model a recipe trains (``--model`` or ``--model.path`` choose another)."""
 SHIPPED["qwen-image"] = CONFIGS / "qwen-image"
 RECIPE_MODELS["qwenimage_dmdr"] = "qwen-image"
+SHIPPED["flux.2-klein-base-4b"] = CONFIGS / "flux.2-klein-base-4b"
+SHIPPED["flux.2-klein-base-9b"] = CONFIGS / "flux.2-klein-base-9b"
+RECIPE_MODELS["flux2_dmdr"] = "flux.2-klein-base-9b"  # the larger klein (``--model flux.2-klein-base-4b``: the 4B)
 REWARD_CONFIGS = {"hps": CONFIGS / "rewards" / "hps", "clip": CONFIGS / "rewards" / "clip",
                   "pickscore": CONFIGS / "rewards" / "pickscore"}
 """HPSv2.1 (open_clip ViT-H-14), DFN5B-CLIP ViT-H-14-378 (open_clip), PickScore (transformers CLIP ViT-H-14)."""

@@ -7,7 +7,8 @@ Launch (one node of 8 GPUs; ``--nnodes N`` with ``--parallel.dp_replicate N --pa
         --rl.clip_model /models/DFN5B-CLIP-ViT-H-14-378 --train.output_dir runs/flux2
 
 Distil the *base* model (``is_distilled: false`` in model_index.json): a true-CFG teacher with the negative
-prompt ``""``, ALGORITHM.md's rule as is (docs/guidance.md).
+prompt ``""``, ALGORITHM.md's rule as is (docs/guidance.md). ``tools/plan.py --recipe flux2_dmdr``: the 9B base fits
+8x H100-80GB at batch 4 / 2 with full activation checkpointing (``--model flux.2-klein-base-4b``: the 4B; README).
 """
 
 from dmdr.config import TrainConfig

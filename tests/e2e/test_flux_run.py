@@ -120,6 +120,63 @@ def test_lora_release_loads_in_the_stock_pipeline_and_equals_the_merged_export(f
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_kohya_lora_release_names_bfl_modules_and_carries_the_generator(family, runs, tmp_path):
+    """``--lora --lora-format kohya``: BFL's module names, each fused linear's ``up @ down`` the diffusers release's
+    parts stacked (module doc of ``dmdr.models.flux_bfl``); FLUX.2's loads in the stock pipeline with
+    ``load_lora_weights`` and gives the merged export's latents (FLUX.1's single blocks need FLUX.1-dev's widths in
+    diffusers' converter: checked at those widths in tests/export/test_flux_kohya_lora.py)."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from dmdr.models.flux_bfl import DOUBLE, FLUX2_DOUBLE, FLUX2_SINGLE, SINGLE
+
+    convert = tool("convert_to_diffusers")
+    lora_dir, kohya_dir = tmp_path / "lora", tmp_path / "kohya"
+    assert convert.main(["--run", str(runs[family]), "--out", str(lora_dir), "--lora"]) == 0
+    assert convert.main(["--run", str(runs[family]), "--out", str(kohya_dir), "--lora", "--lora-format", "kohya"]) == 0
+    diffusers_file = load_file(lora_dir / "pytorch_lora_weights.safetensors")
+    kohya = load_file(kohya_dir / "kohya.safetensors")
+    assert all(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in kohya)
+    tables = {"double_blocks": (DOUBLE, FLUX2_DOUBLE), "single_blocks": (SINGLE, FLUX2_SINGLE)}
+    for key in (k for k in kohya if k.endswith(".lora_down.weight")):
+        module = key[len("lora_unet_"):-len(".lora_down.weight")]
+        kind, index, bfl = module.split("_", 3)[0] + "_blocks", module.split("_")[2], module.split("_", 3)[3]
+        table = tables[kind][family == "flux2"]
+        parts = next(v for k, v in table.items() if k.replace(".", "_") == bfl)
+        prefix = f"transformer.{'transformer_blocks' if kind == 'double_blocks' else 'single_transformer_blocks'}"
+        rows = []
+        for part in parts:
+            name = f"{prefix}.{index}.{part}"
+            if f"{name}.lora_A.weight" in diffusers_file:
+                a, b = diffusers_file[f"{name}.lora_A.weight"], diffusers_file[f"{name}.lora_B.weight"]
+                rows.append(b.double() @ a.double())
+            else:  # FLUX.1's proj_mlp (no adapter): zero rows, 4x the width
+                rows.append(torch.zeros(4 * rows[0].shape[1], rows[0].shape[1], dtype=torch.float64))
+        fused = kohya[key.replace(".lora_down.", ".lora_up.")].double() @ kohya[key].double()
+        torch.testing.assert_close(fused, torch.cat(rows), atol=1e-7, rtol=0)
+        assert kohya[key.replace(".lora_down.weight", ".alpha")].item() == kohya[key].shape[0]
+    assert "BFL" in (kohya_dir / "README.md").read_text()
+    if family == "flux":
+        return
+    cfg = export.read_run_config(runs[family])
+    settings = export.InferenceSettings.read(kohya_dir)
+
+    def latents(pipe) -> torch.Tensor:
+        with torch.no_grad():
+            return pipe(prompt=list(PROMPTS), generator=torch.Generator().manual_seed(11), output_type="latent",
+                        **settings.pipeline_kwargs(exact=True)).images
+
+    base = DiffusionPipeline.from_pretrained(cfg.model.path, local_files_only=True)
+    few_step_scheduler(base, kohya_dir)
+    base.load_lora_weights(str(kohya_dir), weight_name="kohya.safetensors")
+    merged_dir = tmp_path / "merged"
+    assert convert.main(["--run", str(runs[family]), "--out", str(merged_dir)]) == 0
+    merged = DiffusionPipeline.from_pretrained(str(merged_dir), local_files_only=True)
+    merged.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(latents(base), latents(merged), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_recipe_builds_the_matching_tiny_pipeline(family, tmp_path):
     from dmdr.config import apply_overrides
     from dmdr.models.loading import detect_family, read_model_index

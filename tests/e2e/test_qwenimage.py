@@ -1,6 +1,8 @@
 """Qwen-Image end to end on the tiny model: training, the stock QwenImagePipeline reproducing the trained sampler
-from the exported folder, the LoRA release in the stock base pipeline, training from an embedding cache with the
-text encoder never loaded, and a folder of another family refused by the preflight in one line."""
+from the exported folder, the LoRA release in the stock base pipeline, the single-file transformer (diffusers' key
+names, which are ComfyUI's Qwen-Image layout too) loaded by ``from_single_file`` into the base pipeline, training
+from an embedding cache with the text encoder never loaded, and a folder of another family refused by the
+preflight in one line."""
 
 from __future__ import annotations
 
@@ -97,6 +99,39 @@ def test_lora_release_loads_in_the_stock_base_pipeline(trained, tmp_path):
     merged = latents(DiffusionPipeline.from_pretrained(str(merged_dir), local_files_only=True))
     torch.testing.assert_close(after, merged, atol=TOL, rtol=0)
     assert (after - before).abs().max() > 20 * TOL  # three small steps, but the adapter is there
+
+
+def test_single_file_in_the_base_pipeline_equals_the_merged_export(trained, tmp_path):
+    """``--single-file``: one safetensors file keyed as the merged export's transformer, which ComfyUI's diffusion-
+    model loader detects as Qwen-Image (``txt_norm.weight``, ``img_in.weight``, ``transformer_blocks.<i>.``, no
+    prefix) and diffusers 0.42 loads without conversion (``QwenImageTransformer2DModel``'s single-file mapping is
+    the identity); ``from_single_file(config=base)`` into the base pipeline (the card's call) gives the merged
+    export's latents."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    convert = tool("convert_to_diffusers").main
+    merged_dir, single_dir = tmp_path / "merged", tmp_path / "single"
+    assert convert(["--run", str(trained), "--out", str(merged_dir)]) == 0
+    assert convert(["--run", str(trained), "--single-file", "--out", str(single_dir)]) == 0
+    files = json.loads((single_dir / export.SETTINGS_FILE).read_text())["source"]["files"]
+    single = load_file(single_dir / files["single_file"])
+    merged = load_file(merged_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert single.keys() == merged.keys() and all(torch.equal(single[k], merged[k]) for k in merged)
+    assert {"txt_norm.weight", "img_in.weight", "transformer_blocks.0.attn.to_q.weight"} <= single.keys()
+    assert "QwenImageTransformer2DModel.from_single_file" in (single_dir / "README.md").read_text()
+    settings = export.InferenceSettings.read(single_dir)
+
+    def latents(pipe) -> torch.Tensor:
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return pipe(list(PROMPTS), generator=torch.Generator().manual_seed(11), output_type="latent",
+                        **settings.pipeline_kwargs(exact=True)).images
+
+    pipe = export.load_release(single_dir)
+    assert type(pipe.transformer).__name__ == "QwenImageTransformer2DModel"
+    reference = DiffusionPipeline.from_pretrained(str(merged_dir), local_files_only=True)
+    torch.testing.assert_close(latents(pipe), latents(reference), atol=1e-6, rtol=0)
 
 
 def test_training_from_the_cache_never_loads_the_text_encoder(assets, trained, tmp_path, monkeypatch):

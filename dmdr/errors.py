@@ -1,8 +1,13 @@
 """User-facing errors: one clear line that names the culprit and the fix.
 
-Anything raised as a :class:`UserError` is printed by the recipe launcher as a single line
-(``error: ...``) and exits with status 2, before any training work starts where possible.
+Anything raised as a :class:`UserError` is printed by the recipe launcher and the tools as a single line
+(``error: ...``, :func:`error_exit`) and exits with status 2, before any training work starts where possible.
 """
+
+import sys
+
+EXIT_USER_ERROR = 2
+"""The exit code for bad input (a missing folder, a typo, a corrupt checkpoint)."""
 
 
 class UserError(Exception):
@@ -29,3 +34,12 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is corrupt, truncated or incompatible."""
+
+
+def error_exit(err: Exception, show: bool = True, rank: int = 0, code: int = EXIT_USER_ERROR) -> int:
+    """Print ``error: <one line>`` to stderr, prefixed ``[rank R]`` off rank 0 (unless ``show`` is false: a rank
+    that is not the reporter) and return ``code`` (default :data:`EXIT_USER_ERROR`)."""
+    if show:
+        where = "" if rank == 0 else f"[rank {rank}] "
+        print(f"{where}error: {err}", file=sys.stderr)
+    return code

@@ -19,11 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dmdr.build import build_run
-from dmdr.cli import error_exit
 from dmdr.config import TrainConfig, apply_overrides, describe_fields, to_dict
 from dmdr.distributed.env import collect_released_objects
 from dmdr.engine import TrainingDiverged
-from dmdr.errors import ConfigError, UserError
+from dmdr.errors import ConfigError, UserError, error_exit
 from dmdr.guard import GuardStopped
 from dmdr.logs import setup_logging
 from dmdr.preflight import PreflightError, Problem, job_shape, preflight_run, problem_from, reports

@@ -2,8 +2,8 @@
 
 Run them as ``python tools/<name>.py`` (thin launchers at the paths users know) or as the installed
 ``dmdr-<name>`` commands (``[project.scripts]`` in pyproject.toml). Bad input prints one ``error:`` line and
-exits 2 (:func:`error_exit`, which the recipe launcher :mod:`dmdr.launch` also prints its exits 3 and 4 with);
-:func:`run_tool` is the whole ``main`` of a tool.
+exits 2 (:func:`~dmdr.errors.error_exit`, with which the recipe launcher :mod:`dmdr.launch` also prints its exits
+3 and 4); :func:`run_tool` is the whole ``main`` of a tool.
 
 ``tools/profile.py`` bears the name of the standard library's ``profile``, which ``cProfile`` imports (torch
 does, through ``torch.distributed.checkpoint`` and ``torch._dynamo``). A tool run by path has ``tools/`` first
@@ -20,11 +20,8 @@ import sys
 import sysconfig
 from collections.abc import Callable
 
-from dmdr.errors import UserError
+from dmdr.errors import UserError, error_exit
 from dmdr.logs import setup_logging
-
-EXIT_USER_ERROR = 2
-"""A tool's exit code for bad input (a missing folder, a typo, a corrupt checkpoint)."""
 
 
 def start(parse: Callable[[list[str]], argparse.Namespace], argv: list[str] | None) -> argparse.Namespace:
@@ -50,15 +47,6 @@ def run_tool(parse: Callable[[list[str]], argparse.Namespace], work: Callable[[a
     return 0
 
 
-def error_exit(err: Exception, show: bool = True, rank: int = 0, code: int = EXIT_USER_ERROR) -> int:
-    """Print ``error: <one line>`` to stderr, prefixed ``[rank R]`` off rank 0 (unless ``show`` is false: a rank
-    that is not the reporter) and return ``code`` (default :data:`EXIT_USER_ERROR`)."""
-    if show:
-        where = "" if rank == 0 else f"[rank {rank}] "
-        print(f"{where}error: {err}", file=sys.stderr)
-    return code
-
-
 def become_stdlib_module(name: str) -> None:
     """Make ``sys.modules[name]`` the standard library's module ``name``.
 
@@ -71,3 +59,4 @@ def become_stdlib_module(name: str) -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
+

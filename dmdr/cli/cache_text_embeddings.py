@@ -26,11 +26,10 @@ from typing import Any
 
 import torch
 
-from dmdr.cli import error_exit
 from dmdr.config import TrainConfig, apply_overrides
 from dmdr.data.cache import cache_embeddings
 from dmdr.devices import DTYPES
-from dmdr.errors import UserError
+from dmdr.errors import UserError, error_exit
 from dmdr.preflight import PreflightError, job_shape, raise_problems, reports
 from dmdr.preflight.tools import cache_tool_problems
 

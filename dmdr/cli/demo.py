@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dmdr.cli import error_exit
-from dmdr.errors import UserError
+from dmdr.errors import UserError, error_exit
 from dmdr.models import load_backbone
 from dmdr.recipes.shapes_dmdr import COLD_START, RL_STEPS
 from dmdr.worlds.shapes.evaluation import Sampler, evaluate_model, heldout_prompts, sample_images

@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from dmdr.cli import error_exit
 from dmdr.config import apply_overrides
-from dmdr.errors import UserError
+from dmdr.errors import UserError, error_exit
 from dmdr.gpus import get_gpu
 from dmdr.planning import largest_batch_table, make_plan
 from dmdr.planning.report import to_json, to_table

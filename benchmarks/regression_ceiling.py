@@ -75,7 +75,13 @@ def main() -> None:
     noise = torch.randn((a.pairs, *backbone.latent_shape(IMAGE_SIZE)),
                         generator=torch.Generator().manual_seed(POOL_NOISE_SEED + a.seed))
     t0 = time.time()
-    targets = teacher_pool(backbone, prompts, noise)
+    pool = run.parent / f"pool-seed{a.seed}-{a.pairs}.pt"  # the teacher's samples: shared by runs of one seed
+    if pool.is_file():
+        targets = torch.load(pool, weights_only=True)
+    else:
+        targets = teacher_pool(backbone, prompts, noise)
+        torch.save(targets, pool.with_suffix(".tmp"))
+        pool.with_suffix(".tmp").rename(pool)
     pool_s = time.time() - t0
     with torch.no_grad():
         conds = [backbone.text_encoder.encode([p]) for p in prompts]

@@ -12,7 +12,9 @@
    (``--student-steps`` of ``recipes/shapes_dmdr.py`` on the plain teacher, exported merged). Its cost is not
    counted: it exists already.
 3. Two arms per seed, each ``recipes/shapes_dmdr.py --model.teacher_adapters <style>`` in one process:
-   **(a) scratch**, the recipe as it is (60-step cold start, then ReFL); **(b) re-turbo**, plus
+   **(a) scratch**, the recipe as it is (60-step cold start, then ReFL) with the style's reward
+   (``--rl.rewards shapes-style``: the colour reward against the restyled prompt; the plain ``shapes`` reward asks
+   for the unstyled colours and un-styles the student); **(b) re-turbo**, plus
    ``--model.init_generator <student> --dynamic.dynadg false --rl.start_step 0`` (the student is already few-step:
    no cold start; DynaRS's levels are the recipe's Beta(4, 1.5) throughout either way). Every ``--every`` steps
    a checkpoint is scored on held-out prompts with fixed noise.
@@ -201,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                       **_scores(backbone, backbone.teacher, prompts, args.noise_seeds, few)})
     loads.append(os.getloadavg()[0])
     arms: dict[str, dict[str, dict]] = {"scratch": {}, "re-turbo": {}}
-    extra = {"scratch": ["--model.teacher_adapters", str(style)],
-             "re-turbo": ["--model.teacher_adapters", str(style), "--model.init_generator", student,
+    extra = {"scratch": ["--model.teacher_adapters", str(style), "--rl.rewards", "shapes-style"],
+             "re-turbo": ["--model.teacher_adapters", str(style), "--rl.rewards", "shapes-style",
+                          "--model.init_generator", student,
                           "--dynamic.dynadg", "false", "--rl.start_step", "0"]}
     for seed in range(args.seeds):
         for arm in arms:

@@ -368,6 +368,10 @@ class GuardConfig:
     it legitimately: DMDR on the shapes world +42% in 20 steps, ReFL alone +64%; only a doubling trips)."""
     max_clipped_rise: float = 0.1
     """Fraction of channel values at 0 or 1 may rise at most this much (absolute)."""
+    max_clipped_drop: float = 0.1
+    """... and fall at most this much (absolute): the shapes world's pure-black backgrounds take a haze under ReFL
+    alone (0.70 -> 0.54 by the first probe whose fidelity is below DMDR's) while DMDR and DMD alone stay within
+    0.04 of the baseline (README, guard-rails). Where few pixels are clipped (most real images) it cannot trip."""
     min_diversity_ratio: float = 0.5
     """Distance between seeds of one prompt may fall to this fraction of the baseline, no lower (each diversity
     measured: pixels, VAE latents, and CLIP embeddings / LPIPS where configured)."""

@@ -8,7 +8,8 @@ rule              trips when                                                    
 ================  ==============================================================  =========
 saturation        mean HSV saturation - baseline > ``max_saturation_rise``         0.15
 colourfulness     colourfulness / baseline - 1 > ``max_colourfulness_rise``        1.0
-clipped           clipped-pixel fraction - baseline > ``max_clipped_rise``         0.1
+clipped           clipped-pixel fraction - baseline > ``max_clipped_rise``,         0.1
+                  or baseline - clipped-pixel fraction > ``max_clipped_drop``     0.1
 diversity         seed diversity / baseline < ``min_diversity_ratio``, for each     0.5
                   measure (pixels, VAE latents; CLIP, LPIPS where configured)
 critic_teacher    (critic / teacher loss) / baseline < ``min_critic_teacher_ratio``0.85
@@ -76,6 +77,9 @@ def evaluate(latest: dict[str, float], baseline: dict[str, float], history: list
     if have("probe/clipped") and latest["probe/clipped"] - baseline["probe/clipped"] > cfg.max_clipped_rise:
         trip("clipped", "probe/clipped", f"clipped pixels {baseline['probe/clipped']:.3f} -> "
              f"{latest['probe/clipped']:.3f} (rise > {cfg.max_clipped_rise})")
+    if have("probe/clipped") and baseline["probe/clipped"] - latest["probe/clipped"] > cfg.max_clipped_drop:
+        trip("clipped", "probe/clipped", f"clipped pixels {baseline['probe/clipped']:.3f} -> "
+             f"{latest['probe/clipped']:.3f} (drop > {cfg.max_clipped_drop}: flat black or white areas took a tint)")
     for key in filter(have, DIVERSITY_SIGNALS):
         ratio = _ratio(latest[key], baseline[key])
         if ratio < cfg.min_diversity_ratio:

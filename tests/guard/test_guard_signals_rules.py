@@ -112,6 +112,20 @@ def test_each_rule_trips_on_its_own_evidence_and_not_just_below(change, rule):
     assert evaluate(inside, BASE, [BASE, inside], cfg) == []
 
 
+def test_clipped_trips_on_a_drop_too_where_the_baseline_has_clipped_pixels():
+    """The shapes world's ReFL hacking: its black backgrounds take a haze (clipped 0.70 -> 0.54)."""
+    cfg = GuardConfig(trend_window=0)
+    base = {**BASE, "probe/clipped": 0.70}
+    hazy = {**base, "probe/clipped": 0.58}
+    trips = evaluate(hazy, base, [base, hazy], cfg)
+    assert [t.rule for t in trips] == ["clipped"] and "drop > 0.1" in trips[0].message
+    assert trips[0].evidence == {"probe/clipped": 0.58, "baseline probe/clipped": 0.70}
+    inside = {**base, "probe/clipped": 0.64}
+    assert evaluate(inside, base, [base, inside], cfg) == []
+    # where almost nothing is clipped (most real images) a drop cannot reach the limit
+    assert evaluate({**BASE, "probe/clipped": 0.0}, BASE, [BASE, {**BASE, "probe/clipped": 0.0}], cfg) == []
+
+
 def test_trend_needs_a_rise_at_every_probe_of_the_window():
     cfg = GuardConfig(trend_window=3)
     steps = [0.40, 0.43, 0.46, 0.49]  # +0.09 in all: under the 0.15 limit, over half of it

@@ -220,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
                           "fidelity": {} if args.no_fidelity else fidelity(run_dir, scored, args.prompts)}
             if name != "refl_rollback":  # the warn runs' probes judged by the current rules
                 arms[name]["trips_now"] = {k: v for k, v in offline_trips(rows, guard_flags).items() if v}
-            print(f"seed {seed} {name}: trips {arms[name]['trips_now'] or [e['step'] for e in events(run_dir)]}, "
+            # the warn runs: their probes judged by today's rules; the rollback run: what its live guard did
+            shown = arms[name]["trips_now"] if name != "refl_rollback" else [
+                (e["step"], e["action"]) for e in arms[name]["events"]]
+            print(f"seed {seed} {name}: trips {shown}, "
                   f"fidelity { {k: round(v, 4) for k, v in arms[name]['fidelity'].items()} }", flush=True)
         report["seeds"][seed] = {"arms": arms, "summary": seed_summary(arms, end)}
     report["summary"] = over_seeds({s: v["summary"] for s, v in report["seeds"].items()})

@@ -17,7 +17,7 @@ Stages (one training process at a time, ``--threads`` threads each):
 
 The warn runs' logged probes are judged again by the current rules (defaults plus any ``--guard.*`` override),
 so a change of thresholds needs no retraining. Prints and writes ``<out>/guard_bench.json``: per seed, the
-detection step on ReFL only vs the first step its fidelity falls below DMDR's, the false alarms (probes that
+detection step on ReFL only vs the probe from which its fidelity stays below DMDR's, the false alarms (probes that
 tripped) of DMDR and DMD only, and the rollback run's fidelity vs the unguarded ReFL run's at the same step and
 at the end; then the same over seeds.
 """
@@ -144,8 +144,10 @@ def seed_summary(arms: dict[str, dict], end: int) -> dict:
         out["refl_detection_step"] = min(refl["trips_now"], default=None)
         out["refl_trips"] = refl["trips_now"]
     if refl is not None and dmdr is not None and refl["fidelity"] and dmdr["fidelity"]:
-        below = next((s for s in sorted(refl["fidelity"]) if s in dmdr["fidelity"]
-                      and refl["fidelity"][s] < dmdr["fidelity"][s]), None)
+        # from which probe on ReFL only stays below DMDR (the baseline probe, one step in, differs by noise only)
+        steps = [s for s in sorted(refl["fidelity"])[1:] if s in dmdr["fidelity"]]
+        under = [refl["fidelity"][s] < dmdr["fidelity"][s] for s in steps]
+        below = next((s for i, s in enumerate(steps) if all(under[i:])), None)
         detect = out["refl_detection_step"]
         out["refl_first_step_below_dmdr_fidelity"] = below
         out["detected_before_fidelity_fell"] = detect is not None and (below is None or detect <= below)

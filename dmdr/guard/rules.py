@@ -12,7 +12,7 @@ clipped           clipped-pixel fraction - baseline > ``max_clipped_rise``,     
                   or baseline - clipped-pixel fraction > ``max_clipped_drop``     0.2
 diversity         seed diversity / baseline < ``min_diversity_ratio``, for each     0.5
                   measure (pixels, VAE latents; CLIP, LPIPS where configured)
-critic_teacher    (critic / teacher loss) / baseline < ``min_critic_teacher_ratio``0.85
+critic_teacher    (critic / teacher loss) / baseline < ``min_critic_teacher_ratio``0.75
 dmd_grad          DMD gradient scale / baseline > ``max_dmd_grad_rise``            3.0
 reward_gap        training-batch reward - probe reward > ``max_reward_gap``        0.25
 clip_score        CLIP score / baseline < ``min_clip_score_ratio``                 0.9

@@ -7,9 +7,10 @@ cold start, then from its last checkpoint ReFL alone (``--dmd.weight 0``) and DM
 live guard did is read back from ``guard.jsonl`` and ``metrics.jsonl``; ShapeEval's fidelity, which the guard
 never sees, checks that what tripped was hacking.
 
-The size was measured over seeds 0-3 before being fixed here (README, "Guard-rails"): ReFL alone tripped at
-every seed (``clipped``: its black backgrounds take a haze), DMDR at none. At batch 4 or with a cold start of
-20 steps DMDR itself drifts (its fidelity falls as ReFL's does), so there is no smaller honest setting.
+The size was measured over training seeds 0-3 before being fixed here (README, "Guard-rails"): ReFL alone
+tripped at every seed, at step 55 or 60 (``clipped``: its black backgrounds take a haze), DMDR at none. At batch 4
+or after a cold start of 20 steps DMDR itself drifts (its fidelity falls as ReFL's does), so there is no smaller
+honest setting. About 175 s of CPU in all (cold start, two arms, two fidelity scores; one thread each).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def test_the_guard_trips_on_refl_alone(bench):
     assert all(e["action"] == "warn" for e in events)
     assert rows[-1]["guard/trips"] == sum(len(e["trips"]) for e in events)
     first = events[0]
-    assert first["step"] <= END - 2 * INTERVAL, first  # caught with probes to spare (seeds 0-2: steps 55-60)
+    assert first["step"] <= END - 2 * INTERVAL, first  # caught with probes to spare (seeds 0-3: steps 55-60)
     assert "clipped" in first["trips"], first
     clipped = first["evidence"]["clipped"]
     assert clipped["baseline probe/clipped"] - clipped["probe/clipped"] > 0.2  # the haze, with its evidence

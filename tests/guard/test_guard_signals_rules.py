@@ -91,7 +91,7 @@ BASE = {"probe/saturation": 0.4, "probe/colourfulness": 0.3, "probe/clipped": 0.
     ({"probe/diversity_lpips": 0.2}, "diversity"),
     ({"probe/clip_score": 26.0}, "clip_score"),
     ({"probe/aesthetic": 4.4}, "aesthetic"),
-    ({"probe/critic_teacher_ratio": 0.8}, "critic_teacher"),
+    ({"probe/critic_teacher_ratio": 0.7}, "critic_teacher"),
     ({"train/dmd_grad": 0.31}, "dmd_grad"),
     ({"probe/reward_gap": 0.3}, "reward_gap"),
     ({"probe/nonfinite": 2.0}, "nonfinite"),

@@ -5,9 +5,11 @@
 
 Stages (one training process at a time, ``--threads`` threads each):
 
-1. the shapes recipe's cold start (DMD with DynaDG + DynaRS, guard off), once (``--coldstart DIR`` reuses one);
-2. per seed (``--train.seed`` of the branches: their noise and data order), from the cold start's last
-   checkpoint, with ``--guard.action warn`` and a checkpoint at every probe: **ReFL only** (``--dmd.weight 0``,
+1. per seed, the shapes recipe's cold start (DMD with DynaDG + DynaRS, guard off) with ``--train.seed``: a run
+   resumed from a checkpoint restores its RNG states and data order, so branches of one shared cold start
+   train the same run whatever their ``--train.seed`` (``--coldstart DIR`` reuses one, for one seed only);
+2. per seed, from that cold start's last checkpoint, with ``--guard.action warn`` and a checkpoint at every
+   probe: **ReFL only** (``--dmd.weight 0``,
    the arm that hacks the colour reward), **DMDR** and **DMD only** (``--rl.method none``);
 3. per seed, **ReFL only** again with ``--guard.action rollback``;
 4. every checkpoint of 2 and the end of 3 scored with ShapeEval's fidelity (which the guard never sees: its
@@ -15,7 +17,7 @@ Stages (one training process at a time, ``--threads`` threads each):
 
 The warn runs' logged probes are judged again by the current rules (defaults plus any ``--guard.*`` override),
 so a change of thresholds needs no retraining. Prints and writes ``<out>/guard_bench.json``: per seed, the
-detection step on ReFL only vs the first step its fidelity falls below DMDR's, the false alarms (probes that
+detection step on ReFL only vs the probe from which its fidelity stays below DMDR's, the false alarms (probes that
 tripped) of DMDR and DMD only, and the rollback run's fidelity vs the unguarded ReFL run's at the same step and
 at the end; then the same over seeds.
 """
@@ -48,7 +50,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of the branch runs")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--cold-start", type=int, default=60)
-    p.add_argument("--coldstart", default="", help="an existing cold-start run folder (its step --cold-start)")
+    p.add_argument("--coldstart", default="", help="an existing cold-start run folder (its step --cold-start); "
+                   "one seed only")
     p.add_argument("--rl-steps", type=int, default=60)
     p.add_argument("--interval", type=int, default=10, help="guard.interval (and the scored checkpoints)")
     p.add_argument("--prompts", type=int, default=32, help="held-out prompts in each fidelity score")
@@ -59,6 +62,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "batch 4, critic ratio 2, 4 fidelity prompts")
     p.add_argument("overrides", nargs="*", help="after --: extra --section.field value overrides for every run")
     args = p.parse_args(argv)
+    if args.coldstart and len(args.seeds) > 1:
+        p.error("--coldstart takes one --seeds value: branches resumed from one checkpoint restore its RNG states "
+                "and data order, so every seed would train the same run")
     if args.tiny:
         args.cold_start, args.rl_steps, args.interval, args.prompts = 4, 8, 4, 4
         args.overrides = [*TINY, *args.overrides]
@@ -109,12 +115,19 @@ def offline_trips(rows: dict[int, dict[str, float]], overrides: list[str]) -> di
 
 
 def fidelity(run_dir: Path, steps: list[int], prompts: int) -> dict[int, float]:
+    """ShapeEval's fidelity of the checkpoints at ``steps``, kept in ``<run_dir>/fidelity-<prompts>.json`` (a
+    rerun re-judges without rescoring)."""
     from dmdr.worlds.shapes.ablations import score_checkpoint
 
+    cache = run_dir / f"fidelity-{prompts}.json"
+    known = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.exists() else {}
     out = {}
     for step in steps:
-        if (run_dir / "checkpoints" / f"step-{step}").is_dir():
-            out[step] = score_checkpoint(run_dir, step, prompts)["fidelity"]
+        if step not in known and (run_dir / "checkpoints" / f"step-{step}").is_dir():
+            known[step] = score_checkpoint(run_dir, step, prompts)["fidelity"]
+            cache.write_text(json.dumps(known, sort_keys=True) + "\n")
+        if step in known:
+            out[step] = known[step]
     return out
 
 
@@ -131,8 +144,10 @@ def seed_summary(arms: dict[str, dict], end: int) -> dict:
         out["refl_detection_step"] = min(refl["trips_now"], default=None)
         out["refl_trips"] = refl["trips_now"]
     if refl is not None and dmdr is not None and refl["fidelity"] and dmdr["fidelity"]:
-        below = next((s for s in sorted(refl["fidelity"]) if s in dmdr["fidelity"]
-                      and refl["fidelity"][s] < dmdr["fidelity"][s]), None)
+        # from which probe on ReFL only stays below DMDR (the baseline probe, one step in, differs by noise only)
+        steps = [s for s in sorted(refl["fidelity"])[1:] if s in dmdr["fidelity"]]
+        under = [refl["fidelity"][s] < dmdr["fidelity"][s] for s in steps]
+        below = next((s for i, s in enumerate(steps) if all(under[i:])), None)
         detect = out["refl_detection_step"]
         out["refl_first_step_below_dmdr_fidelity"] = below
         out["detected_before_fidelity_fell"] = detect is not None and (below is None or detect <= below)
@@ -181,32 +196,36 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--dynamic.decay_steps", str(cold), "--rl.start_step", str(cold), "--log.sample_interval", "0",
               *args.overrides]
     walls: dict[str, float] = {}
-    cold_dir = Path(args.coldstart) if args.coldstart else out / "coldstart"
-    if not (cold_dir / "checkpoints" / f"step-{cold}").is_dir():
-        walls["coldstart"] = train(cold_dir, [*common, "--guard.action", "off", "--train.max_steps", str(cold),
-                                              "--checkpoint.interval", str(cold)], args.threads)
-    start = str(cold_dir / "checkpoints" / f"step-{cold}")
     branch = [*common, "--train.max_steps", str(end), "--guard.interval", str(args.interval),
               "--checkpoint.interval", str(args.interval), "--checkpoint.keep_last", "1000",
-              "--guard.max_rollbacks", str(args.max_rollbacks), "--checkpoint.resume", start]
+              "--guard.max_rollbacks", str(args.max_rollbacks)]
     guard_flags = _guard_flags(args.overrides)
     report: dict = {"args": vars(args), "seeds": {}}
     for seed in args.seeds:
+        cold_dir = Path(args.coldstart) if args.coldstart else out / f"seed-{seed}" / "coldstart"
+        if not (cold_dir / "checkpoints" / f"step-{cold}").is_dir():
+            walls[f"seed-{seed}/coldstart"] = train(cold_dir, [*common, "--train.seed", str(seed), "--guard.action",
+                                                               "off", "--train.max_steps", str(cold),
+                                                               "--checkpoint.interval", str(cold)], args.threads)
+        start = ["--checkpoint.resume", str(cold_dir / "checkpoints" / f"step-{cold}")]
         arms: dict[str, dict] = {}
         for name in args.arms:
             run_dir = out / f"seed-{seed}" / name
             finished = (run_dir / "checkpoints" / "latest").exists() and (_latest(run_dir) >= end or any(
                 e["action"] == "stop" for e in events(run_dir)))
             if not finished:
-                walls[f"seed-{seed}/{name}"] = train(run_dir, [*branch, "--train.seed", str(seed), *ARMS[name]],
-                                                     args.threads)
+                argv = [*branch, *start, "--train.seed", str(seed), *ARMS[name]]
+                walls[f"seed-{seed}/{name}"] = train(run_dir, argv, args.threads)
             rows = probes(run_dir)
             scored = sorted(rows) if name != "refl_rollback" else [max(rows)]
             arms[name] = {"probes": rows, "events": events(run_dir), "trips_now": {},
                           "fidelity": {} if args.no_fidelity else fidelity(run_dir, scored, args.prompts)}
             if name != "refl_rollback":  # the warn runs' probes judged by the current rules
                 arms[name]["trips_now"] = {k: v for k, v in offline_trips(rows, guard_flags).items() if v}
-            print(f"seed {seed} {name}: trips {arms[name]['trips_now'] or [e['step'] for e in events(run_dir)]}, "
+            # the warn runs: their probes judged by today's rules; the rollback run: what its live guard did
+            shown = arms[name]["trips_now"] if name != "refl_rollback" else [
+                (e["step"], e["action"]) for e in arms[name]["events"]]
+            print(f"seed {seed} {name}: trips {shown}, "
                   f"fidelity { {k: round(v, 4) for k, v in arms[name]['fidelity'].items()} }", flush=True)
         report["seeds"][seed] = {"arms": arms, "summary": seed_summary(arms, end)}
     report["summary"] = over_seeds({s: v["summary"] for s, v in report["seeds"].items()})

@@ -8,17 +8,22 @@ rule              trips when                                                    
 ================  ==============================================================  =========
 saturation        mean HSV saturation - baseline > ``max_saturation_rise``         0.15
 colourfulness     colourfulness / baseline - 1 > ``max_colourfulness_rise``        1.0
-clipped           clipped-pixel fraction - baseline > ``max_clipped_rise``         0.1
+clipped           clipped-pixel fraction - baseline > ``max_clipped_rise``,         0.1
+                  or baseline - clipped-pixel fraction > ``max_clipped_drop``     0.2
 diversity         seed diversity / baseline < ``min_diversity_ratio``, for each     0.5
                   measure (pixels, VAE latents; CLIP, LPIPS where configured)
-critic_teacher    (critic / teacher loss) / baseline < ``min_critic_teacher_ratio``0.85
+critic_teacher    (critic / teacher loss) / baseline < ``min_critic_teacher_ratio``0.75
 dmd_grad          DMD gradient scale / baseline > ``max_dmd_grad_rise``            3.0
 reward_gap        training-batch reward - probe reward > ``max_reward_gap``        0.25
 clip_score        CLIP score / baseline < ``min_clip_score_ratio``                 0.9
 aesthetic         baseline aesthetic score - aesthetic > ``max_aesthetic_drop``     0.5
 nonfinite         any non-finite probe pixel, or a skipped (non-finite) step since the last probe
 trend             saturation or colourfulness rose at each of the last ``trend_window`` probes, by more
-                  than half its threshold in all                                   3 probes
+                  than half its threshold in all, and is more than half its        3 probes
+                  threshold above the baseline (a climb out of a dip is not one:
+                  DMDR's saturation on the shapes world wobbles by +-0.05 and
+                  once climbed 0.711 -> 0.813 over 3 probes, from a baseline
+                  of 0.765; CI size, training seed 1)
 ================  ==============================================================  =========
 
 A signal absent from either probe (no DMD loss, no RL yet, no CLIP configured) is not judged. The CLIP and
@@ -76,6 +81,9 @@ def evaluate(latest: dict[str, float], baseline: dict[str, float], history: list
     if have("probe/clipped") and latest["probe/clipped"] - baseline["probe/clipped"] > cfg.max_clipped_rise:
         trip("clipped", "probe/clipped", f"clipped pixels {baseline['probe/clipped']:.3f} -> "
              f"{latest['probe/clipped']:.3f} (rise > {cfg.max_clipped_rise})")
+    if have("probe/clipped") and baseline["probe/clipped"] - latest["probe/clipped"] > cfg.max_clipped_drop:
+        trip("clipped", "probe/clipped", f"clipped pixels {baseline['probe/clipped']:.3f} -> "
+             f"{latest['probe/clipped']:.3f} (drop > {cfg.max_clipped_drop}: flat black or white areas took a tint)")
     for key in filter(have, DIVERSITY_SIGNALS):
         ratio = _ratio(latest[key], baseline[key])
         if ratio < cfg.min_diversity_ratio:
@@ -125,8 +133,9 @@ def _trends(history: list[dict[str, float]], baseline: dict[str, float], cfg: An
         if any(v is None for v in values) or limit <= 0:
             continue
         rising = all(b > a for a, b in zip(values, values[1:]))
-        if rising and values[-1] - values[0] > limit / 2:
+        base = baseline.get(key, values[0])
+        if rising and values[-1] - values[0] > limit / 2 and values[-1] - base > limit / 2:
             out.append(Trip("trend", f"trend: {key} rose at each of the last {w} probes, {values[0]:.3f} -> "
-                            f"{values[-1]:.3f} (> half the {limit:.3f} limit)",
-                            {key: values[-1], f"{key} {w} probes ago": values[0]}))
+                            f"{values[-1]:.3f} (> half the {limit:.3f} limit, and {base:.3f} at the baseline)",
+                            {key: values[-1], f"{key} {w} probes ago": values[0], f"baseline {key}": base}))
     return out

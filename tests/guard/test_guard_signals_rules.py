@@ -91,7 +91,7 @@ BASE = {"probe/saturation": 0.4, "probe/colourfulness": 0.3, "probe/clipped": 0.
     ({"probe/diversity_lpips": 0.2}, "diversity"),
     ({"probe/clip_score": 26.0}, "clip_score"),
     ({"probe/aesthetic": 4.4}, "aesthetic"),
-    ({"probe/critic_teacher_ratio": 0.8}, "critic_teacher"),
+    ({"probe/critic_teacher_ratio": 0.7}, "critic_teacher"),
     ({"train/dmd_grad": 0.31}, "dmd_grad"),
     ({"probe/reward_gap": 0.3}, "reward_gap"),
     ({"probe/nonfinite": 2.0}, "nonfinite"),
@@ -112,6 +112,20 @@ def test_each_rule_trips_on_its_own_evidence_and_not_just_below(change, rule):
     assert evaluate(inside, BASE, [BASE, inside], cfg) == []
 
 
+def test_clipped_trips_on_a_drop_too_where_the_baseline_has_clipped_pixels():
+    """The shapes world's ReFL hacking: its black backgrounds take a haze (clipped 0.70 -> 0.45)."""
+    cfg = GuardConfig(trend_window=0)
+    base = {**BASE, "probe/clipped": 0.70}
+    hazy = {**base, "probe/clipped": 0.45}
+    trips = evaluate(hazy, base, [base, hazy], cfg)
+    assert [t.rule for t in trips] == ["clipped"] and "drop > 0.2" in trips[0].message
+    assert trips[0].evidence == {"probe/clipped": 0.45, "baseline probe/clipped": 0.70}
+    inside = {**base, "probe/clipped": 0.55}  # DMDR fell 0.15 at most
+    assert evaluate(inside, base, [base, inside], cfg) == []
+    # where almost nothing is clipped (most real images) a drop cannot reach the limit
+    assert evaluate({**BASE, "probe/clipped": 0.0}, BASE, [BASE, {**BASE, "probe/clipped": 0.0}], cfg) == []
+
+
 def test_trend_needs_a_rise_at_every_probe_of_the_window():
     cfg = GuardConfig(trend_window=3)
     steps = [0.40, 0.43, 0.46, 0.49]  # +0.09 in all: under the 0.15 limit, over half of it
@@ -120,6 +134,9 @@ def test_trend_needs_a_rise_at_every_probe_of_the_window():
     assert [t.rule for t in trips] == ["trend"] and "probe/saturation rose at each of the last 3" in trips[0].message
     wobble = [{**BASE, "probe/saturation": s} for s in (0.40, 0.45, 0.44, 0.49)]
     assert evaluate(wobble[-1], BASE, wobble, cfg) == []
+    # a climb out of a dip back to about the baseline (DMDR's saturation on the shapes world): not a trend
+    dip = [{**BASE, "probe/saturation": s} for s in (0.31, 0.34, 0.38, 0.41)]
+    assert evaluate(dip[-1], BASE, dip, cfg) == []
 
 
 def test_signals_missing_from_either_probe_are_not_judged():

@@ -146,3 +146,21 @@ def test_reward_is_registered_by_name():
     from dmdr.rewards import build_reward
 
     assert isinstance(build_reward("shapes", RLConfig()), ShapesReward)
+
+
+def test_styled_reward_scores_the_restyled_colours():
+    """``shapes-style`` equals ``shapes`` on the restyled prompts: a styled render scores like a plain render
+    under ``shapes``, and the plain render (the colours the style moved away from) scores low."""
+    from dmdr.config import RLConfig
+    from dmdr.rewards import build_reward
+    from dmdr.worlds.shapes.reward import StyledShapesReward
+    from dmdr.worlds.shapes.style import styled_prompt, styled_scene
+
+    styled = build_reward("shapes-style", RLConfig())
+    assert isinstance(styled, StyledShapesReward)
+    scenes, prompts, images = _batch(32, seed=7)
+    styled_images = render_batch([styled_scene(s) for s in scenes], torch.Generator().manual_seed(7))
+    expected = ShapesReward()(styled_images, [styled_prompt(p) for p in prompts])
+    assert torch.equal(styled(styled_images, prompts), expected)
+    assert bool((expected > 0.6).all())
+    assert styled(images, prompts).mean() < expected.mean() - 0.5  # the unstyled colours are off-palette for it

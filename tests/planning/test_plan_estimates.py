@@ -16,17 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from dmdr.build import build_roles
-from dmdr.config import TrainConfig
 from dmdr.models import load_backbone
 from dmdr.models.loading import read_model_index
 from dmdr.models.tiny import build_tiny
 from dmdr.planning.activations import Tokens, saved_bytes_on_meta
 from dmdr.planning.flops import sd3_block_flops, zimage_block_flops
 from dmdr.planning.memory import denoiser_activations, tokens_of
-from dmdr.planning.specs import SHIPPED, build_denoiser_spec, build_model_spec
+from dmdr.planning.specs import build_model_spec
+from tests.planning.grounding import count_flops, measured_saved_bytes, plan_config, shipped_block_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,19 +39,6 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return {f: build_tiny(f, root / f) for f in ("sd3", "zimage")}
 
 
-def _cfg(path: Path, mode: str) -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.model.path = str(path)
-    cfg.model.dtype = "fp32"
-    cfg.model.generator_mode = mode
-    cfg.model.max_sequence_length = TEXT
-    cfg.model.resolution = LATENT * 2  # the tiny VAE: 2 pixels per latent cell
-    cfg.parallel.param_dtype = "fp32"
-    cfg.parallel.activation_checkpointing = "none"
-    cfg.rl.method = "none"
-    return cfg
-
-
 def _cond(family: str, n: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     if family == "sd3":
@@ -62,33 +48,16 @@ def _cond(family: str, n: int) -> dict[str, torch.Tensor]:
             "prompt_mask": torch.ones(n, TEXT, dtype=torch.bool)}
 
 
-def measured_saved_bytes(fn, exclude: set[int]) -> int:
-    """Bytes of the unique storages autograd saves while ``fn`` runs (``exclude``: storage pointers)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in exclude:
-            seen.setdefault(ptr, storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
-
-
 @pytest.fixture(scope="module")
 def specs(folders):
     """One spec per family (it holds both adapters whatever the generator mode)."""
-    return {f: build_model_spec(_cfg(folders[f], "lora")) for f in folders}
+    return {f: build_model_spec(plan_config(folders[f], "lora", TEXT, LATENT * 2)) for f in folders}
 
 
 @pytest.mark.parametrize("family", ["sd3", "zimage"])
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_activation_estimate_matches_saved_tensors(folders, specs, family, mode):
-    cfg = _cfg(folders[family], mode)
+    cfg = plan_config(folders[family], mode, TEXT, LATENT * 2)
     backbone = load_backbone(cfg.model.path, dtype=torch.float32, load_text_encoder=False,
                              max_sequence_length=TEXT)
     generator, adapter = build_roles(cfg, backbone)
@@ -108,37 +77,22 @@ def test_activation_estimate_matches_saved_tensors(folders, specs, family, mode)
     assert abs(planned - measured) <= 0.25 * measured, (planned, measured)
 
 
-def _real_block(model: str, family: str):
-    cfg = TrainConfig()
-    cfg.model.dtype = "bf16"
-    folder = read_model_index(SHIPPED[model])
-    spec = build_denoiser_spec(cfg, folder, family)
-    spec.denoiser.lora_scales.set(critic=1.0, generator=0.0)
-    return spec
-
-
-def _count(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def test_sd35_large_block_flops_match_flop_counter():
-    spec = _real_block("sd3.5-large", "sd3")
+    spec = shipped_block_spec("sd3.5-large", "sd3")
     block = spec.denoiser.blocks()[1]
     d = block.norm2.normalized_shape[0]
     tokens = Tokens(64 * 64, 77 + 256)  # 1024 px: 128x128 latent, patch 2; CLIP 77 + T5 256
     args = (torch.empty(1, tokens.image, d, device="meta", dtype=torch.bfloat16),
             torch.empty(1, tokens.text, d, device="meta", dtype=torch.bfloat16),
             torch.empty(1, d, device="meta", dtype=torch.bfloat16))
-    counted = _count(lambda: block(*args))
+    counted = count_flops(lambda: block(*args))
     planned = sd3_block_flops(block, tokens, ("critic",)).forward
     assert abs(planned - counted) <= 0.05 * counted, (planned, counted)
     assert planned > 5e11  # a real block at 1024 px: ~0.8 TFLOP per sample, not a toy
 
 
 def test_zimage_block_flops_match_flop_counter():
-    spec = _real_block("z-image-turbo", "zimage")
+    spec = shipped_block_spec("z-image-turbo", "zimage")
     net = spec.denoiser.net
     block = net.layers[0]
     n = 64 * 64 + 512
@@ -146,13 +100,12 @@ def test_zimage_block_flops_match_flop_counter():
     mask = torch.ones(1, n, dtype=torch.bool, device="meta")
     freqs = torch.empty(1, n, net.dim // net.n_heads // 2, device="meta", dtype=torch.complex64)
     adaln = torch.empty(1, min(net.dim, 256), device="meta", dtype=torch.bfloat16)
-    counted = _count(lambda: block(x, mask, freqs, adaln))
+    counted = count_flops(lambda: block(x, mask, freqs, adaln))
     planned = zimage_block_flops(block, n, ("critic",)).forward
     assert abs(planned - counted) <= 0.05 * counted, (planned, counted)
 
 
 def test_meta_saved_bytes_equal_real_on_the_tiny_vae(folders):
-    from dmdr.models.loading import read_model_index
 
     folder = read_model_index(folders["sd3"])
     real = folder.load("vae", torch.float32)

@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from dmdr.build import build_roles
-from dmdr.config import TrainConfig
 from dmdr.models import load_backbone
 from dmdr.planning.activations import Tokens
 from dmdr.planning.flops import flux_block_flops, flux_single_block_flops
 from dmdr.planning.memory import denoiser_activations, tokens_of
 from dmdr.planning.specs import build_model_spec
-from tests.planning.test_plan_estimates import _count, _real_block, measured_saved_bytes
+from tests.planning.grounding import count_flops, measured_saved_bytes, plan_config, shipped_block_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,22 +31,9 @@ def folder(tmp_path_factory):
     return build_tiny_flux(tmp_path_factory.mktemp("plan-flux") / "flux")
 
 
-def _cfg(path, mode: str) -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.model.path = str(path)
-    cfg.model.dtype = "fp32"
-    cfg.model.generator_mode = mode
-    cfg.model.max_sequence_length = TEXT
-    cfg.model.resolution = LATENT * 2  # the tiny VAE: 2 pixels per latent cell
-    cfg.parallel.param_dtype = "fp32"
-    cfg.parallel.activation_checkpointing = "none"
-    cfg.rl.method = "none"
-    return cfg
-
-
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_activation_estimate_matches_saved_tensors(folder, mode):
-    cfg = _cfg(folder, mode)
+    cfg = plan_config(folder, mode, TEXT, LATENT * 2)
     backbone = load_backbone(cfg.model.path, dtype=torch.float32, load_text_encoder=False, max_sequence_length=TEXT)
     generator, adapter = build_roles(cfg, backbone)
     if adapter is None:
@@ -62,7 +48,7 @@ def test_activation_estimate_matches_saved_tensors(folder, mode):
                for p in [*m.parameters(), *m.buffers()]}
     measured = measured_saved_bytes(lambda: generator(x, torch.tensor([0.4, 0.9]), cond, lora_scales=scales),
                                     exclude)
-    spec = build_model_spec(_cfg(folder, "lora"))
+    spec = build_model_spec(plan_config(folder, "lora", TEXT, LATENT * 2))
     assert spec.latent_channels == 16 and spec.patch_size == 2
     assert tokens_of(spec, cfg) == Tokens(LATENT * LATENT // 4, TEXT)
     planned = denoiser_activations(spec, cfg, batch, "generator")
@@ -70,7 +56,7 @@ def test_activation_estimate_matches_saved_tensors(folder, mode):
 
 
 def test_flux_dev_block_flops_match_flop_counter():
-    spec = _real_block("flux.1-dev", "flux")
+    spec = shipped_block_spec("flux.1-dev", "flux")
     net = spec.denoiser.net
     d = net.inner_dim
     tokens = Tokens(64 * 64, 512)  # 1024 px: 128x128 latent packed 2x2; T5 512
@@ -80,10 +66,10 @@ def test_flux_dev_block_flops_match_flop_counter():
     temb = torch.empty(1, d, device="meta", dtype=torch.bfloat16)
     rope = (torch.empty(n + m, 128, device="meta"), torch.empty(n + m, 128, device="meta"))
     double, single = net.transformer_blocks[1], net.single_transformer_blocks[1]
-    counted = _count(lambda: double(img, txt, temb, rope))
+    counted = count_flops(lambda: double(img, txt, temb, rope))
     planned = flux_block_flops(double, tokens, ("critic",)).forward
     assert abs(planned - counted) <= 0.05 * counted, (planned, counted)
-    counted = _count(lambda: single(img, txt, temb, rope))
+    counted = count_flops(lambda: single(img, txt, temb, rope))
     planned = flux_single_block_flops(single, tokens, ("critic",)).forward
     assert abs(planned - counted) <= 0.05 * counted, (planned, counted)
     assert planned > 5e11  # a real block at 1024 px, not a toy

@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from dmdr.build import build_roles
-from dmdr.config import TrainConfig
 from dmdr.models import load_backbone
 from dmdr.planning.activations import Tokens
 from dmdr.planning.flops import flux2_block_flops, flux2_single_block_flops
 from dmdr.planning.memory import denoiser_activations, tokens_of
 from dmdr.planning.specs import build_model_spec
-from tests.planning.test_plan_estimates import _count, _real_block, measured_saved_bytes
+from tests.planning.grounding import count_flops, measured_saved_bytes, plan_config, shipped_block_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,21 +32,8 @@ def folder(tmp_path_factory):
     return build_tiny_flux2(tmp_path_factory.mktemp("plan-flux2") / "flux2")
 
 
-def _cfg(path, mode: str) -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.model.path = str(path)
-    cfg.model.dtype = "fp32"
-    cfg.model.generator_mode = mode
-    cfg.model.max_sequence_length = TEXT
-    cfg.model.resolution = LATENT * 4  # the tiny VAE: 2 pixels per VAE cell, 2x2 VAE cells per denoiser cell
-    cfg.parallel.param_dtype = "fp32"
-    cfg.parallel.activation_checkpointing = "none"
-    cfg.rl.method = "none"
-    return cfg
-
-
 def test_parameter_and_adapter_counts_equal_the_built_model(folder):
-    cfg = _cfg(folder, "lora")
+    cfg = plan_config(folder, "lora", TEXT, LATENT * 4)
     backbone = load_backbone(folder, dtype=torch.float32, load_text_encoder=False, max_sequence_length=TEXT)
     base = sum(p.numel() for p in backbone.teacher.parameters())
     build_roles(cfg, backbone)
@@ -64,7 +50,7 @@ def test_parameter_and_adapter_counts_equal_the_built_model(folder):
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_activation_estimate_matches_saved_tensors(folder, mode):
-    cfg = _cfg(folder, mode)
+    cfg = plan_config(folder, mode, TEXT, LATENT * 4)
     backbone = load_backbone(folder, dtype=torch.float32, load_text_encoder=False, max_sequence_length=TEXT)
     generator, adapter = build_roles(cfg, backbone)
     if adapter is None:
@@ -78,13 +64,14 @@ def test_activation_estimate_matches_saved_tensors(folder, mode):
                for p in [*m.parameters(), *m.buffers()]}
     measured = measured_saved_bytes(lambda: generator(x, torch.tensor([0.4, 0.9]), cond, lora_scales=scales),
                                     exclude)
-    planned = denoiser_activations(build_model_spec(_cfg(folder, "lora")), cfg, batch, "generator")
+    spec = build_model_spec(plan_config(folder, "lora", TEXT, LATENT * 4))
+    planned = denoiser_activations(spec, cfg, batch, "generator")
     assert abs(planned - measured) <= 0.25 * measured, (planned, measured)
 
 
 @pytest.mark.parametrize("model, params", [("flux.2-klein-base-4b", 3.9e9), ("flux.2-klein-base-9b", 9.1e9)])
 def test_klein_block_flops_match_flop_counter(model, params):
-    spec = _real_block(model, "flux2")
+    spec = shipped_block_spec(model, "flux2")
     assert abs(spec.base.numel - params) <= 0.02 * params  # the 4B / 9B transformers, from the shipped configs
     net = spec.denoiser.net
     d = net.inner_dim
@@ -95,10 +82,10 @@ def test_klein_block_flops_match_flop_counter(model, params):
     mod_double, mod_single = torch.empty(1, 6 * d, **meta), torch.empty(1, 3 * d, **meta)
     rope = (torch.empty(n + m, 128, device="meta"), torch.empty(n + m, 128, device="meta"))
     double, single = net.transformer_blocks[1], net.single_transformer_blocks[1]
-    counted = _count(lambda: double(img, txt, mod_double, mod_double, rope))
+    counted = count_flops(lambda: double(img, txt, mod_double, mod_double, rope))
     planned = flux2_block_flops(double, tokens, ("critic",)).forward
     assert abs(planned - counted) <= 0.05 * counted, (planned, counted)
-    counted = _count(lambda: single(joined, None, mod_single, rope))
+    counted = count_flops(lambda: single(joined, None, mod_single, rope))
     planned = flux2_single_block_flops(single, tokens, ("critic",)).forward
     assert abs(planned - counted) <= 0.05 * counted, (planned, counted)
     assert planned > 1e12  # a real block at 1024 px, not a toy

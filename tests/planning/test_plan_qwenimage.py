@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from dmdr.build import build_roles
-from dmdr.config import TrainConfig
 from dmdr.models import load_backbone
-from dmdr.models.loading import read_model_index
 from dmdr.models.tiny import build_tiny_qwenimage
 from dmdr.planning.activations import Tokens
 from dmdr.planning.flops import qwenimage_block_flops
 from dmdr.planning.memory import denoiser_activations, tokens_of
-from dmdr.planning.specs import SHIPPED, build_denoiser_spec, build_model_spec
+from dmdr.planning.specs import build_model_spec
+from tests.planning.grounding import count_flops, measured_saved_bytes, plan_config, shipped_block_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,43 +22,14 @@ LATENT = 32  # 256 image tokens per sample with patch 2: token terms dominate, a
 TEXT = 16
 
 
-def _measured_saved_bytes(fn, exclude: set[int]) -> int:
-    """Bytes of the unique storages autograd saves while ``fn`` runs (``exclude``: storage pointers)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in exclude:
-            seen.setdefault(ptr, t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return build_tiny_qwenimage(tmp_path_factory.mktemp("plan-qwen") / "tiny-qwenimage")
 
 
-def _cfg(path, mode: str) -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.model.path = str(path)
-    cfg.model.dtype = "fp32"
-    cfg.model.generator_mode = mode
-    cfg.model.max_sequence_length = TEXT
-    cfg.model.resolution = LATENT * 2  # the tiny VAE: 2 pixels per latent cell
-    cfg.parallel.param_dtype = "fp32"
-    cfg.parallel.activation_checkpointing = "none"
-    cfg.rl.method = "none"
-    return cfg
-
-
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_activation_estimate_matches_saved_tensors(folder, mode):
-    cfg = _cfg(folder, mode)
+    cfg = plan_config(folder, mode, TEXT, LATENT * 2)
     backbone = load_backbone(folder, dtype=torch.float32, load_text_encoder=False, max_sequence_length=TEXT)
     generator, adapter = build_roles(cfg, backbone)
     if adapter is None:
@@ -72,18 +41,15 @@ def test_activation_estimate_matches_saved_tensors(folder, mode):
     scales = {"generator": 1.0, "critic": 0.0} if adapter else None
     exclude = {p.untyped_storage().data_ptr() for m in (generator, backbone.teacher)
                for p in [*m.parameters(), *m.buffers()]}
-    measured = _measured_saved_bytes(lambda: generator(x, t, cond, lora_scales=scales), exclude)
-    spec = build_model_spec(_cfg(folder, "lora"))
+    measured = measured_saved_bytes(lambda: generator(x, t, cond, lora_scales=scales), exclude)
+    spec = build_model_spec(plan_config(folder, "lora", TEXT, LATENT * 2))
     assert tokens_of(spec, cfg) == Tokens(LATENT * LATENT // 4, TEXT)
     planned = denoiser_activations(spec, cfg, 2, "generator")
     assert abs(planned - measured) <= 0.25 * measured, (planned, measured)
 
 
 def test_real_block_flops_match_flop_counter():
-    cfg = TrainConfig()
-    cfg.model.dtype = "bf16"
-    spec = build_denoiser_spec(cfg, read_model_index(SHIPPED["qwen-image"]), "qwenimage")
-    spec.denoiser.lora_scales.set(critic=1.0, generator=0.0)
+    spec = shipped_block_spec("qwen-image", "qwenimage")
     net = spec.denoiser.net
     block = net.transformer_blocks[1]
     tokens = Tokens(64 * 64, 512)  # 1024 px: 128x128 latent, patch 2; 512 text tokens
@@ -94,9 +60,7 @@ def test_real_block_flops_match_flop_counter():
     args = (torch.empty(1, tokens.image, d, device="meta", dtype=torch.bfloat16),
             torch.empty(1, tokens.text, d, device="meta", dtype=torch.bfloat16), None,
             torch.empty(1, d, device="meta", dtype=torch.bfloat16), freqs)
-    with FlopCounterMode(display=False) as counter:
-        block(*args)
-    counted = counter.get_total_flops()
+    counted = count_flops(lambda: block(*args))
     planned = qwenimage_block_flops(block, tokens, ("critic",)).forward
     assert abs(planned - counted) <= 0.05 * counted, (planned, counted)
     assert planned > 1e12  # a real 20B-model block at 1024 px: ~1.6 TFLOP per sample

@@ -72,7 +72,7 @@ class PromptLoader(StatefulDataLoader):
     """
 
     def __init__(self, dataset: PromptDataset, *, layout: dict[str, Any], on_layout_change: str,
-                 source_files: list[str] | None = None, **kwargs: Any):
+                 source_files: list[str] | None = None, source_names: list[str] | None = None, **kwargs: Any):
         with warnings.catch_warnings():  # torchdata calls a deprecated torch.set_vital; not ours to show
             warnings.simplefilter("ignore", UserWarning)
             super().__init__(dataset, **kwargs)
@@ -80,6 +80,7 @@ class PromptLoader(StatefulDataLoader):
         self.on_layout_change = on_layout_change
         # Not part of the layout (older checkpoints lack it): only tells a re-cut from changed files.
         self.source_files = list(source_files or [])
+        self.source_names = list(source_names or [])
         self.samples_before = 0  # global samples consumed before this layout's first batch
 
     def __iter__(self) -> _Batches:  # type: ignore[override]
@@ -89,7 +90,8 @@ class PromptLoader(StatefulDataLoader):
         state = dict(super().state_dict())
         ds: PromptDataset = self.dataset  # type: ignore[assignment]
         state[_STATE_KEY] = {"layout": dict(self.layout), "dp_rank": ds.dp_rank, "order_seed": ds.order_seed,
-                             "samples_before": self.samples_before, "source_files": list(self.source_files)}
+                             "samples_before": self.samples_before, "source_files": list(self.source_files),
+                             "source_names": list(self.source_names)}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -153,6 +155,8 @@ class PromptLoader(StatefulDataLoader):
                 continue  # the same files, re-cut for the new number of readers
             elif "source_files" not in ours and recut:
                 parts.append("prompt splits re-cut for the new number of readers")
+            elif ours.get("source_names") and ours.get("source_names") == self.source_names:
+                parts.append("prompt files read from a new location (same names and sizes)")
             else:
                 parts.append("prompt sources changed (files or sizes)")
         return "; ".join(parts)
@@ -239,4 +243,5 @@ def build_prompt_loader(cfg: Any, *, dp_rank: int, dp_world: int, seed: int,
     if cfg.num_workers > 0:
         kwargs["prefetch_factor"] = cfg.prefetch_factor
     return PromptLoader(dataset, layout=layout, on_layout_change=cfg.on_layout_change,
-                        source_files=[p.content_fingerprint() for p in plans], **kwargs)
+                        source_files=[p.content_fingerprint() for p in plans],
+                        source_names=[p.name_fingerprint() for p in plans], **kwargs)

@@ -74,6 +74,14 @@ class SourcePlan:
         h.update(repr((self.name, self.shards)).encode())
         return h.hexdigest()
 
+    def name_fingerprint(self) -> str:
+        """:meth:`content_fingerprint` without the folders: the same files copied or moved elsewhere keep it (a
+        branch run with its own copy of the prompt list), so a message can say "moved" instead of "changed"."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(repr([(s.path.rstrip("/").rsplit("/", 1)[-1], s.fmt, s.size, s.compression, s.row_groups)
+                       for s in self.shards]).encode())
+        return h.hexdigest()
+
 
 # --------------------------------------------------------------------------------------------- #
 # Resolving

@@ -136,6 +136,14 @@ def test_world_size_change_reshuffles_deterministically(tmp_path, write_jsonl, c
     legacy = {**states[0], "dmdr_data": {k: v for k, v in states[0]["dmdr_data"].items() if k != "source_files"}}
     with pytest.raises(CheckpointError, match="prompt splits re-cut for the new number of readers"):
         loader.load_state_dict(legacy)
+    # The same file copied to another folder (a branch run with its own prompt list) is said as such, not "changed".
+    moved = tmp_path / "branch"
+    moved.mkdir()
+    write_jsonl(moved / "a.jsonl", prompts)
+    branch = build_prompt_loader(DataConfig(**{**strict.__dict__, "sources": (str(moved / "a.jsonl"),)}),
+                                 dp_rank=0, dp_world=2, seed=0)
+    with pytest.raises(CheckpointError, match=r"\(prompt files read from a new location \(same names and sizes\)\)"):
+        branch.load_state_dict(states[0])
     # Really changed files are named as such, at the same or another world size.
     write_jsonl(tmp_path / "a.jsonl", [*prompts, "one more"])
     for world in (1, 2):

@@ -41,6 +41,7 @@ from dmdr.rewards import build_reward
 from dmdr.rewards.base import Reward
 from dmdr.run_folder import lock_run_folder
 from dmdr.trainer import DMDRTrainer
+from dmdr.worlds.shapes import form_reward as _shapes_form_reward  # noqa: F401  registers shapes-form
 from dmdr.worlds.shapes import reward as _shapes_reward  # noqa: F401  registers --rl.rewards shapes
 
 log = logging.getLogger("dmdr")

@@ -383,6 +383,13 @@ class GuardConfig:
     fell to 0.74 after 20 steps. With issue 23's recipe ReFL alone's stays at 1.0-1.2 (the clipped rule catches
     it), while the ratio wobbles: DMD alone's dipped to 0.91 (full size, seeds 0-2) and DMDR's to 0.80 of a high
     baseline at CI size (seed 3, fidelity unchanged; 0.85 tripped there three times)."""
+    max_critic_loss_rise: float = 0.25
+    """The critic's denoising loss on the probe samples may rise at most this fraction above the baseline. The
+    critic trains on the student's samples every step; a student that runs from the teacher faster than its critic
+    can follow (a reward pulling alone) leaves it behind. Shapes world, full size, training seeds 0-2: DMDR and DMD
+    alone stayed within +22% over 60 RL steps, ReFL alone rose +28% / +48% / +52% by its first probe (10 RL steps)
+    and +81-120% by the second, where the clipped rule first trips. No critic (``dmd.weight 0`` and no critic
+    updates) or no DMD: not judged."""
     max_dmd_grad_rise: float = 3.0
     """The DMD gradient scale may grow to this multiple of the baseline."""
     max_reward_gap: float = 0.25

@@ -13,6 +13,8 @@ clipped           clipped-pixel fraction - baseline > ``max_clipped_rise``,     
 diversity         seed diversity / baseline < ``min_diversity_ratio``, for each     0.5
                   measure (pixels, VAE latents; CLIP, LPIPS where configured)
 critic_teacher    (critic / teacher loss) / baseline < ``min_critic_teacher_ratio``0.75
+critic_lag        critic loss / baseline - 1 > ``max_critic_loss_rise`` (the       0.25
+                  student outran the critic that models it)
 dmd_grad          DMD gradient scale / baseline > ``max_dmd_grad_rise``            3.0
 reward_gap        training-batch reward - probe reward > ``max_reward_gap``        0.25
 clip_score        CLIP score / baseline < ``min_clip_score_ratio``                 0.9
@@ -102,6 +104,11 @@ def evaluate(latest: dict[str, float], baseline: dict[str, float], history: list
         if ratio < cfg.min_critic_teacher_ratio:
             trip("critic_teacher", "probe/critic_teacher_ratio", f"critic/teacher loss at {ratio:.2f} of "
                  f"baseline (< {cfg.min_critic_teacher_ratio}): the samples left the teacher's distribution")
+    if have("probe/critic_loss"):
+        rise = _ratio(latest["probe/critic_loss"], baseline["probe/critic_loss"]) - 1
+        if rise > cfg.max_critic_loss_rise:
+            trip("critic_lag", "probe/critic_loss", f"critic loss on the probe +{rise:.0%} of baseline (> "
+                 f"{cfg.max_critic_loss_rise:.0%}): the samples move faster than the critic can follow")
     if have("train/dmd_grad"):
         ratio = _ratio(latest["train/dmd_grad"], baseline["train/dmd_grad"])
         if ratio > cfg.max_dmd_grad_rise:

@@ -5,7 +5,9 @@ Available names:
 * ``brightness`` and ``color``: analytic (:mod:`dmdr.rewards.analytic`); the tiny demo and tests use them.
 * ``shapes``: the shapes world's prompt-aware colour reward (:mod:`dmdr.worlds.shapes.reward`), the demo's. A
   package above this one offers its rewards through :func:`register_reward` (the world registers ``shapes`` when
-  it is imported; :mod:`dmdr.build` imports it), so this package never imports the worlds.
+  it is imported; :mod:`dmdr.build` imports it), so this package never imports the worlds. The world also offers
+  ``shapes-style`` (the colour reward against the restyled prompt, for re-turbo) and ``shapes-form`` (a learned
+  shape-and-count classifier, :mod:`dmdr.worlds.shapes.form_reward`; measured and failed as a training signal).
 * ``hps`` (HPSv2.1: open_clip ViT-H-14 + the checkpoint file ``rl.hps_checkpoint``; prompts prefixed
   ``"Realistic photo "``), ``clip`` (DFN-CLIP: open_clip folder ``rl.clip_model``) and ``pickscore``
   (transformers CLIP folder ``rl.pickscore_model``): the paper's reward models

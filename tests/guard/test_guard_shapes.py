@@ -8,7 +8,8 @@ live guard did is read back from ``guard.jsonl`` and ``metrics.jsonl``; ShapeEva
 never sees, checks that what tripped was hacking.
 
 The size was measured over training seeds 0-3 before being fixed here (README, "Guard-rails"): ReFL alone
-tripped at every seed, at step 55 or 60 (``clipped``: its black backgrounds take a haze), DMDR at none. At batch 4
+tripped at every seed, first at step 50 (``critic_lag``: the student outruns its critic), then 55-60 on ``clipped``
+too (its black backgrounds take a haze); DMDR at none. At batch 4
 or after a cold start of 20 steps DMDR itself drifts (its fidelity falls as ReFL's does), so there is no smaller
 honest setting. About 175 s of CPU in all (cold start, two arms, two fidelity scores; one thread each).
 """
@@ -64,10 +65,17 @@ def test_the_guard_trips_on_refl_alone(bench):
     assert all(e["action"] == "warn" for e in events)
     assert rows[-1]["guard/trips"] == sum(len(e["trips"]) for e in events)
     first = events[0]
-    assert first["step"] <= END - 2 * INTERVAL, first  # caught with probes to spare (seeds 0-3: steps 55-60)
-    assert "clipped" in first["trips"], first
-    clipped = first["evidence"]["clipped"]
-    assert clipped["baseline probe/clipped"] - clipped["probe/clipped"] > 0.2  # the haze, with its evidence
+    # Caught at the second probe after the cold start (seeds 0-3: step 50, where its fidelity first falls clearly
+    # below DMDR's) by the critic falling behind, with its evidence:
+    assert first["step"] <= COLD_START + 2 * INTERVAL, first
+    assert "critic_lag" in first["trips"], first
+    lag = first["evidence"]["critic_lag"]
+    assert lag["probe/critic_loss"] > 1.25 * lag["baseline probe/critic_loss"]
+    # ... and the haze itself (its black backgrounds take a tint) trips the clipped rule soon after.
+    hazy = [e for e in events if "clipped" in e["trips"]]
+    assert hazy and hazy[0]["step"] <= END - 2 * INTERVAL, events
+    clipped = hazy[0]["evidence"]["clipped"]
+    assert clipped["baseline probe/clipped"] - clipped["probe/clipped"] > 0.2
 
 
 def test_the_guard_does_not_trip_on_dmdr(bench):

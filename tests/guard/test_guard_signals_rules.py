@@ -77,7 +77,8 @@ def test_seed_diversity_is_the_mean_pairwise_rms_distance_per_prompt():
 
 BASE = {"probe/saturation": 0.4, "probe/colourfulness": 0.3, "probe/clipped": 0.02, "probe/diversity": 0.2,
         "probe/diversity_latent": 1.0, "probe/diversity_clip": 0.3, "probe/diversity_lpips": 0.5,
-        "probe/clip_score": 30.0, "probe/aesthetic": 5.0, "probe/critic_teacher_ratio": 1.0, "train/dmd_grad": 0.1,
+        "probe/clip_score": 30.0, "probe/aesthetic": 5.0, "probe/critic_teacher_ratio": 1.0, "probe/critic_loss": 0.4,
+        "train/dmd_grad": 0.1,
         "probe/nonfinite": 0.0}
 
 
@@ -92,6 +93,7 @@ BASE = {"probe/saturation": 0.4, "probe/colourfulness": 0.3, "probe/clipped": 0.
     ({"probe/clip_score": 26.0}, "clip_score"),
     ({"probe/aesthetic": 4.4}, "aesthetic"),
     ({"probe/critic_teacher_ratio": 0.7}, "critic_teacher"),
+    ({"probe/critic_loss": 0.52}, "critic_lag"),
     ({"train/dmd_grad": 0.31}, "dmd_grad"),
     ({"probe/reward_gap": 0.3}, "reward_gap"),
     ({"probe/nonfinite": 2.0}, "nonfinite"),

@@ -8,8 +8,8 @@ live guard did is read back from ``guard.jsonl`` and ``metrics.jsonl``; ShapeEva
 never sees, checks that what tripped was hacking.
 
 The size was measured over training seeds 0-3 before being fixed here (README, "Guard-rails"): ReFL alone
-tripped at every seed, first at step 50 (``critic_lag``: the student outruns its critic), then 55-60 on ``clipped``
-too (its black backgrounds take a haze); DMDR at none. At batch 4
+tripped at every seed, first at step 50, 50, 55, 50 (``critic_lag``: the student outruns its critic), then at 55-60
+on ``clipped`` too (its black backgrounds take a haze); DMDR at none. At batch 4
 or after a cold start of 20 steps DMDR itself drifts (its fidelity falls as ReFL's does), so there is no smaller
 honest setting. About 175 s of CPU in all (cold start, two arms, two fidelity scores; one thread each).
 """
@@ -65,9 +65,9 @@ def test_the_guard_trips_on_refl_alone(bench):
     assert all(e["action"] == "warn" for e in events)
     assert rows[-1]["guard/trips"] == sum(len(e["trips"]) for e in events)
     first = events[0]
-    # Caught at the second probe after the cold start (seeds 0-3: step 50, where its fidelity first falls clearly
-    # below DMDR's) by the critic falling behind, with its evidence:
-    assert first["step"] <= COLD_START + 2 * INTERVAL, first
+    # Caught by the critic falling behind, with its evidence, at the first probe where its fidelity is clearly below
+    # DMDR's (seeds 0-3: steps 50, 50, 55, 50; fidelity below DMDR's by > 0.005 from 50, 50, 55, 55):
+    assert first["step"] <= COLD_START + 3 * INTERVAL, first
     assert "critic_lag" in first["trips"], first
     lag = first["evidence"]["critic_lag"]
     assert lag["probe/critic_loss"] > 1.25 * lag["baseline probe/critic_loss"]

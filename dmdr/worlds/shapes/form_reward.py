@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from dmdr.errors import ConfigError
 from dmdr.rewards import register_reward
-from dmdr.worlds.shapes.scene import COLORS, SHAPES, layout, parse_prompt, render, sample_scenes
+from dmdr.worlds.shapes.reward import parse_reward_prompts
+from dmdr.worlds.shapes.scene import COLORS, SHAPES, layout, render, sample_scenes
 
 REPO = Path(__file__).resolve().parents[3]
 WEIGHTS = REPO / "assets" / "shapes-form-reward.safetensors"
@@ -146,11 +147,7 @@ class FormReward:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.name} expects RGB images of shape (B, 3, H, W), got {tuple(images.shape)}")
         owner, colours, wanted = [], [], []
-        for i, prompt in enumerate(prompts):
-            try:
-                scene = parse_prompt(prompt)
-            except ValueError:
-                raise ValueError(f"reward {self.name!r} scores shapes-world prompts only, got {prompt!r}") from None
+        for i, scene in enumerate(parse_reward_prompts(prompts, self.name)):
             for g in scene.groups:
                 owner.append(i)
                 colours.append(g.color)

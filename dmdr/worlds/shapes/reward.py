@@ -22,8 +22,19 @@ import torch
 from torch import Tensor
 
 from dmdr.rewards import register_reward
-from dmdr.worlds.shapes.scene import COLORS, ideal_area_fraction, parse_prompt
+from dmdr.worlds.shapes.scene import COLORS, Scene, ideal_area_fraction, parse_prompt
 from dmdr.worlds.shapes.style import styled_prompt
+
+
+def parse_reward_prompts(prompts: list[str], reward: str) -> list[Scene]:
+    """The scenes of a reward's prompts; a prompt from outside the world is one error naming the reward."""
+    scenes = []
+    for prompt in prompts:
+        try:
+            scenes.append(parse_prompt(prompt))
+        except ValueError:
+            raise ValueError(f"reward {reward!r} scores shapes-world prompts only, got {prompt!r}") from None
+    return scenes
 
 
 class ShapesReward:
@@ -43,11 +54,7 @@ class ShapesReward:
         """Per prompt: the wanted area of each palette colour (0 = not named) and the named mask."""
         names = list(COLORS)
         wanted = torch.zeros(len(prompts), len(names))
-        for i, prompt in enumerate(prompts):
-            try:
-                scene = parse_prompt(prompt)
-            except ValueError:
-                raise ValueError(f"reward 'shapes' scores shapes-world prompts only, got {prompt!r}") from None
+        for i, scene in enumerate(parse_reward_prompts(prompts, self.name)):
             for g in scene.groups:
                 wanted[i, names.index(g.color)] += g.count * ideal_area_fraction(g.shape)
         return wanted, wanted > 0
@@ -82,4 +89,4 @@ class StyledShapesReward(ShapesReward):
 register_reward("shapes", lambda rl_cfg, device: ShapesReward())  # --rl.rewards shapes (dmdr.rewards)
 register_reward("shapes-style", lambda rl_cfg, device: StyledShapesReward(name="shapes-style"))
 
-__all__ = ["ShapesReward", "StyledShapesReward"]
+__all__ = ["ShapesReward", "StyledShapesReward", "parse_reward_prompts"]

@@ -71,13 +71,19 @@ def _linear_flops(rows: int, m: nn.Module, adapters: tuple[str, ...]) -> tuple[i
     return flops, lora
 
 
+def _block_linear_flops(block: nn.Module, rows: Callable[[str], int], adapters: tuple[str, ...]) -> tuple[int, int]:
+    """(base, LoRA) forward FLOPs per sample of every linear in ``block``; ``rows(name)``: the tokens it sees."""
+    base = lora = 0
+    for name, mod in _linears(block):
+        f, lo = _linear_flops(rows(name), mod, adapters)
+        base, lora = base + f, lora + lo
+    return base, lora
+
+
 def sd3_block_flops(block: nn.Module, tokens: Tokens, adapters: tuple[str, ...] = ()) -> BlockFlops:
     """Forward FLOPs per sample of a ``JointTransformerBlock`` with ``adapters`` active."""
     n = tokens.image
-    base = lora = 0
-    for name, mod in _linears(block):
-        f, lo = _linear_flops(sd3_rows(name, tokens), mod, adapters)
-        base, lora = base + f, lora + lo
+    base, lora = _block_linear_flops(block, lambda name: sd3_rows(name, tokens), adapters)
     d = block.norm2.normalized_shape[0]
     attention = 4 * (n + tokens.text) ** 2 * d
     if block.attn2 is not None:
@@ -87,37 +93,25 @@ def sd3_block_flops(block: nn.Module, tokens: Tokens, adapters: tuple[str, ...] 
 
 def zimage_block_flops(block: nn.Module, tokens: int, adapters: tuple[str, ...] = ()) -> BlockFlops:
     """Forward FLOPs per sample of a ``ZImageTransformerBlock`` over ``tokens`` tokens."""
-    base = lora = 0
-    for name, mod in _linears(block):
-        f, lo = _linear_flops(zimage_rows(name, tokens), mod, adapters)
-        base, lora = base + f, lora + lo
+    base, lora = _block_linear_flops(block, lambda name: zimage_rows(name, tokens), adapters)
     return BlockFlops(base, lora, 4 * tokens * tokens * block.dim)
 
 
 def qwenimage_block_flops(block: nn.Module, tokens: Tokens, adapters: tuple[str, ...] = ()) -> BlockFlops:
     """Forward FLOPs per sample of a ``QwenImageTransformerBlock`` (joint attention over image + text tokens)."""
-    base = lora = 0
-    for name, mod in _linears(block):
-        f, lo = _linear_flops(qwenimage_rows(name, tokens), mod, adapters)
-        base, lora = base + f, lora + lo
+    base, lora = _block_linear_flops(block, lambda name: qwenimage_rows(name, tokens), adapters)
     return BlockFlops(base, lora, 4 * (tokens.image + tokens.text) ** 2 * block.dim)
 
 
 def flux_block_flops(block: nn.Module, tokens: Tokens, adapters: tuple[str, ...] = ()) -> BlockFlops:
     """Forward FLOPs per sample of a FLUX.1 double-stream ``FluxTransformerBlock`` (SD3's joint block layout)."""
-    base = lora = 0
-    for name, mod in _linears(block):
-        f, lo = _linear_flops(sd3_rows(name, tokens), mod, adapters)
-        base, lora = base + f, lora + lo
+    base, lora = _block_linear_flops(block, lambda name: sd3_rows(name, tokens), adapters)
     return BlockFlops(base, lora, 4 * (tokens.image + tokens.text) ** 2 * block.norm2.normalized_shape[0])
 
 
 def flux_single_block_flops(block: nn.Module, tokens: Tokens, adapters: tuple[str, ...] = ()) -> BlockFlops:
     """Forward FLOPs per sample of a FLUX.1 ``FluxSingleTransformerBlock`` over the joined text + image tokens."""
-    base = lora = 0
-    for name, mod in _linears(block):
-        f, lo = _linear_flops(flux_single_rows(name, tokens), mod, adapters)
-        base, lora = base + f, lora + lo
+    base, lora = _block_linear_flops(block, lambda name: flux_single_rows(name, tokens), adapters)
     return BlockFlops(base, lora, 4 * (tokens.image + tokens.text) ** 2 * block.proj_mlp.in_features)
 
 
@@ -130,19 +124,13 @@ def flux_network_flops(denoiser: nn.Module, tokens: Tokens, adapters: tuple[str,
 def flux2_block_flops(block: nn.Module, tokens: Tokens, adapters: tuple[str, ...] = ()) -> BlockFlops:
     """Forward FLOPs per sample of a FLUX.2 ``Flux2TransformerBlock`` (no per-block modulation linears: the
     network computes them once; every linear sees its stream's tokens, as SD3's joint block)."""
-    base = lora = 0
-    for name, mod in _linears(block):
-        f, lo = _linear_flops(sd3_rows(name, tokens), mod, adapters)
-        base, lora = base + f, lora + lo
+    base, lora = _block_linear_flops(block, lambda name: sd3_rows(name, tokens), adapters)
     return BlockFlops(base, lora, 4 * (tokens.image + tokens.text) ** 2 * block.attn.inner_dim)
 
 
 def flux2_single_block_flops(block: nn.Module, tokens: Tokens, adapters: tuple[str, ...] = ()) -> BlockFlops:
     """Forward FLOPs per sample of a FLUX.2 ``Flux2SingleTransformerBlock`` (fused q/k/v + MLP in, fused out)."""
-    base = lora = 0
-    for _, mod in _linears(block):
-        f, lo = _linear_flops(tokens.image + tokens.text, mod, adapters)
-        base, lora = base + f, lora + lo
+    base, lora = _block_linear_flops(block, lambda _: tokens.image + tokens.text, adapters)
     return BlockFlops(base, lora, 4 * (tokens.image + tokens.text) ** 2 * block.attn.inner_dim)
 
 

@@ -388,8 +388,8 @@ class GuardConfig:
     critic trains on the student's samples every step; a student that runs from the teacher faster than its critic
     can follow (a reward pulling alone) leaves it behind. Shapes world, full size, training seeds 0-2: DMDR and DMD
     alone stayed within +22% over 60 RL steps, ReFL alone rose +28% / +48% / +52% by its first probe (10 RL steps)
-    and +81-120% by the second, where the clipped rule first trips. No critic (``dmd.weight 0`` and no critic
-    updates) or no DMD: not judged."""
+    and +81-120% by the second, where the clipped rule first trips. Judged whenever the run has a critic (with
+    ``dmd.weight 0`` too: the critic still trains on the student's samples)."""
     max_dmd_grad_rise: float = 3.0
     """The DMD gradient scale may grow to this multiple of the baseline."""
     max_reward_gap: float = 0.25
